@@ -1,0 +1,40 @@
+# kdjax make targets. Every target sets itself up: a virtualenv in $(VENV)
+# with kdjax installed in editable mode plus the test extras.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# Real MNIST (IDX files). The sibling ../shared/data/mnist is used when present.
+KDJAX_DATA_DIR ?= $(abspath ../shared/data/mnist)
+export KDJAX_DATA_DIR
+WORKDIR ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: help venv test test-fast demo bench clean
+
+help:
+	@echo "make venv   - create $(VENV) and install kdjax[test] (done by every target)"
+	@echo "make test   - run the test suite (pytest, 2 workers)"
+	@echo "make demo   - distill an MNIST student from a teacher (quick config, CPU)"
+	@echo "make bench  - loss and train-step micro-benchmarks (JSON under benchmarks/results/)"
+	@echo "make clean  - remove $(VENV), runs/ and caches"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests
+
+demo: venv
+	$(PY) -m experiments.mnist.main --config=experiments/mnist/configs/quick.py --workdir=$(WORKDIR)
+
+bench: venv
+	$(PY) benchmarks/losses.py --json benchmarks/results/losses_cpu.json
+	$(PY) benchmarks/train_step.py --backend cpu --batch-size 128 --json benchmarks/results/train_step_cpu.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,414 @@
+"""Distillation losses as pure JAX functions.
+
+Every function here follows optax's conventions:
+
+* it takes arrays of logits with arbitrary leading axes ``[..., C]`` and
+  returns **per-example** values of shape ``[...]``; the caller reduces;
+* it is pure and safe under ``jax.jit``, ``jax.vmap`` and ``jax.grad``;
+* it computes in (at least) float32 whatever the input dtype, so bf16 logits
+  never go through a bf16 softmax;
+* an optional ``where=`` boolean class mask of shape broadcastable to the
+  logits leaves masked classes out of *both* distributions (as if their
+  logits were ``-inf``), without producing NaN values or NaN gradients.
+
+Conventions (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a
+Neural Network", arXiv:1503.02531):
+
+* ``temperature`` is :math:`T`; soft targets are
+  :math:`q_i = \\exp(z_i/T) / \\sum_j \\exp(z_j/T)`.
+* ``alpha`` weights the **hard labels**:
+  ``kd_objective = alpha * CE(labels, softmax(z_s)) +
+  (1 - alpha) * T^2 * KL(softmax(z_t/T) || softmax(z_s/T))``.
+  The paper uses a small ``alpha``.
+* The KL divergence is a **sum** over classes (then the caller takes a mean
+  over examples), never a mean over classes.
+* The :math:`T^2` factor lives inside :func:`distillation_loss`, so it is
+  applied on every code path, including ``alpha = 0``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+Array = jax.Array
+ArrayLike = jax.typing.ArrayLike
+
+__all__ = [
+    "tempered_softmax",
+    "tempered_log_softmax",
+    "soft_target_cross_entropy",
+    "distillation_loss",
+    "logit_matching_loss",
+    "hard_label_loss",
+    "kd_objective",
+]
+
+
+# ----------------------------------------------------------------------------
+# Input checks (cheap, trace-time only).
+# ----------------------------------------------------------------------------
+
+
+def _check_temperature(temperature) -> None:
+  """Rejects a non-positive temperature given as a Python/NumPy number."""
+  if isinstance(temperature, bool):
+    raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
+  if isinstance(temperature, numbers.Real):
+    if not temperature > 0:  # also catches NaN
+      raise ValueError(
+          f"temperature must be > 0, got {temperature!r}. The paper uses "
+          "T in [1, 20]; T=1 is the ordinary softmax.")
+
+
+def _check_alpha(alpha) -> None:
+  if isinstance(alpha, numbers.Real) and not 0.0 <= alpha <= 1.0:
+    raise ValueError(
+        f"alpha must lie in [0, 1], got {alpha!r}. alpha weights the hard-label "
+        "cross-entropy; (1 - alpha) weights the T^2-scaled distillation term.")
+
+
+def _check_same_shape(student_logits, teacher_logits) -> None:
+  s, t = jnp.shape(student_logits), jnp.shape(teacher_logits)
+  if s != t:
+    raise ValueError(
+        f"student_logits and teacher_logits must have the same shape, got "
+        f"student_logits.shape={s} and teacher_logits.shape={t}.")
+  if len(s) == 0:
+    raise ValueError("logits must have at least one axis (the class axis), "
+                     "got a scalar.")
+
+
+def _as_float(x: ArrayLike) -> Array:
+  """Promotes to at least float32 (bf16/f16 -> f32, f64 stays f64)."""
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _apply_where(logits: Array, where: Optional[ArrayLike]) -> Array:
+  if where is None:
+    return logits
+  where = jnp.asarray(where, dtype=bool)
+  try:
+    jnp.broadcast_shapes(where.shape, logits.shape)
+  except ValueError:
+    raise ValueError(
+        f"where.shape={where.shape} does not broadcast against logits.shape="
+        f"{logits.shape}.") from None
+  return jnp.where(where, logits, -jnp.inf)
+
+
+def _scaled(logits: ArrayLike, temperature, where) -> Array:
+  _check_temperature(temperature)
+  logits = _apply_where(_as_float(logits), where)
+  t = jnp.asarray(temperature, dtype=logits.dtype)
+  return logits / t
+
+
+# ----------------------------------------------------------------------------
+# Tempered softmax.
+# ----------------------------------------------------------------------------
+
+
+def tempered_log_softmax(logits: ArrayLike, temperature: float | ArrayLike = 1.0,
+                         *, where: Optional[ArrayLike] = None) -> Array:
+  r"""Log-probabilities of the softmax at temperature ``T``.
+
+  .. math::
+    \log q_i = z_i / T - \log \sum_j \exp(z_j / T)
+
+  Args:
+    logits: ``[..., C]`` logits ``z``; any float dtype (computed in >= f32).
+    temperature: ``T > 0``; a Python number is checked eagerly, an array may
+      be traced (e.g. vmapped over in a temperature sweep).
+    where: optional boolean mask of classes to keep; masked classes get
+      ``log q = -inf``.
+
+  Returns:
+    ``[..., C]`` log-probabilities.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> losses.tempered_log_softmax(jnp.array([0.0, 0.0]), 5.0)
+    Array([-0.6931472, -0.6931472], dtype=float32)
+  """
+  return jax.nn.log_softmax(_scaled(logits, temperature, where), axis=-1)
+
+
+def tempered_softmax(logits: ArrayLike, temperature: float | ArrayLike = 1.0,
+                     *, where: Optional[ArrayLike] = None) -> Array:
+  r"""The paper's soft targets: softmax of ``logits / T``.
+
+  .. math::
+    q_i = \frac{\exp(z_i / T)}{\sum_j \exp(z_j / T)}
+
+  Higher ``T`` gives a softer distribution over classes; ``T = 1`` is the
+  ordinary softmax.
+
+  Args:
+    logits: ``[..., C]`` logits.
+    temperature: ``T > 0``.
+    where: optional boolean class mask; masked classes get probability 0.
+
+  Returns:
+    ``[..., C]`` probabilities summing to one over the last axis.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> print(losses.tempered_softmax(jnp.array([2.0, 0.0]), 2.0).round(4))
+    [0.7311 0.2689]
+  """
+  return jax.nn.softmax(_scaled(logits, temperature, where), axis=-1)
+
+
+def _safe_log_targets(teacher_logits, temperature, where):
+  """Teacher log-probs and probs, with ``log q`` zeroed where ``q == 0``.
+
+  The double ``where`` keeps both the value and the gradient free of
+  ``0 * (-inf)`` NaNs when a teacher class is masked (logit ``-inf``).
+  """
+  log_q = tempered_log_softmax(teacher_logits, temperature, where=where)
+  q = jnp.exp(log_q)
+  support = q > 0
+  safe_log_q = jnp.where(support, log_q, 0.0)
+  return q, safe_log_q, support
+
+
+def _safe_cross_term(q, support, log_p):
+  """``sum_i q_i log p_i`` over the support of ``q`` (NaN-free)."""
+  safe_log_p = jnp.where(support, log_p, 0.0)
+  return jnp.sum(jnp.where(support, q * safe_log_p, 0.0), axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# Soft-target losses.
+# ----------------------------------------------------------------------------
+
+
+def soft_target_cross_entropy(student_logits: ArrayLike,
+                              teacher_logits: ArrayLike,
+                              temperature: float | ArrayLike,
+                              *, where: Optional[ArrayLike] = None) -> Array:
+  r"""Cross-entropy of the student's tempered softmax against the soft targets.
+
+  With soft targets :math:`p = \mathrm{softmax}(v / T)` from the teacher's
+  logits :math:`v`, and :math:`q = \mathrm{softmax}(z / T)` from the student's
+  logits :math:`z`:
+
+  .. math::
+    C = -\sum_i p_i \log q_i, \qquad
+    \frac{\partial C}{\partial z_i} = \frac{1}{T}(q_i - p_i)
+    \quad \text{(paper, eq. 2)}.
+
+  There is **no** :math:`T^2` factor here; see :func:`distillation_loss`.
+
+  Args:
+    student_logits: ``[..., C]`` student logits ``z``.
+    teacher_logits: ``[..., C]`` teacher logits ``v`` (same shape).
+    temperature: ``T > 0``.
+    where: optional boolean class mask, applied to both distributions.
+
+  Returns:
+    ``[...]`` per-example cross-entropies.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> print(losses.soft_target_cross_entropy(z, z, 1.0).round(4))  # entropy
+    [0.8324]
+  """
+  _check_same_shape(student_logits, teacher_logits)
+  p, _, support = _safe_log_targets(teacher_logits, temperature, where)
+  log_q = tempered_log_softmax(student_logits, temperature, where=where)
+  return -_safe_cross_term(p, support, log_q)
+
+
+def distillation_loss(student_logits: ArrayLike,
+                      teacher_logits: ArrayLike,
+                      temperature: float | ArrayLike,
+                      *, where: Optional[ArrayLike] = None) -> Array:
+  r"""The paper's soft-target loss: :math:`T^2 \, \mathrm{KL}(p \,\|\, q)`.
+
+  With :math:`p = \mathrm{softmax}(v/T)` (teacher) and
+  :math:`q = \mathrm{softmax}(z/T)` (student):
+
+  .. math::
+    L = T^2 \sum_i p_i \left(\log p_i - \log q_i\right), \qquad
+    \frac{\partial L}{\partial z_i} = T\,(q_i - p_i).
+
+  The KL equals the soft cross-entropy minus the (constant) teacher entropy,
+  so it has the same gradient, scaled by :math:`T^2`. The factor keeps the
+  gradient's magnitude roughly independent of ``T``: as :math:`T \to \infty`,
+  :math:`T (q_i - p_i) \to ((z_i - \bar z) - (v_i - \bar v)) / N`, the
+  gradient of :func:`logit_matching_loss` (paper, eq. 4).
+
+  The loss is zero iff the two tempered distributions agree, and never
+  negative. The teacher's probabilities are the *first* argument of the KL
+  (the target); the student's log-probabilities are the second.
+
+  Args:
+    student_logits: ``[..., C]`` student logits ``z``.
+    teacher_logits: ``[..., C]`` teacher logits ``v``. Entries of ``-inf``
+      (masked classes) are allowed and give finite values and gradients.
+    temperature: ``T > 0``.
+    where: optional boolean class mask, applied to both distributions.
+
+  Returns:
+    ``[...]`` per-example losses (KL summed over classes, times ``T^2``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> z = jnp.array([[1.0, 2.0, 3.0]])
+    >>> losses.distillation_loss(z, z + 7.0, 4.0)  # shift-invariant: zero
+    Array([0.], dtype=float32)
+  """
+  _check_same_shape(student_logits, teacher_logits)
+  p, safe_log_p, support = _safe_log_targets(teacher_logits, temperature, where)
+  log_q = tempered_log_softmax(student_logits, temperature, where=where)
+  neg_entropy = jnp.sum(jnp.where(support, p * safe_log_p, 0.0), axis=-1)
+  kl = neg_entropy - _safe_cross_term(p, support, log_q)
+  # KL >= 0 mathematically; clip the tiny negative rounding error.
+  kl = jnp.maximum(kl, 0.0)
+  t = jnp.asarray(temperature, dtype=kl.dtype)
+  return jnp.square(t) * kl
+
+
+def logit_matching_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                        *, zero_mean: bool = True,
+                        where: Optional[ArrayLike] = None) -> Array:
+  r"""Squared-error logit matching (Caruana et al.), scaled as the paper's limit.
+
+  .. math::
+    L = \frac{1}{2N} \sum_i \left((z_i - \bar z) - (v_i - \bar v)\right)^2,
+    \qquad
+    \frac{\partial L}{\partial z_i} =
+    \frac{1}{N}\left((z_i - \bar z) - (v_i - \bar v)\right),
+
+  where :math:`N` is the number of classes and the means are subtracted only
+  when ``zero_mean`` is set. With ``zero_mean=True`` this gradient is
+  *exactly* the :math:`T \to \infty` limit of the gradient of
+  :func:`distillation_loss` (paper, eq. 4, which includes the :math:`T^2`
+  factor), for any logits.
+
+  Caruana's plain squared error :math:`\sum_i (z_i - v_i)^2` is
+  :math:`2N` times this loss: the two have the same minimiser and differ by a
+  constant factor in the gradient (i.e. in the effective learning rate).
+
+  Args:
+    student_logits: ``[..., C]`` student logits ``z``.
+    teacher_logits: ``[..., C]`` teacher logits ``v`` (finite).
+    zero_mean: subtract each row's mean (over unmasked classes) first.
+    where: optional boolean class mask; masked classes are left out of the
+      means and the sum, and ``N`` counts unmasked classes only.
+
+  Returns:
+    ``[...]`` per-example losses.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> losses.logit_matching_loss(jnp.array([1.0, 3.0]), jnp.array([0.0, 0.0]))
+    Array(0.5, dtype=float32)
+  """
+  _check_same_shape(student_logits, teacher_logits)
+  z = _as_float(student_logits)
+  v = _as_float(teacher_logits)
+  if where is None:
+    mask = jnp.ones(z.shape, dtype=bool)
+  else:
+    mask = jnp.broadcast_to(jnp.asarray(where, dtype=bool), z.shape)
+  n = jnp.sum(mask, axis=-1).astype(z.dtype)
+  z = jnp.where(mask, z, 0.0)
+  v = jnp.where(mask, v, 0.0)
+  d = z - v
+  if zero_mean:
+    d = d - (jnp.sum(d, axis=-1, keepdims=True) / n[..., None])
+  d = jnp.where(mask, d, 0.0)
+  return 0.5 * jnp.sum(jnp.square(d), axis=-1) / n
+
+
+def hard_label_loss(student_logits: ArrayLike, labels: ArrayLike,
+                    *, where: Optional[ArrayLike] = None) -> Array:
+  r"""Cross-entropy with integer labels at temperature 1 (through optax).
+
+  .. math::
+    L = -\log \mathrm{softmax}(z)_y
+
+  Args:
+    student_logits: ``[..., C]`` logits.
+    labels: ``[...]`` integer class indices in ``[0, C)``.
+    where: optional boolean class mask.
+
+  Returns:
+    ``[...]`` per-example cross-entropies.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> losses.hard_label_loss(jnp.array([[0.0, 0.0]]), jnp.array([1])).round(4)
+    Array([0.6931], dtype=float32)
+  """
+  logits = _as_float(student_logits)
+  labels = jnp.asarray(labels)
+  if labels.shape != logits.shape[:-1]:
+    raise ValueError(
+        f"labels.shape={labels.shape} must equal student_logits.shape[:-1]="
+        f"{logits.shape[:-1]} (integer labels, one per example).")
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"labels must be integers, got dtype {labels.dtype}.")
+  if where is None:
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
+  where = jnp.broadcast_to(jnp.asarray(where, dtype=bool), logits.shape)
+  return optax.losses.softmax_cross_entropy_with_integer_labels(
+      logits, labels, where=where)
+
+
+def kd_objective(student_logits: ArrayLike, teacher_logits: ArrayLike,
+                 labels: ArrayLike, *, temperature: float | ArrayLike,
+                 alpha: float | ArrayLike,
+                 where: Optional[ArrayLike] = None) -> Array:
+  r"""The paper's full objective: hard labels plus ``T^2``-scaled soft targets.
+
+  .. math::
+    L = \alpha \, \mathrm{CE}(y, \mathrm{softmax}(z))
+      + (1 - \alpha)\, T^2\, \mathrm{KL}\!\left(\mathrm{softmax}(v/T)
+        \,\|\, \mathrm{softmax}(z/T)\right)
+
+  ``alpha`` weights the **hard labels**: ``alpha = 1`` is plain
+  cross-entropy (the student trained alone), ``alpha = 0`` is pure
+  distillation. The :math:`T^2` factor is part of the soft term on every
+  path.
+
+  Args:
+    student_logits: ``[..., C]`` student logits ``z``.
+    teacher_logits: ``[..., C]`` teacher logits ``v``.
+    labels: ``[...]`` integer labels.
+    temperature: ``T > 0``.
+    alpha: weight of the hard-label term, in ``[0, 1]``.
+    where: optional boolean class mask.
+
+  Returns:
+    ``[...]`` per-example objective values.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> z = jnp.array([[0.0, 0.0]]); y = jnp.array([0])
+    >>> losses.kd_objective(z, z, y, temperature=20.0, alpha=0.1).round(4)
+    Array([0.0693], dtype=float32)
+  """
+  _check_alpha(alpha)
+  _check_same_shape(student_logits, teacher_logits)
+  hard = hard_label_loss(student_logits, labels, where=where)
+  soft = distillation_loss(student_logits, teacher_logits, temperature,
+                           where=where)
+  a = jnp.asarray(alpha, dtype=hard.dtype)
+  return a * hard + (1.0 - a) * soft
