@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests kdjax
 
 demo: venv
 	$(PY) -m experiments.mnist.main --config=experiments/mnist/configs/quick.py --workdir=$(WORKDIR)

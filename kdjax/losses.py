@@ -161,8 +161,8 @@ def tempered_softmax(logits: ArrayLike, temperature: float | ArrayLike = 1.0,
   Example:
     >>> import jax.numpy as jnp
     >>> from kdjax import losses
-    >>> print(losses.tempered_softmax(jnp.array([2.0, 0.0]), 2.0).round(4))
-    [0.7311 0.2689]
+    >>> [round(float(q), 4) for q in losses.tempered_softmax(jnp.array([2.0, 0.0]), 2.0)]
+    [0.7311, 0.2689]
   """
   return jax.nn.softmax(_scaled(logits, temperature, where), axis=-1)
 
@@ -221,8 +221,8 @@ def soft_target_cross_entropy(student_logits: ArrayLike,
     >>> import jax.numpy as jnp
     >>> from kdjax import losses
     >>> z = jnp.array([[1.0, 2.0, 3.0]])
-    >>> print(losses.soft_target_cross_entropy(z, z, 1.0).round(4))  # entropy
-    [0.8324]
+    >>> float(losses.soft_target_cross_entropy(z, z, 1.0)[0])  # the entropy
+    0.8323...
   """
   _check_same_shape(student_logits, teacher_logits)
   p, _, support = _safe_log_targets(teacher_logits, temperature, where)
