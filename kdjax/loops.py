@@ -1,0 +1,121 @@
+"""Two training paths over a train step.
+
+**The fast path** (:func:`make_epoch_fn`): the whole transfer set lives on
+the device as a dict of arrays; one compiled program shuffles it (a
+``jax.random.permutation`` keyed by the epoch), gathers each batch and runs
+every step of the epoch inside ``lax.scan``. There is no host round trip per
+step, so a small MLP runs at the speed of a hand-written scan.
+
+**The general path** (:func:`run_host_batches`): any iterator of host
+batches (NumPy arrays, ``tf.data`` via ``tfds.as_numpy``, ...) fed to a
+jitted step from a Python loop, with a live progress bar.
+
+Both are pure with respect to the training state: they take a state and
+return a new one. Progress display and metric logging live in
+:mod:`kdjax.progress`, checkpoints in :mod:`kdjax.checkpoint`, and the
+resumable outer loop in :func:`kdjax.fit.fit`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["make_epoch_fn", "epoch_key", "run_host_batches", "mean_metrics"]
+
+PyTree = Any
+
+
+def epoch_key(rng: jax.Array, epoch: int | jax.Array) -> jax.Array:
+  """The data-order key of ``epoch``: a pure function of the run's key.
+
+  Deriving it from the epoch index (rather than threading a key through the
+  loop) makes the data order part of the checkpointed step counter: a
+  resumed run replays exactly the same batches.
+  """
+  return jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch)
+
+
+def make_epoch_fn(step: Callable, *, batch_size: int,
+                  num_examples: int) -> Callable:
+  """A whole epoch as one pure function, for ``jax.jit`` (or ``jax.vmap``).
+
+  ``epoch(state, teacher, data, rng, epoch_index) -> (state, metrics)``:
+
+  * ``data``: dict of device arrays with a common leading axis of length
+    ``num_examples`` (``'image'``, ``'label'``, optionally
+    ``'teacher_logits'``);
+  * the order is ``permutation(epoch_key(rng, epoch_index))``, the last
+    ``num_examples % batch_size`` examples of that order are dropped;
+  * ``step`` is the raw (un-jitted) train step; it receives ``rng``
+    unchanged and folds in its own step counter;
+  * ``metrics`` are the per-step metrics averaged over the epoch.
+
+  Args:
+    step: ``(state, teacher, batch, rng) -> (state, metrics)``.
+    batch_size: examples per step.
+    num_examples: length of the data's leading axis.
+
+  Returns:
+    The epoch function (not yet compiled).
+  """
+  if batch_size <= 0 or num_examples < batch_size:
+    raise ValueError(
+        f"batch_size={batch_size} must be positive and at most the number of "
+        f"examples ({num_examples}).")
+  steps = num_examples // batch_size
+
+  def epoch(state, teacher, data, rng, epoch_index):
+    for k, v in data.items():
+      if v.shape[0] != num_examples:
+        raise ValueError(f"data[{k!r}] has {v.shape[0]} examples, expected "
+                         f"{num_examples} (all arrays share the leading axis).")
+    perm = jax.random.permutation(epoch_key(rng, epoch_index), num_examples)
+    order = perm[:steps * batch_size].reshape(steps, batch_size)
+
+    def body(state, idx):
+      batch = {k: jnp.take(v, idx, axis=0) for k, v in data.items()}
+      return step(state, teacher, batch, rng)
+
+    state, metrics = jax.lax.scan(body, state, order)
+    return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+
+  epoch.steps_per_epoch = steps
+  return epoch
+
+
+def mean_metrics(metrics: list[dict]) -> dict:
+  """Averages a list of per-step metric dicts (host floats)."""
+  if not metrics:
+    return {}
+  return {k: float(sum(float(m[k]) for m in metrics) / len(metrics))
+          for k in metrics[0]}
+
+
+def run_host_batches(step: Callable, state, teacher, batches: Iterable[dict],
+                     rng: jax.Array, *, progress: Optional[Any] = None):
+  """Runs a jitted step over an iterator of host batches (the general path).
+
+  Args:
+    step: a compiled step ``(state, teacher, batch, rng) -> (state, metrics)``
+      (e.g. :func:`kdjax.train.jit_train_step`).
+    state: the starting :class:`kdjax.train.TrainState`.
+    teacher: the frozen teacher (or None for hard labels / cached logits).
+    batches: an iterable of dicts of NumPy arrays.
+    rng: the run's base key.
+    progress: optional object with ``update(n, metrics)`` (e.g.
+      :class:`kdjax.progress.Progress`).
+
+  Returns:
+    ``(state, mean metrics over the batches)``.
+  """
+  history = []
+  for batch in batches:
+    state, metrics = step(state, teacher, batch, rng)
+    history.append(metrics)
+    if progress is not None:
+      progress.update(1, metrics)
+  history = jax.device_get(history)
+  return state, mean_metrics(history)

@@ -1,0 +1,167 @@
+"""The teacher: a frozen pytree of (apply function, parameters, state).
+
+A :class:`Teacher` is data, not a model object with a training mode. It holds
+
+* ``apply_fn(params, state, x) -> logits``: a pure function that runs the
+  teacher in **inference mode** (no dropout, batch statistics read, never
+  updated). The constructors below bind the eval flag so it cannot be
+  forgotten;
+* ``params``: the teacher's parameters;
+* ``state``: any non-trainable collections (e.g. ``{'batch_stats': ...}``).
+
+Calling a teacher wraps both the inputs and the output in
+``jax.lax.stop_gradient``, so no gradient can reach its parameters even if a
+user differentiates with respect to them by mistake. The train step takes
+gradients with respect to the student's parameters only and never puts the
+teacher into the optimizer state or the checkpoint (big_vision's
+distillation trainer does the same).
+
+Ensembles
+---------
+:func:`ensemble` combines several teachers into one. The default combination
+is the **mean of the members' logits**. For every temperature ``T`` this is
+exactly the renormalised *geometric* mean of their tempered probabilities:
+
+.. math::
+  \\mathrm{softmax}\\Big(\\frac{1}{K}\\sum_k z_k / T\\Big)_i
+  = \\frac{\\prod_k q_{k,i}^{1/K}}{\\sum_j \\prod_k q_{k,j}^{1/K}},
+  \\qquad q_k = \\mathrm{softmax}(z_k / T),
+
+so a single set of logits serves every ``T`` of a sweep. The paper's
+speech ensemble averages *probabilities* (an arithmetic mean), which depends
+on ``T``; ``combine="arithmetic"`` returns logits
+``T * log(mean_k softmax(z_k / T))`` whose tempered softmax at that one
+``T`` is exactly the arithmetic mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Teacher", "ensemble"]
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class Teacher:
+  """A frozen teacher: ``logits = teacher(x)``, always in inference mode.
+
+  Attributes:
+    apply_fn: ``(params, state, x) -> logits``, deterministic (eval mode).
+      Static: it is part of the compiled program, not of the pytree's leaves.
+    params: the teacher's parameters (a pytree of arrays).
+    state: non-trainable collections such as batch statistics (a pytree,
+      possibly empty). Read only.
+  """
+  apply_fn: Callable[[PyTree, PyTree, jax.Array], jax.Array] = flax.struct.field(
+      pytree_node=False)
+  params: PyTree
+  state: PyTree = dataclasses.field(default_factory=dict)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Teacher logits for ``x``; no gradient flows into or out of them."""
+    params = jax.lax.stop_gradient(self.params)
+    state = jax.lax.stop_gradient(self.state)
+    return jax.lax.stop_gradient(self.apply_fn(params, state, x))
+
+  # -- constructors ----------------------------------------------------------
+
+  @classmethod
+  def from_linen(cls, module, variables: PyTree, **eval_kwargs) -> "Teacher":
+    """A teacher from a ``flax.linen`` module and its variables.
+
+    Args:
+      module: the ``nn.Module``.
+      variables: ``{'params': ..., <other collections>...}`` as returned by
+        ``module.init``.
+      **eval_kwargs: the keyword that puts the module in inference mode.
+        Defaults to ``train=False`` (kdjax's models and the Flax examples'
+        convention); pass e.g. ``deterministic=True`` for other modules.
+
+    Returns:
+      A :class:`Teacher` whose ``apply_fn`` always runs ``module.apply`` with
+      ``eval_kwargs`` and no mutable collections.
+    """
+    if not eval_kwargs:
+      eval_kwargs = {"train": False}
+    variables = dict(variables)
+    if "params" not in variables:
+      raise ValueError(
+          "Teacher.from_linen expects the variables returned by module.init, "
+          f"with a 'params' collection; got keys {sorted(variables)}.")
+    params = variables.pop("params")
+
+    def apply_fn(params, state, x):
+      return module.apply({"params": params, **state}, x, **eval_kwargs)
+
+    return cls(apply_fn=apply_fn, params=params, state=variables)
+
+  @classmethod
+  def from_nnx(cls, model) -> "Teacher":
+    """A teacher from a Flax NNX module (split into graphdef and state).
+
+    The model is switched to eval mode (``model.eval()``) before the split,
+    so dropout is off and batch statistics are read, not updated.
+    """
+    from flax import nnx  # Local import: NNX is optional for linen users.
+
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply_fn(params, state, x):
+      return nnx.merge(graphdef, params, state)(x)
+
+    return cls(apply_fn=apply_fn, params=params, state=rest)
+
+  @classmethod
+  def from_fn(cls, fn: Callable[[PyTree, jax.Array], jax.Array],
+              params: PyTree) -> "Teacher":
+    """A teacher from a plain pure function ``fn(params, x) -> logits``."""
+    return cls(apply_fn=lambda p, _, x: fn(p, x), params=params, state={})
+
+
+def ensemble(teachers: Sequence[Teacher], *, combine: str = "mean_logits",
+             temperature: Optional[float] = None) -> Teacher:
+  """Combines several teachers into one :class:`Teacher`.
+
+  Args:
+    teachers: the members (any architectures).
+    combine: ``"mean_logits"`` (default): the mean of the members' logits,
+      i.e. the renormalised geometric mean of their tempered probabilities at
+      every temperature. ``"arithmetic"``: logits whose softmax at
+      ``temperature`` is the arithmetic mean of the members' tempered
+      probabilities (the paper's ensemble averaging); needs ``temperature``.
+    temperature: required for ``combine="arithmetic"``.
+
+  Returns:
+    A :class:`Teacher` whose params and state are tuples of the members'.
+  """
+  teachers = tuple(teachers)
+  if not teachers:
+    raise ValueError("ensemble() needs at least one teacher.")
+  if combine not in ("mean_logits", "arithmetic"):
+    raise ValueError(f"combine must be 'mean_logits' or 'arithmetic', got "
+                     f"{combine!r}.")
+  if combine == "arithmetic" and (temperature is None or not temperature > 0):
+    raise ValueError("combine='arithmetic' needs a temperature > 0: the "
+                     "arithmetic mean of tempered probabilities depends on T.")
+  fns = tuple(t.apply_fn for t in teachers)
+
+  def apply_fn(params, state, x):
+    logits = jnp.stack([f(p, s, x).astype(jnp.float32)
+                        for f, p, s in zip(fns, params, state)])
+    if combine == "mean_logits":
+      return jnp.mean(logits, axis=0)
+    log_q = jax.nn.log_softmax(logits / temperature, axis=-1)
+    log_mean_q = jax.nn.logsumexp(log_q, axis=0) - jnp.log(len(fns))
+    return temperature * log_mean_q
+
+  return Teacher(apply_fn=apply_fn,
+                 params=tuple(t.params for t in teachers),
+                 state=tuple(t.state for t in teachers))
