@@ -1,0 +1,130 @@
+"""Checkpoints of the student's training state, with orbax.
+
+What is saved: the student's :class:`kdjax.train.TrainState` leaves (params,
+optimizer state, step, skipped-step count, temperature and alpha; works for
+stacked sweep states too), the run's key, and the data-order state (the
+number of finished epochs; the order of epoch ``e`` is a pure function of
+the key and ``e``, see :func:`kdjax.loops.epoch_key`). The teacher is never
+saved: it is an input of the run, not part of its state.
+
+Safety:
+
+* Writes are atomic: orbax writes each step into a temporary directory and
+  renames it only once it is complete, so a run killed mid-write leaves the
+  previous checkpoint intact (and the half-written one is ignored and
+  cleaned up).
+* Old checkpoints are deleted only after a newer one is complete
+  (``max_to_keep``, default 2).
+* :func:`restore_latest` falls back to the previous good checkpoint, with a
+  warning, when the latest one is truncated or corrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import warnings
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "CheckpointCorruptError"]
+
+PyTree = Any
+log = logging.getLogger(__name__)
+
+
+class CheckpointCorruptError(RuntimeError):
+  """Every checkpoint in the directory failed to restore."""
+
+
+def _key_to_data(rng: jax.Array) -> np.ndarray:
+  if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return np.asarray(jax.random.key_data(rng))
+  return np.asarray(rng)
+
+
+class Checkpointer:
+  """Saves and restores ``(state, rng, epoch)`` under ``directory``.
+
+  Args:
+    directory: where checkpoints live (created if missing).
+    max_to_keep: how many complete checkpoints to keep (>= 2 keeps a
+      fallback for a corrupted latest one).
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, max_to_keep: int = 2):
+    self.directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        enable_async_checkpointing=False, cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=("state", "meta"))
+
+  # The step number orbax uses is the epoch count (data-order state).
+  def all_epochs(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, epoch: int, state: PyTree, rng: jax.Array,
+           extra: Optional[dict] = None) -> None:
+    """Writes the checkpoint for ``epoch`` finished epochs (atomically)."""
+    meta = {"epoch": int(epoch),
+            "rng_key_data": _key_to_data(rng).tolist(),
+            **(extra or {})}
+    self._manager.save(
+        int(epoch),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                meta=ocp.args.JsonSave(meta)),
+        force=True)
+    self._manager.wait_until_finished()
+
+  def restore(self, epoch: int, like: PyTree) -> tuple[PyTree, dict]:
+    """Restores the checkpoint of ``epoch`` into the structure of ``like``."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    out = self._manager.restore(
+        int(epoch),
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                meta=ocp.args.JsonRestore()))
+    state, meta = out["state"], out["meta"]
+    # Check that nothing came back silently wrong.
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(like)):
+      if got.shape != want.shape or got.dtype != want.dtype:
+        raise ValueError(f"checkpoint {epoch} has a leaf of shape {got.shape} "
+                         f"{got.dtype}, expected {want.shape} {want.dtype}.")
+    if int(meta["epoch"]) != int(epoch):
+      raise ValueError(f"checkpoint {epoch} says epoch {meta['epoch']}.")
+    return state, meta
+
+  def restore_latest(self, like: PyTree):
+    """The newest checkpoint that restores cleanly, or None if there is none.
+
+    Returns:
+      ``None`` or ``(state, meta)`` where ``meta['epoch']`` is the number of
+      finished epochs and ``meta['rng_key_data']`` the run's key data.
+
+    Raises:
+      CheckpointCorruptError: if checkpoints exist but none restores.
+    """
+    epochs = self.all_epochs()
+    if not epochs:
+      return None
+    errors = []
+    for epoch in reversed(epochs):
+      try:
+        return self.restore(epoch, like)
+      except Exception as e:  # pylint: disable=broad-except
+        msg = (f"checkpoint for epoch {epoch} in {self.directory} could not "
+               f"be restored ({type(e).__name__}: {str(e)[:200]}); falling "
+               "back to the previous one.")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        errors.append(f"epoch {epoch}: {type(e).__name__}")
+    raise CheckpointCorruptError(
+        f"no checkpoint in {self.directory} could be restored ({errors}). "
+        "Delete the directory to start over.")
+
+  def close(self) -> None:
+    self._manager.close()
