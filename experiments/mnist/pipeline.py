@@ -1,0 +1,480 @@
+"""The paper's MNIST section (Hinton, Vinyals & Dean 2015, §3), end to end.
+
+``run(config, workdir)`` trains (or loads) the teacher, then every requested
+row of the results table, and writes ``<workdir>/results.json``,
+``results.md`` and the plots. All logic lives here so a notebook can call
+it; ``main.py`` is only flags.
+
+Protocol (what makes the numbers honest):
+
+* The 60k training images are split into 50k for training and 10k for
+  validation (seeded). The validation split chooses bias shifts; the test
+  set chooses nothing.
+* Every reported number is the **last epoch's**; no epoch is picked.
+* Students of one row are trained together as a vmapped sweep over seeds
+  (and temperatures), one compiled program; each member equals the same run
+  done alone.
+* The distilled students train on the **unjittered** transfer set with the
+  teacher's logits cached once (the teacher is in inference mode).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import os
+import pathlib
+import time
+from typing import Any, Optional
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import kdjax
+from kdjax import augment, cache, constraints, data, models, provenance, sweep
+from kdjax.fit import fit
+from kdjax.teacher import Teacher
+from kdjax.train import TrainState
+
+ROW_ORDER = ("teacher", "student_alone", "distilled_T20", "omit3_before_shift",
+             "omit3_after_shift", "only78_before_shift", "only78_after_shift",
+             "soft3pct_hard_labels", "soft3pct_soft_targets")
+PAPER = {"teacher": 67, "student_alone": 146, "distilled_T20": 74,
+         "omit3_before_shift": 206, "omit3_after_shift": 109,
+         "only78_before_shift": None, "only78_after_shift": None,
+         "soft3pct_hard_labels": None, "soft3pct_soft_targets": None}
+PAPER_EXTRA = {"omit3_before_shift": {"errors_on_3": 133},
+               "omit3_after_shift": {"errors_on_3": 14, "bias_shift": 3.5},
+               "only78_before_shift": {"test_error_rate": 0.473},
+               "only78_after_shift": {"test_error_rate": 0.132,
+                                      "bias_shift": -7.6}}
+
+
+# ----------------------------------------------------------------------------
+# Data.
+# ----------------------------------------------------------------------------
+
+
+def load_splits(config) -> data.MnistSplits:
+  return data.load_mnist_splits(config.data_dir or None,
+                                num_val=config.num_val, seed=config.split_seed,
+                                as_float=False)
+
+
+def to_device(images, labels) -> dict:
+  return {"image": jnp.asarray(images), "label": jnp.asarray(labels)}
+
+
+# ----------------------------------------------------------------------------
+# Optimisers.
+# ----------------------------------------------------------------------------
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
+                   *, max_sq_norm: Optional[float] = None):
+  """Nesterov SGD or Adam with linear warm-up and cosine decay."""
+  warmup = int(opt.get("warmup_fraction", 0.0) * total_steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0 if warmup else opt.lr, opt.lr, max(warmup, 1), max(total_steps, 2),
+      end_value=opt.lr * opt.get("final_lr_fraction", 0.0))
+  if opt.name == "sgd":
+    base = optax.sgd(schedule, momentum=opt.momentum, nesterov=True)
+  elif opt.name == "adam":
+    base = optax.adam(schedule)
+  else:
+    raise ValueError(f"optimizer name must be 'sgd' or 'adam', got {opt.name!r}.")
+  parts = []
+  if opt.get("clip_norm", 0.0):
+    parts.append(optax.clip_by_global_norm(opt.clip_norm))
+  parts.append(base)
+  if max_sq_norm:
+    parts.append(constraints.max_norm(max_sq_norm))
+  return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _predict_logits(apply, params, images):
+  def one(x):
+    return apply(params, x, False, None)
+  chunks = images.reshape((-1, 1000) + images.shape[1:])
+  out = jax.lax.map(one, chunks)
+  return out.reshape((-1,) + out.shape[2:])
+
+
+def predict_logits(apply, params, images) -> np.ndarray:
+  """Eval-mode logits, ``[N, C]`` (N must be a multiple of 1000)."""
+  return np.asarray(_predict_logits(apply, params, jnp.asarray(images)))
+
+
+def errors(logits: np.ndarray, labels: np.ndarray) -> int:
+  return int(np.sum(np.argmax(logits, -1) != labels))
+
+
+def choose_bias_shift(val_logits: np.ndarray, val_labels: np.ndarray,
+                      classes, grid) -> float:
+  """The shift of ``classes``' logits (biases) that minimises validation errors.
+
+  Ties go to the smallest absolute shift. The test set is never used.
+  """
+  best, best_err = 0.0, None
+  for b in sorted(grid, key=abs):
+    shifted = val_logits.copy()
+    shifted[:, list(classes)] += b
+    err = errors(shifted, val_labels)
+    if best_err is None or err < best_err:
+      best, best_err = float(b), err
+  return best
+
+
+def shift_bias(params, classes, amount: float):
+  """Adds ``amount`` to the final-layer bias of ``classes``."""
+  bias = params["logits"]["bias"]
+  bias = bias.at[jnp.asarray(list(classes))].add(amount)
+  return {**params, "logits": {**params["logits"], "bias": bias}}
+
+
+# ----------------------------------------------------------------------------
+# Teacher.
+# ----------------------------------------------------------------------------
+
+
+def teacher_module(config):
+  t = config.teacher
+  return models.MLP(tuple(t.hidden), input_dropout=t.input_dropout,
+                    hidden_dropout=t.hidden_dropout)
+
+
+def save_teacher(path: pathlib.Path, params, info: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_bytes(flax.serialization.to_bytes(params))
+  os.replace(tmp, path)
+  meta = path.with_suffix(".json")
+  meta.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load_teacher_params(path: pathlib.Path, module):
+  template = models.init_params(module, jax.random.key(0))
+  blob = pathlib.Path(path).read_bytes()
+  params = flax.serialization.from_bytes(template, blob)
+  want = provenance.params_sha256(template)
+  del want
+  return params
+
+
+def train_teacher(config, splits, workdir: pathlib.Path):
+  """The paper's teacher recipe: dropout, max-norm, ±2-pixel jitter."""
+  t = config.teacher
+  module = teacher_module(config)
+  train_data = to_device(splits.train_images, splits.train_labels)
+  steps = (splits.train_labels.shape[0] // t.batch_size) * t.epochs
+  tx = make_optimizer(t.optimizer, steps, max_sq_norm=t.max_sq_norm)
+  params = models.init_params(module, jax.random.key(t.seed))
+  state = TrainState.create(apply_fn=models.linen_student_apply(module),
+                            params=params, tx=tx)
+  apply = models.linen_student_apply(module)
+  val = jnp.asarray(splits.val_images)
+
+  def eval_fn(state):
+    return {"val_errors": errors(predict_logits(apply, state.params, val),
+                                 splits.val_labels)}
+
+  state, history = fit(
+      state, None, train_data, epochs=t.epochs, batch_size=t.batch_size,
+      rng=jax.random.key(t.seed), objective="hard",
+      augment_fn=augment.make_jitter(t.jitter) if t.jitter else None,
+      workdir=workdir / "teacher", run_config=t.to_dict(), eval_fn=eval_fn,
+      eval_every=t.get("eval_every", 10), desc="teacher")
+  return state.params, history
+
+
+def get_teacher(config, splits, workdir: pathlib.Path):
+  """Loads the shipped teacher (``config.teacher.path``) or trains one."""
+  module = teacher_module(config)
+  path = config.teacher.get("path", "")
+  t0 = time.perf_counter()
+  if path:
+    path = pathlib.Path(path)
+    if not path.is_absolute():
+      path = pathlib.Path(__file__).resolve().parents[2] / path
+    if not path.exists():
+      raise FileNotFoundError(
+          f"teacher file {path} not found; set --config.teacher.path='' to "
+          "train a teacher instead.")
+    params = load_teacher_params(path, module)
+    source = str(path)
+  else:
+    params, _ = train_teacher(config, splits, workdir)
+    source = "trained in this run"
+  seconds = time.perf_counter() - t0
+  teacher = Teacher.from_linen(module, {"params": params})
+  return teacher, params, source, seconds
+
+
+# ----------------------------------------------------------------------------
+# Students (vmapped sweeps).
+# ----------------------------------------------------------------------------
+
+
+def train_students(config, *, name: str, width: int, transfer: dict,
+                   objective: str, seeds, temperatures, alphas, epochs: int,
+                   opt_cfg, workdir: pathlib.Path):
+  """Trains len(seeds) students of one width as one vmapped program.
+
+  Returns:
+    (stacked final params, apply function, seconds).
+  """
+  module = models.paper_student(width)
+  apply = models.linen_student_apply(module)
+  n = int(transfer["label"].shape[0])
+  batch_size = min(config.batch_size, n)
+  steps = (n // batch_size) * epochs
+  tx = make_optimizer(opt_cfg, steps)
+
+  def init(rng, temperature, alpha):
+    params = models.init_params(module, rng)
+    return TrainState.create(apply_fn=apply, params=params, tx=tx,
+                             temperature=temperature, alpha=alpha)
+
+  states = sweep.create_sweep(init, seeds=seeds, temperatures=temperatures,
+                              alphas=alphas)
+  t0 = time.perf_counter()
+  run_cfg = {"name": name, "width": width, "objective": objective,
+             "seeds": list(seeds), "temperatures": list(temperatures),
+             "alphas": list(alphas), "epochs": epochs, "n": n,
+             "optimizer": opt_cfg.to_dict(), "batch_size": batch_size}
+  states, _ = fit(states, None, transfer, epochs=epochs,
+                  batch_size=batch_size, rng=sweep.sweep_keys(
+                      [1000 + s for s in seeds]),
+                  objective=objective, workdir=workdir / "students" / name,
+                  run_config=run_cfg, vmapped=True, desc=name,
+                  checkpoint_every=config.get("checkpoint_every", 5))
+  jax.block_until_ready(states)
+  return states.params, apply, time.perf_counter() - t0
+
+
+def member_logits(apply, stacked_params, images) -> list[np.ndarray]:
+  k = jax.tree.leaves(stacked_params)[0].shape[0]
+  return [predict_logits(apply, jax.tree.map(lambda x: x[i], stacked_params),
+                         images) for i in range(k)]
+
+
+# ----------------------------------------------------------------------------
+# The table.
+# ----------------------------------------------------------------------------
+
+
+def _row(name, test_errors, seconds, **extra):
+  return {"name": name, "test_errors": [int(e) for e in test_errors],
+          "paper_test_errors": PAPER.get(name), "seconds": round(seconds, 2),
+          **extra}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs the configured rows and writes results.json, results.md, plots."""
+  from experiments.mnist import report  # pylint: disable=g-import-not-at-top
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t_start = time.perf_counter()
+  splits = load_splits(config)
+  test_x, test_y = splits.test_images, splits.test_labels
+  val_x, val_y = splits.val_images, splits.val_labels
+  rows, hashes = [], {}
+
+  teacher, t_params, t_source, t_sec = get_teacher(config, splits, workdir)
+  t_apply = lambda p, x, train, rng: teacher.apply_fn(p, {}, x)
+  t_test = predict_logits(t_apply, t_params, test_x)
+  rows.append(_row("teacher", [errors(t_test, test_y)], t_sec,
+                   source=t_source,
+                   val_errors=[errors(predict_logits(t_apply, t_params, val_x),
+                                      val_y)]))
+  hashes["teacher"] = provenance.params_sha256(t_params)
+  if config.teacher.get("save_to", ""):
+    env = provenance.environment()
+    save_teacher(workdir / config.teacher.save_to, t_params, {
+        "architecture": "784-1200-1200-10 MLP (kdjax.models.MLP)",
+        "config": config.teacher.to_dict(), "source": t_source,
+        "test_errors": rows[-1]["test_errors"][0],
+        "val_errors": rows[-1]["val_errors"][0], "seconds": round(t_sec, 1),
+        "device": env["device"], "jax_version": env["jax_version"],
+        "git_commit": provenance.git_commit(str(pathlib.Path(__file__).parent)),
+        "params_sha256": hashes["teacher"],
+        "command": "python -m experiments.mnist.main "
+                   "--config=experiments/mnist/configs/teacher_cpu.py "
+                   "--workdir=runs/teacher_cpu"})
+  print(f"teacher: {rows[-1]['test_errors']} test errors ({t_source})",
+        flush=True)
+
+  def transfer_data(variant, **kw):
+    x, y = data.transfer_set(splits.train_images, splits.train_labels,
+                             variant, **kw)
+    d = to_device(x, y)
+    return cache.with_teacher_logits(d, teacher)
+
+  s = config.student
+  seeds = list(config.seeds)
+  ones = lambda v: [v] * len(seeds)
+
+  def student_row(name, *, transfer, objective, temperature, alpha, epochs,
+                  opt_cfg, width=None, extra_fn=None):
+    params, apply, sec = train_students(
+        config, name=name, width=width or s.width, transfer=transfer,
+        objective=objective, seeds=seeds, temperatures=ones(temperature),
+        alphas=ones(alpha), epochs=epochs, opt_cfg=opt_cfg, workdir=workdir)
+    logits = member_logits(apply, params, test_x)
+    hashes[name] = [provenance.params_sha256(jax.tree.map(lambda x: x[i],
+                                                          params))
+                    for i in range(len(seeds))]
+    row = _row(name, [errors(l, test_y) for l in logits], sec,
+               temperature=temperature, alpha=alpha, epochs=epochs,
+               objective=objective, width=width or s.width,
+               val_errors=[errors(l, val_y) for l in
+                           member_logits(apply, params, val_x)])
+    rows.append(row)
+    print(f"{name}: {row['test_errors']} test errors ({sec:.0f}s)", flush=True)
+    return params, apply
+
+  all_data = None
+  if "student_alone" in config.rows or "distilled_T20" in config.rows:
+    all_data = transfer_data("all")
+  if "student_alone" in config.rows:
+    student_row("student_alone", transfer=all_data, objective="hard",
+                temperature=1.0, alpha=1.0, epochs=s.alone.epochs,
+                opt_cfg=s.alone.optimizer)
+  if "distilled_T20" in config.rows:
+    student_row("distilled_T20", transfer=all_data, objective="kd",
+                temperature=s.distill.temperature, alpha=s.distill.alpha,
+                epochs=s.distill.epochs, opt_cfg=s.distill.optimizer)
+
+  if "omit3" in config.rows:
+    c = config.omit3
+    params, apply = student_row(
+        "omit3_before_shift", transfer=transfer_data("no3"), objective="kd",
+        temperature=s.distill.temperature, alpha=s.distill.alpha,
+        epochs=c.epochs, opt_cfg=s.distill.optimizer)
+    before = rows[-1]
+    t0 = time.perf_counter()
+    errs, errs3, shifts, after_errs, after3, val_before, val_after = (
+        [], [], [], [], [], [], [])
+    for i in range(len(seeds)):
+      p = jax.tree.map(lambda x: x[i], params)
+      vl = predict_logits(apply, p, val_x)
+      tl = predict_logits(apply, p, test_x)
+      errs3.append(int(np.sum((np.argmax(tl, -1) != test_y) & (test_y == 3))))
+      b = choose_bias_shift(vl, val_y, [3], np.arange(0.0, 10.01, 0.25))
+      shifts.append(b)
+      tl2, vl2 = tl.copy(), vl.copy()
+      tl2[:, 3] += b
+      vl2[:, 3] += b
+      after_errs.append(errors(tl2, test_y))
+      after3.append(int(np.sum((np.argmax(tl2, -1) != test_y) & (test_y == 3))))
+      val_after.append(errors(vl2, val_y))
+    before["errors_on_3"] = errs3
+    before["num_test_3s"] = int(np.sum(test_y == 3))
+    before["paper_errors_on_3"] = PAPER_EXTRA["omit3_before_shift"]["errors_on_3"]
+    rows.append(_row("omit3_after_shift", after_errs,
+                     time.perf_counter() - t0, errors_on_3=after3,
+                     bias_shift=shifts, val_errors=val_after,
+                     paper_errors_on_3=14, paper_bias_shift=3.5,
+                     shift_chosen_on="validation"))
+    print(f"omit3: {before['test_errors']} ({errs3} on 3s) -> {after_errs} "
+          f"({after3} on 3s) with shifts {shifts}", flush=True)
+
+  if "only78" in config.rows:
+    c = config.only78
+    params, apply = student_row(
+        "only78_before_shift", transfer=transfer_data("only78"),
+        objective="kd", temperature=s.distill.temperature,
+        alpha=s.distill.alpha, epochs=c.epochs, opt_cfg=s.distill.optimizer)
+    before = rows[-1]
+    n_test = len(test_y)
+    before["test_error_rate"] = [e / n_test for e in before["test_errors"]]
+    before["paper_test_error_rate"] = 0.473
+    t0 = time.perf_counter()
+    after, shifts, val_after = [], [], []
+    for i in range(len(seeds)):
+      p = jax.tree.map(lambda x: x[i], params)
+      vl = predict_logits(apply, p, val_x)
+      tl = predict_logits(apply, p, test_x)
+      b = choose_bias_shift(vl, val_y, [7, 8], np.arange(-15.0, 0.01, 0.2))
+      shifts.append(b)
+      tl[:, [7, 8]] += b
+      vl[:, [7, 8]] += b
+      after.append(errors(tl, test_y))
+      val_after.append(errors(vl, val_y))
+    rows.append(_row("only78_after_shift", after, time.perf_counter() - t0,
+                     test_error_rate=[e / n_test for e in after],
+                     paper_test_error_rate=0.132, bias_shift=shifts,
+                     paper_bias_shift=-7.6, val_errors=val_after,
+                     shift_chosen_on="validation"))
+    print(f"only78: {before['test_error_rate']} -> "
+          f"{rows[-1]['test_error_rate']} with shifts {shifts}", flush=True)
+
+  if "soft3pct" in config.rows:
+    c = config.soft3pct
+    sub = transfer_data("subset", seed=c.subset_seed, fraction=c.fraction)
+    student_row("soft3pct_hard_labels", transfer=sub, objective="hard",
+                temperature=1.0, alpha=1.0, epochs=c.epochs,
+                opt_cfg=s.alone.optimizer)
+    rows[-1]["num_train"] = int(sub["label"].shape[0])
+    student_row("soft3pct_soft_targets", transfer=sub, objective="kd",
+                temperature=s.distill.temperature, alpha=c.alpha,
+                epochs=c.epochs, opt_cfg=s.distill.optimizer)
+    rows[-1]["num_train"] = int(sub["label"].shape[0])
+
+  if "sweep" in config.rows:
+    c = config.sweep
+    if all_data is None:
+      all_data = transfer_data("all")
+    for width in c.widths:
+      grid = list(itertools.product(c.temperatures, c.seeds))
+      name = f"sweep_w{width}"
+      params, apply, sec = train_students(
+          config, name=name, width=width, transfer=all_data, objective="kd",
+          seeds=[g[1] for g in grid], temperatures=[g[0] for g in grid],
+          alphas=[c.alpha] * len(grid), epochs=c.epochs,
+          opt_cfg=s.distill.optimizer, workdir=workdir)
+      logits = member_logits(apply, params, test_x)
+      for temp in c.temperatures:
+        idx = [i for i, g in enumerate(grid) if g[0] == temp]
+        rows.append(_row(f"sweep_w{width}_T{temp:g}",
+                         [errors(logits[i], test_y) for i in idx],
+                         sec / len(c.temperatures), width=width,
+                         temperature=temp, alpha=c.alpha, epochs=c.epochs))
+      print(f"{name}: " + ", ".join(
+          f"T={t:g}: {np.mean([errors(logits[i], test_y) for i, g in enumerate(grid) if g[0] == t]):.1f}"
+          for t in c.temperatures), flush=True)
+
+  if "logit_matching" in config.rows:
+    c = config.logit_matching
+    if all_data is None:
+      all_data = transfer_data("all")
+    student_row("logit_matching_caruana", transfer=all_data, objective="logit_matching",
+                temperature=1.0, alpha=0.0, epochs=c.epochs,
+                opt_cfg=c.optimizer)
+    for temp in c.temperatures:
+      student_row(f"logit_matching_distill_T{temp:g}", transfer=all_data,
+                  objective="soft", temperature=temp, alpha=0.0,
+                  epochs=c.epochs, opt_cfg=s.distill.optimizer)
+
+  env = provenance.environment()
+  results = {
+      "config": config.to_dict(),
+      "git_commit": provenance.git_commit(str(pathlib.Path(__file__).parent)),
+      "jax_version": env["jax_version"], "device": env["device"],
+      "environment": env,
+      "total_seconds": round(time.perf_counter() - t_start, 1),
+      "rows": rows, "params_sha256": hashes,
+  }
+  report.write_all(results, workdir)
+  return results

@@ -1,0 +1,118 @@
+"""results.json -> results.md (table beside the paper's numbers) and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import numpy as np
+
+
+def _fmt(values) -> str:
+  v = np.asarray(values, dtype=float)
+  if v.size == 1:
+    return f"{v[0]:g}"
+  return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}"
+
+
+def _fmt_rate(values) -> str:
+  v = 100 * np.asarray(values, dtype=float)
+  if v.size == 1:
+    return f"{v[0]:.1f}%"
+  return f"{v.mean():.1f}% ± {v.std(ddof=1):.1f}"
+
+
+def markdown(results: dict) -> str:
+  lines = [
+      f"Device: {results['device']}; jax {results['jax_version']}; "
+      f"commit {results['git_commit']}; total {results['total_seconds']} s.",
+      "",
+      "| row | test errors (mean ± std over seeds) | paper | extra | seconds |",
+      "| --- | --- | --- | --- | --- |",
+  ]
+  for r in results["rows"]:
+    extra = []
+    if "errors_on_3" in r:
+      extra.append(f"on 3s: {_fmt(r['errors_on_3'])} / {r.get('num_test_3s', 1010)} "
+                   f"(paper {r.get('paper_errors_on_3')})")
+    if "test_error_rate" in r:
+      extra.append(f"error rate {_fmt_rate(r['test_error_rate'])} "
+                   f"(paper {100 * r['paper_test_error_rate']:.1f}%)")
+    if "bias_shift" in r:
+      extra.append(f"shift {_fmt(r['bias_shift'])} on validation "
+                   f"(paper {r.get('paper_bias_shift')}, on test)")
+    if "num_train" in r:
+      extra.append(f"{r['num_train']} training images")
+    paper = r.get("paper_test_errors")
+    lines.append(f"| `{r['name']}` | {_fmt(r['test_errors'])} "
+                 f"(n={len(r['test_errors'])}) | "
+                 f"{'' if paper is None else paper} | {'; '.join(extra)} | "
+                 f"{r['seconds']:.0f} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_sweep(results: dict, path: pathlib.Path) -> bool:
+  rows = [r for r in results["rows"] if r["name"].startswith("sweep_w")]
+  if not rows:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for width in sorted({r["width"] for r in rows}):
+    rs = sorted((r for r in rows if r["width"] == width),
+                key=lambda r: r["temperature"])
+    t = [r["temperature"] for r in rs]
+    m = [np.mean(r["test_errors"]) for r in rs]
+    s = [np.std(r["test_errors"]) for r in rs]
+    ax.errorbar(t, m, yerr=s, marker="o", capsize=3, label=f"{width}-{width}")
+  ax.set_xscale("log")
+  ax.set_xlabel("temperature T")
+  ax.set_ylabel("test errors (of 10,000)")
+  ax.set_title("Distilled students: test errors vs temperature")
+  ax.legend(title="student")
+  ax.grid(True, which="both", alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def plot_table(results: dict, path: pathlib.Path) -> bool:
+  rows = [r for r in results["rows"] if not r["name"].startswith("sweep_w")]
+  if not rows:
+    return False
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = [r["name"] for r in rows]
+  ours = [np.mean(r["test_errors"]) for r in rows]
+  err = [np.std(r["test_errors"]) for r in rows]
+  paper = [r.get("paper_test_errors") or np.nan for r in rows]
+  y = np.arange(len(rows))
+  fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+  ax.barh(y - 0.2, ours, 0.4, xerr=err, label="kdjax", capsize=2)
+  ax.barh(y + 0.2, paper, 0.4, label="paper")
+  ax.set_yticks(y, names)
+  ax.invert_yaxis()
+  ax.set_xscale("log")
+  ax.set_xlabel("test errors (of 10,000, log scale)")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def write_all(results: dict, workdir: pathlib.Path) -> None:
+  """Writes results.json (atomically), results.md and the plots."""
+  workdir = pathlib.Path(workdir)
+  tmp = workdir / "results.json.tmp"
+  tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+  os.replace(tmp, workdir / "results.json")
+  md = markdown(results)
+  (workdir / "results.md").write_text(md)
+  plot_sweep(results, workdir / "sweep_temperature.png")
+  plot_table(results, workdir / "table.png")
+  print(md, flush=True)
