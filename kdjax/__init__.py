@@ -1,6 +1,24 @@
-"""kdjax: knowledge distillation in JAX/Flax (Hinton, Vinyals & Dean, 2015)."""
+"""kdjax: knowledge distillation in JAX/Flax (Hinton, Vinyals & Dean, 2015).
 
-from kdjax import losses
+Modules, one concern each:
+
+* :mod:`kdjax.losses`: tempered softmax, distillation, logit-matching and the
+  full KD objective (pure functions, per-example values).
+* :mod:`kdjax.teacher`: the frozen :class:`Teacher` pytree and ensembles.
+* :mod:`kdjax.train`: :class:`TrainState` and the train step (jit, pmap,
+  sharded jit).
+* :mod:`kdjax.loops`: on-device ``lax.scan`` epochs and the host-batch loop.
+* :mod:`kdjax.cache`: the teacher-logit cache.
+* :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
+* :mod:`kdjax.fit`: the resumable outer loop (progress, metrics, checkpoints).
+* :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
+* :mod:`kdjax.models`, :mod:`kdjax.constraints`, :mod:`kdjax.augment`: the
+  paper's MLPs, the max-norm constraint, ±2-pixel jitter.
+* :mod:`kdjax.data`: MNIST from IDX files or TFDS, splits, transfer sets.
+"""
+
+from kdjax import augment, cache, constraints, losses, loops, models, sweep, train
+from kdjax.fit import fit
 from kdjax.losses import (
     distillation_loss,
     hard_label_loss,
@@ -10,5 +28,7 @@ from kdjax.losses import (
     tempered_log_softmax,
     tempered_softmax,
 )
+from kdjax.teacher import Teacher, ensemble
+from kdjax.train import TrainState, make_train_step
 
 __version__ = "0.1.0"

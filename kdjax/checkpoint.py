@@ -16,13 +16,16 @@ Safety:
 * Old checkpoints are deleted only after a newer one is complete
   (``max_to_keep``, default 2).
 * :func:`restore_latest` falls back to the previous good checkpoint, with a
-  warning, when the latest one is truncated or corrupted.
+  warning, when the latest one is truncated or corrupted; the unreadable one
+  is moved aside to ``<directory>.corrupt/`` (kept for inspection, never
+  deleted) so training can write that step again.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import time
 import warnings
 from typing import Any, Optional
 
@@ -111,20 +114,38 @@ class Checkpointer:
     epochs = self.all_epochs()
     if not epochs:
       return None
-    errors = []
+    errors, failed = [], []
     for epoch in reversed(epochs):
       try:
-        return self.restore(epoch, like)
+        restored = self.restore(epoch, like)
       except Exception as e:  # pylint: disable=broad-except
+        failed.append(epoch)
         msg = (f"checkpoint for epoch {epoch} in {self.directory} could not "
                f"be restored ({type(e).__name__}: {str(e)[:200]}); falling "
                "back to the previous one.")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         log.warning(msg)
         errors.append(f"epoch {epoch}: {type(e).__name__}")
+        continue
+      if failed:
+        self._quarantine(failed)
+      return restored
     raise CheckpointCorruptError(
         f"no checkpoint in {self.directory} could be restored ({errors}). "
         "Delete the directory to start over.")
+
+  def _quarantine(self, epochs) -> None:
+    """Moves unreadable checkpoints aside (never deletes them)."""
+    dest = self.directory.parent / (self.directory.name + ".corrupt")
+    dest.mkdir(parents=True, exist_ok=True)
+    for epoch in epochs:
+      src = self.directory / str(epoch)
+      if src.exists():
+        target = dest / f"{epoch}.{int(time.time() * 1e6)}"
+        src.rename(target)
+        warnings.warn(f"moved unreadable checkpoint {src} to {target}.",
+                      RuntimeWarning, stacklevel=3)
+    self._manager.reload()
 
   def close(self) -> None:
     self._manager.close()

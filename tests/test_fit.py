@@ -1,0 +1,124 @@
+"""fit(): resumption after a real kill, determinism, workdir and checkpoint safety."""
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax import checkpoint as ckpt_lib
+from kdjax import fit as fit_lib
+from kdjax.provenance import params_sha256
+
+SCRIPT = pathlib.Path(__file__).with_name("fit_script.py")
+ROOT = SCRIPT.parents[1]
+EPOCHS = 6
+
+
+def _run(workdir, epochs=EPOCHS, pause=0.0, timeout=300):
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": ""}
+  return subprocess.run(
+      [sys.executable, str(SCRIPT), str(workdir), str(epochs), str(pause)],
+      capture_output=True, text=True, env=env, timeout=timeout, check=True)
+
+
+def _done(out):
+  line = [l for l in out.stdout.splitlines() if l.startswith("DONE")][-1]
+  _, sha, step = line.split()
+  return sha, int(step)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run's final parameter hash."""
+  return _done(_run(tmp_path_factory.mktemp("ref")))
+
+
+@pytest.mark.slow
+def test_same_seed_is_bit_identical(reference, tmp_path):
+  assert _done(_run(tmp_path)) == reference
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_bit_identical(reference, tmp_path):
+  """SIGKILL a real subprocess at several points; the restarted run matches."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": ""}
+  kills = 0
+  ckdir = tmp_path / "checkpoints"
+
+  def saved():
+    if not ckdir.exists():
+      return []
+    return sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+
+  # Kill after a new checkpoint appears plus a varying delay, so the kills
+  # land at different points: mid-epoch, mid-eval, around a save.
+  for extra in (0.0, 0.25, 0.55):
+    before = saved()
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), str(tmp_path), str(EPOCHS), "0.4"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while (saved() == before and proc.poll() is None
+           and time.time() - t0 < 240):
+      time.sleep(0.02)
+    time.sleep(extra)
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGKILL)
+      kills += 1
+    proc.communicate()
+  assert kills >= 2, "the run finished before it could be killed"
+  assert saved() and saved()[-1] < EPOCHS
+  assert _done(_run(tmp_path)) == reference
+
+
+@pytest.mark.slow
+def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path):
+  _run(tmp_path, epochs=4)
+  ckdir = tmp_path / "checkpoints"
+  latest = max(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+  # Truncate every array file of the latest checkpoint.
+  hit = 0
+  for f in (ckdir / str(latest) / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+      hit += 1
+  assert hit
+  out = _run(tmp_path)  # resumes from latest-1 with a warning, finishes
+  assert "could not be restored" in out.stderr
+  assert _done(out) == reference
+
+
+def test_workdir_of_a_different_config_is_refused(tmp_path):
+  fit_lib.check_run_config(tmp_path, {"lr": 0.1, "T": 20})
+  fit_lib.check_run_config(tmp_path, {"T": 20, "lr": 0.1})  # same: fine
+  with pytest.raises(ValueError, match=r"different configuration.*\['lr'\]"):
+    fit_lib.check_run_config(tmp_path, {"lr": 0.2, "T": 20})
+
+
+def test_checkpointer_restore_and_all_corrupt(tmp_path):
+  import jax.numpy as jnp
+  like = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
+  c = ckpt_lib.Checkpointer(tmp_path)
+  assert c.restore_latest(like) is None
+  c.save(1, like, jax.random.key(7))
+  state, meta = c.restore_latest(like)
+  assert meta["epoch"] == 1
+  np.testing.assert_array_equal(state["w"], like["w"])
+  c.close()
+  for f in (tmp_path / "1" / "state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  c = ckpt_lib.Checkpointer(tmp_path)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    with pytest.raises(ckpt_lib.CheckpointCorruptError, match="Delete the directory"):
+      c.restore_latest(like)
