@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointCorruptError"]
+__all__ = ["Checkpointer", "CheckpointCorruptError", "save_params",
+           "load_params"]
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -149,3 +150,41 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def save_params(path: str | pathlib.Path, params: PyTree) -> None:
+  """Writes a parameter pytree as flax msgpack bytes, atomically.
+
+  This is the format of the shipped teacher
+  (``experiments/mnist/teacher/teacher_cpu.msgpack``): portable, no orbax
+  directory, loadable with :func:`load_params`.
+  """
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
+  tmp.replace(path)
+
+
+def load_params(path: str | pathlib.Path, like: PyTree) -> PyTree:
+  """Reads a msgpack parameter file into the structure of ``like``.
+
+  Raises:
+    FileNotFoundError: naming the path, if it does not exist.
+    ValueError: if the file does not match ``like``'s structure or shapes.
+  """
+  import flax.serialization  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"parameter file {path} does not exist.")
+  try:
+    params = flax.serialization.from_bytes(like, path.read_bytes())
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{path} is not a msgpack parameter file matching the "
+                     f"expected structure ({type(e).__name__}: {e}).") from e
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(like)):
+    if np.shape(got) != np.shape(want):
+      raise ValueError(f"{path}: a parameter has shape {np.shape(got)}, "
+                       f"expected {np.shape(want)}; wrong architecture?")
+  return jax.tree.map(jnp.asarray, params)

@@ -28,7 +28,6 @@ import pathlib
 import time
 from typing import Any, Optional
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -36,7 +35,8 @@ import numpy as np
 import optax
 
 import kdjax
-from kdjax import augment, cache, constraints, data, models, provenance, sweep
+from kdjax import (augment, cache, checkpoint, constraints, data, models,
+                   provenance, sweep)
 from kdjax.fit import fit
 from kdjax.teacher import Teacher
 from kdjax.train import TrainState
@@ -155,21 +155,14 @@ def teacher_module(config):
 
 
 def save_teacher(path: pathlib.Path, params, info: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(".tmp")
-  tmp.write_bytes(flax.serialization.to_bytes(params))
-  os.replace(tmp, path)
+  checkpoint.save_params(path, params)
   meta = path.with_suffix(".json")
   meta.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_teacher_params(path: pathlib.Path, module):
-  template = models.init_params(module, jax.random.key(0))
-  blob = pathlib.Path(path).read_bytes()
-  params = flax.serialization.from_bytes(template, blob)
-  want = provenance.params_sha256(template)
-  del want
-  return params
+  return checkpoint.load_params(path, models.init_params(module,
+                                                         jax.random.key(0)))
 
 
 def train_teacher(config, splits, workdir: pathlib.Path):

@@ -1,0 +1,32 @@
+"""The README's API example runs as written (with one epoch and a temp workdir)."""
+import contextlib
+import io
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _api_block() -> str:
+  text = (ROOT / "README.md").read_text()
+  section = text.split("## The API in a few lines", 1)[1]
+  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
+  code = _api_block()
+  assert "epochs=2" in code and '"runs/readme"' in code
+  code = code.replace("epochs=2", "epochs=1").replace(
+      '"runs/readme"', repr(str(tmp_path / "readme")))
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setenv("KDJAX_PROGRESS", "0")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+  errors = int(re.search(r"test errors: (\d+)", out.getvalue()).group(1))
+  # One epoch of distillation from the shipped teacher: a working student.
+  assert errors < 400, out.getvalue()
+  assert (tmp_path / "readme" / "metrics.jsonl").exists()
