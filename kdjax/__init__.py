@@ -10,15 +10,18 @@ Modules, one concern each:
 * :mod:`kdjax.loops`: on-device ``lax.scan`` epochs and the host-batch loop.
 * :mod:`kdjax.cache`: the teacher-logit cache.
 * :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
-* :mod:`kdjax.fit`: the resumable outer loop (progress, metrics, checkpoints).
+* :mod:`kdjax.trainer`: :func:`kdjax.fit`, the resumable outer loop (progress, metrics, checkpoints).
 * :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
 * :mod:`kdjax.models`, :mod:`kdjax.constraints`, :mod:`kdjax.augment`: the
   paper's MLPs, the max-norm constraint, ±2-pixel jitter.
 * :mod:`kdjax.data`: MNIST from IDX files or TFDS, splits, transfer sets.
+* :mod:`kdjax.validate`: fail-fast checks of configs, batch sizes, models
+  and labels (before anything compiles).
 """
 
-from kdjax import augment, cache, constraints, losses, loops, models, sweep, train
-from kdjax.fit import fit
+from kdjax import (augment, cache, constraints, losses, loops, models, sweep,
+                   train, validate)
+from kdjax.trainer import fit
 from kdjax.losses import (
     distillation_loss,
     hard_label_loss,

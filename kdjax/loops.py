@@ -13,7 +13,7 @@ jitted step from a Python loop, with a live progress bar.
 Both are pure with respect to the training state: they take a state and
 return a new one. Progress display and metric logging live in
 :mod:`kdjax.progress`, checkpoints in :mod:`kdjax.checkpoint`, and the
-resumable outer loop in :func:`kdjax.fit.fit`.
+resumable outer loop in :func:`kdjax.trainer.fit`.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def epoch_key(rng: jax.Array, epoch: int | jax.Array) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(rng, 0x5EED), epoch)
 
 
-def make_epoch_fn(step: Callable, *, batch_size: int,
-                  num_examples: int) -> Callable:
+def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
+                  nonfinite_diagnostics: bool = False) -> Callable:
   """A whole epoch as one pure function, for ``jax.jit`` (or ``jax.vmap``).
 
   ``epoch(state, teacher, data, rng, epoch_index) -> (state, metrics)``:
@@ -53,10 +53,21 @@ def make_epoch_fn(step: Callable, *, batch_size: int,
     unchanged and folds in its own step counter;
   * ``metrics`` are the per-step metrics averaged over the epoch.
 
+  With ``nonfinite_diagnostics`` (the step must report a ``'finite'``
+  metric, as :func:`kdjax.train.make_train_step` does), ``metrics`` also
+  holds, computed on the device from the per-step values:
+
+  * ``'first_nonfinite_step'``: the global step number (``state.step``
+    before that step) of the epoch's first non-finite step, -1 if none;
+  * ``'nonfinite_metrics'``: ``{name: bool}``, which metrics were not finite
+    at that step (all False if none);
+  * ``'skipped'``: ``state.skipped`` after the epoch, when the state has it.
+
   Args:
     step: ``(state, teacher, batch, rng) -> (state, metrics)``.
     batch_size: examples per step.
     num_examples: length of the data's leading axis.
+    nonfinite_diagnostics: add the entries above to ``metrics``.
 
   Returns:
     The epoch function (not yet compiled).
@@ -80,10 +91,36 @@ def make_epoch_fn(step: Callable, *, batch_size: int,
       return step(state, teacher, batch, rng)
 
     state, metrics = jax.lax.scan(body, state, order)
-    return state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    out = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
+    if nonfinite_diagnostics:
+      out.update(_nonfinite_diagnostics(metrics, state, steps))
+    return state, out
 
   epoch.steps_per_epoch = steps
   return epoch
+
+
+def _nonfinite_diagnostics(per_step: dict, state, steps: int) -> dict:
+  """Where the epoch's first non-finite step was, from ``[steps]`` metrics."""
+  if "finite" not in per_step:
+    raise ValueError("nonfinite_diagnostics needs a step that reports a "
+                     "'finite' metric (see kdjax.train.make_train_step).")
+  finite = (per_step["finite"] > 0).astype(jnp.int32)
+  first = jnp.argmin(finite)  # The first 0; 0 when every step is finite.
+  any_bad = jnp.any(finite == 0)
+  end_step = getattr(state, "step", None)
+  start = 0 if end_step is None else end_step - steps
+  out = {
+      "first_nonfinite_step": jnp.where(any_bad, start + first,
+                                        -1).astype(jnp.int32),
+      "nonfinite_metrics": {
+          k: jnp.logical_and(any_bad, jnp.logical_not(jnp.isfinite(v[first])))
+          for k, v in per_step.items() if k != "finite"},
+  }
+  skipped = getattr(state, "skipped", None)
+  if skipped is not None:
+    out["skipped"] = skipped
+  return out
 
 
 def mean_metrics(metrics: list[dict]) -> dict:

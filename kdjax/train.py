@@ -52,7 +52,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kdjax import losses
+from kdjax import losses, validate
 from kdjax.teacher import Teacher
 
 __all__ = [
@@ -116,11 +116,6 @@ def _prepare_images(x: jax.Array) -> jax.Array:
   return x
 
 
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
-
-
 def make_train_step(objective: str = "kd", *,
                     augment_fn: Optional[Callable] = None,
                     axis_name: Optional[str] = None,
@@ -134,7 +129,8 @@ def make_train_step(objective: str = "kd", *,
       it may not be combined with cached teacher logits (they would be stale).
     axis_name: set for ``jax.pmap``: gradients and metrics are ``pmean``-ed
       over this axis, and dropout/augmentation keys differ per device.
-    skip_nonfinite: if the loss or any gradient is not finite, keep the old
+    skip_nonfinite: if the loss or the gradients' global norm is not finite
+      (any NaN/inf gradient, or a norm overflowing float32), keep the old
       params and optimizer state and count the step in ``state.skipped``
       (the step counter still advances). If False the update is applied.
 
@@ -210,7 +206,11 @@ def make_train_step(objective: str = "kd", *,
 
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    finite = jnp.logical_and(jnp.isfinite(metrics["loss"]), _all_finite(grads))
+    # One scalar test instead of a pass over every gradient: the global norm
+    # is NaN/inf iff some gradient is (or if its sum of squares overflows
+    # float32, i.e. a norm above ~1e19, which is divergence too).
+    finite = jnp.logical_and(jnp.isfinite(metrics["loss"]),
+                             jnp.isfinite(metrics["grad_norm"]))
     if skip_nonfinite:
       keep = lambda new, old: jax.tree.map(
           lambda n, o: jnp.where(finite, n, o), new, old)
@@ -282,19 +282,23 @@ def shard_batch(batch: PyTree, mesh: Optional[Mesh] = None,
   """
   n = mesh.shape[data_axis] if mesh is not None else jax.local_device_count()
   for x in jax.tree.leaves(batch):
-    if x.shape[0] % n:
-      raise ValueError(f"batch size {x.shape[0]} is not divisible by the "
-                       f"device count {n}; use a multiple of {n}.")
+    validate.validate_batch(int(x.shape[0]), int(n))
   if mesh is not None:
     return jax.device_put(batch, NamedSharding(mesh, P(data_axis)))
   return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
 
 
-def replicate(tree: PyTree, devices=None) -> PyTree:
-  """Stacks a leading device axis for pmap (like ``flax.jax_utils.replicate``)."""
+def replicate(tree: PyTree, devices=None, axis_name: str = "batch") -> PyTree:
+  """Stacks a leading device axis for pmap (like ``flax.jax_utils.replicate``).
+
+  The result is sharded over a mesh axis named ``axis_name``: pass the
+  ``axis_name`` of :func:`pmap_train_step` (default ``"batch"``). pmap's
+  outputs live on that mesh, so the second step then reuses the first
+  step's compilation instead of retracing for a different input sharding.
+  """
   devices = list(jax.local_devices() if devices is None else devices)
-  sharding = NamedSharding(Mesh(np.asarray(devices), ("replica",)),
-                           P("replica"))
+  sharding = NamedSharding(Mesh(np.asarray(devices), (axis_name,)),
+                           P(axis_name))
   n = len(devices)
   return jax.device_put(
       jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree),

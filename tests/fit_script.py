@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from kdjax import fit as fit_lib  # noqa: E402
+from kdjax import trainer as fit_lib  # noqa: E402
 from kdjax.provenance import params_sha256  # noqa: E402
 from kdjax.teacher import Teacher  # noqa: E402
 from kdjax.train import TrainState  # noqa: E402

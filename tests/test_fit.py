@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kdjax import checkpoint as ckpt_lib
-from kdjax import fit as fit_lib
+from kdjax import trainer as fit_lib
 from kdjax.provenance import params_sha256
 
 SCRIPT = pathlib.Path(__file__).with_name("fit_script.py")

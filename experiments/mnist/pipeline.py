@@ -36,8 +36,8 @@ import optax
 
 import kdjax
 from kdjax import (augment, cache, checkpoint, constraints, data, models,
-                   provenance, sweep)
-from kdjax.fit import fit
+                   provenance, sweep, validate)
+from kdjax.trainer import check_run_config, fit
 from kdjax.teacher import Teacher
 from kdjax.train import TrainState
 
@@ -113,7 +113,7 @@ def _predict_logits(apply, params, images):
 
 def predict_logits(apply, params, images) -> np.ndarray:
   """Eval-mode logits, ``[N, C]`` (N must be a multiple of 1000)."""
-  return np.asarray(_predict_logits(apply, params, jnp.asarray(images)))
+  return np.array(_predict_logits(apply, params, jnp.asarray(images)))
 
 
 def errors(logits: np.ndarray, labels: np.ndarray) -> int:
@@ -273,11 +273,28 @@ def _row(name, test_errors, seconds, **extra):
           **extra}
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks ``config`` against configs/default.py (keys, types, ranges).
+
+  Raises:
+    kdjax.validate.ConfigError: one line per unknown key (with the closest
+      valid key), wrong type or out-of-range hyperparameter.
+  """
+  from experiments.mnist.configs import default  # pylint: disable=g-import-not-at-top
+  validate.validate_config(config, default.get_config())
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs the configured rows and writes results.json, results.md, plots."""
+  """Runs the configured rows and writes results.json, results.md, plots.
+
+  The config is validated (:func:`validate_config`) and recorded in
+  ``<workdir>/run_config.json`` before anything is loaded or compiled; a
+  workdir holding a run of a different config raises (use a new workdir).
+  """
   from experiments.mnist import report  # pylint: disable=g-import-not-at-top
+  validate_config(config)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  check_run_config(workdir, config.to_dict())
   t_start = time.perf_counter()
   splits = load_splits(config)
   test_x, test_y = splits.test_images, splits.test_labels

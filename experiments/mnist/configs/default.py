@@ -26,16 +26,19 @@ def get_config():
   c.data_dir = ""  # "" -> $KDJAX_DATA_DIR
   c.num_val = 10_000
   c.split_seed = 0
-  c.seeds = [0, 1, 2]
+  c.seeds = (0, 1, 2)
   c.batch_size = 128
   c.checkpoint_every = 10
-  c.rows = ["student_alone", "distilled_T20", "omit3", "only78", "soft3pct",
-            "sweep", "logit_matching"]
+  c.rows = ("student_alone", "distilled_T20", "omit3", "only78", "soft3pct",
+            "sweep", "logit_matching")
 
   c.teacher = ml_collections.ConfigDict()
   # "" trains the teacher in this run with the recipe below; a path loads
   # shipped parameters (flax msgpack) instead.
   c.teacher.path = ""
+  # Where (relative to the workdir) to save the teacher's parameters; "" for
+  # nowhere (configs/teacher_cpu.py sets it).
+  c.teacher.save_to = ""
   c.teacher.hidden = (1200, 1200)
   c.teacher.input_dropout = 0.2
   c.teacher.hidden_dropout = 0.5
@@ -63,10 +66,10 @@ def get_config():
   c.soft3pct = ml_collections.ConfigDict(dict(
       epochs=400, fraction=0.03, subset_seed=0, alpha=0.1))
   c.sweep = ml_collections.ConfigDict(dict(
-      widths=[30, 300, 800],
-      temperatures=[1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 8.0, 10.0, 20.0, 50.0],
-      seeds=[0, 1, 2], alpha=0.1, epochs=100))
+      widths=(30, 300, 800),
+      temperatures=(1.0, 2.0, 2.5, 3.0, 4.0, 5.0, 8.0, 10.0, 20.0, 50.0),
+      seeds=(0, 1, 2), alpha=0.1, epochs=100))
   c.logit_matching = ml_collections.ConfigDict(dict(
-      epochs=100, temperatures=[5.0, 20.0, 100.0], optimizer=_opt(lr=0.1,
+      epochs=100, temperatures=(5.0, 20.0, 100.0), optimizer=_opt(lr=0.1,
                                                                   clip_norm=5.0)))
   return c

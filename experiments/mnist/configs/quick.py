@@ -25,10 +25,10 @@ def get_config():
   c.omit3.epochs = 3
   c.only78.epochs = 5
   c.soft3pct.epochs = 30
-  c.sweep.widths = [30, 300, 800]
-  c.sweep.temperatures = [1.0, 3.0, 8.0, 20.0]
-  c.sweep.seeds = [0]
+  c.sweep.widths = (30, 300, 800)
+  c.sweep.temperatures = (1.0, 3.0, 8.0, 20.0)
+  c.sweep.seeds = (0,)
   c.sweep.epochs = 2
   c.logit_matching.epochs = 2
-  c.logit_matching.temperatures = [20.0]
+  c.logit_matching.temperatures = (20.0,)
   return c

@@ -16,7 +16,7 @@ from experiments.mnist.configs import default
 
 def get_config():
   c = default.get_config()
-  c.rows = []
+  c.rows = ()
   c.teacher.epochs = 80
   c.teacher.eval_every = 10
   c.teacher.save_to = "teacher.msgpack"

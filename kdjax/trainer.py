@@ -17,6 +17,20 @@ functions of the run's key, the epoch index and the step counter.
 A workdir remembers the run configuration it was started with
 (``run_config.json``); starting a different configuration in the same
 workdir raises instead of silently mixing two runs.
+
+Before anything compiles, :func:`fit` checks its inputs on the host
+(:mod:`kdjax.validate`): teacher and student must predict the same number
+of classes (shapes from ``jax.eval_shape``, which does not compile) and the
+labels must lie in ``[0, num_classes)``.
+
+Non-finite steps: a step whose loss or gradients are not finite is never
+applied (the old parameters and optimizer state are kept, and
+``state.skipped`` counts it; the per-epoch record holds ``'skipped'`` and
+``'first_nonfinite_step'``). With ``on_nonfinite="skip"`` training goes on;
+with ``on_nonfinite="raise"``, :func:`fit` raises a ``FloatingPointError``
+after the epoch, naming the epoch, the first non-finite step and the
+metrics that were not finite, without checkpointing that epoch (the last
+checkpoint holds the state from before it).
 """
 
 from __future__ import annotations
@@ -28,15 +42,19 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from kdjax import loops, sweep, train
+from kdjax import loops, sweep, train, validate
 from kdjax.checkpoint import Checkpointer
 from kdjax.progress import MetricWriter, Progress
 
-__all__ = ["fit", "check_run_config"]
+__all__ = ["fit", "check_run_config", "check_inputs"]
 
 PyTree = Any
+ON_NONFINITE = ("skip", "raise")
+# The order in which non-finite metrics are named (then the rest, sorted).
+_METRIC_ORDER = ("loss", "hard_loss", "soft_loss", "grad_norm")
 
 
 def check_run_config(workdir: str | pathlib.Path, run_config: dict) -> None:
@@ -72,7 +90,8 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
         eval_fn: Optional[Callable[[PyTree], dict]] = None,
         eval_every: int = 0, vmapped: bool = False, desc: str = "train",
         progress: Optional[bool] = None,
-        skip_nonfinite: bool = True) -> tuple[PyTree, list[dict]]:
+        skip_nonfinite: bool = True,
+        on_nonfinite: str = "skip") -> tuple[PyTree, list[dict]]:
   """Trains ``state`` for ``epochs`` epochs on device-resident ``data``.
 
   Args:
@@ -86,7 +105,8 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     batch_size: examples per step (the remainder of each epoch is dropped).
     rng: the run's key (a stacked key per member when ``vmapped``).
     objective, augment_fn, skip_nonfinite: see
-      :func:`kdjax.train.make_train_step`.
+      :func:`kdjax.train.make_train_step`. ``skip_nonfinite=False`` (apply
+      non-finite updates) is only allowed with ``on_nonfinite="skip"``.
     workdir: where checkpoints, ``metrics.jsonl`` and ``run_config.json``
       go; None trains in memory only.
     checkpoint_every: checkpoint period in epochs (the last epoch is always
@@ -99,18 +119,36 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     vmapped: ``state`` is a stacked sweep; epochs run under ``jax.vmap``.
     desc: label of the progress bar.
     progress: show the progress bar (default: unless ``KDJAX_PROGRESS=0``).
+    on_nonfinite: ``"skip"`` (skip non-finite steps and go on) or
+      ``"raise"`` (skip them, then raise ``FloatingPointError`` at the end
+      of the epoch, before it is checkpointed).
 
   Returns:
     ``(state, history)``: the final state and one metrics dict per epoch run
     in this call.
+
+  Raises:
+    FloatingPointError: with ``on_nonfinite="raise"``, after an epoch with a
+      non-finite step.
+    ValueError: invalid arguments or inputs (checked before compiling).
   """
   if epochs < 0:
     raise ValueError(f"epochs must be >= 0, got {epochs}.")
+  if on_nonfinite not in ON_NONFINITE:
+    raise ValueError(f"on_nonfinite must be one of {ON_NONFINITE}, got "
+                     f"{on_nonfinite!r}.")
+  if on_nonfinite == "raise" and not skip_nonfinite:
+    raise ValueError("on_nonfinite='raise' keeps the non-finite update out "
+                     "of the state; it cannot be combined with "
+                     "skip_nonfinite=False.")
+  check_inputs(state, teacher, data, objective=objective,
+               augment_fn=augment_fn, vmapped=vmapped)
   num_examples = int(data["label"].shape[0])
   step = train.make_train_step(objective, augment_fn=augment_fn,
                                skip_nonfinite=skip_nonfinite)
   epoch_fn = loops.make_epoch_fn(step, batch_size=batch_size,
-                                 num_examples=num_examples)
+                                 num_examples=num_examples,
+                                 nonfinite_diagnostics=True)
   steps_per_epoch = epoch_fn.steps_per_epoch
   if vmapped:
     epoch_fn = sweep.vmap_epoch(epoch_fn)
@@ -144,6 +182,13 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
       state, metrics = run_epoch(state, teacher, data, rng, epoch)
       metrics = jax.device_get(metrics)
       seconds = time.perf_counter() - t0
+      bad_metrics = metrics.pop("nonfinite_metrics")
+      first_bad = np.asarray(metrics["first_nonfinite_step"])
+      if on_nonfinite == "raise" and np.any(first_bad >= 0):
+        raise FloatingPointError(_nonfinite_message(
+            epoch, epochs, first_bad, bad_metrics, metrics,
+            np.asarray(jax.device_get(state.step)), steps_per_epoch,
+            ckpt.all_epochs() if ckpt is not None else None))
       record = {k: np.asarray(v) for k, v in metrics.items()}
       last = epoch + 1 == epochs
       if eval_fn is not None and (last or (eval_every and
@@ -164,3 +209,80 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     if ckpt is not None:
       ckpt.close()
   return state, history
+
+
+def check_inputs(state: PyTree, teacher, data: dict, *, objective: str = "kd",
+                 augment_fn: Optional[Callable] = None,
+                 vmapped: bool = False) -> None:
+  """Host-side checks of :func:`fit`'s inputs; nothing is compiled.
+
+  The student's (and teacher's) logits shapes come from ``jax.eval_shape``
+  on one example, which traces the models abstractly without compiling.
+
+  Raises:
+    ValueError: teacher and student predict different numbers of classes,
+      or a label lies outside ``[0, num_classes)``.
+    TypeError: the labels are not integers.
+  """
+  for k in ("image", "label"):
+    if k not in data:
+      raise ValueError(f"data must be a dict with 'image' and 'label' keys, "
+                       f"got keys {sorted(data)}.")
+  apply_fn = getattr(state, "apply_fn", None)
+  params = getattr(state, "params", None)
+  if apply_fn is None or params is None:
+    return
+  image = data["image"]
+  dtype = jnp.float32 if image.dtype == jnp.uint8 else image.dtype
+  x = jax.ShapeDtypeStruct((1,) + tuple(image.shape[1:]), dtype)
+  member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
+      else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  if augment_fn is not None:
+    x = jax.eval_shape(augment_fn, key, x)
+  student = jax.eval_shape(lambda p, x, k: apply_fn(p, x, True, k),
+                           jax.tree.map(member, params), x, key).shape
+  teacher_shape = None
+  if objective != "hard":
+    if "teacher_logits" in data:
+      teacher_shape = (1,) + tuple(data["teacher_logits"].shape[1:])
+    elif teacher is not None:
+      teacher_shape = jax.eval_shape(teacher, x).shape
+  validate.validate_models(teacher_shape, student)
+  validate.validate_labels(np.asarray(data["label"]), student[-1])
+
+
+def _nonfinite_message(epoch: int, epochs: int, first_bad: np.ndarray,
+                       bad_metrics: dict, metrics: dict,
+                       end_step: np.ndarray, steps_per_epoch: int,
+                       saved: Optional[list[int]]) -> str:
+  """One line: where the epoch's first non-finite step was, and what."""
+  finite = np.asarray(metrics["finite"])
+  if first_bad.ndim:  # A vmapped sweep: report its first affected member.
+    members = np.flatnonzero(first_bad >= 0)
+    m = int(members[0])
+    step, end, finite = int(first_bad[m]), int(end_step[m]), float(finite[m])
+    bad = {k: bool(np.asarray(v)[m]) for k, v in bad_metrics.items()}
+    who = (f" in sweep member {m} (members affected: "
+           f"{[int(i) for i in members]})")
+  else:
+    step, end, finite = int(first_bad), int(end_step), float(finite)
+    bad = {k: bool(v) for k, v in bad_metrics.items()}
+    who = ""
+  order = [k for k in _METRIC_ORDER if k in bad] + sorted(
+      k for k in bad if k not in _METRIC_ORDER)
+  names = [k for k in order if bad[k]]
+  what = (f"non-finite metric {names[0]!r}" +
+          (f" (also {', '.join(repr(n) for n in names[1:])})"
+           if names[1:] else "")) if names else "non-finite gradients"
+  num_bad = round((1.0 - finite) * steps_per_epoch)
+  index = step - (end - steps_per_epoch)
+  last = (f"the last checkpoint is epoch {saved[-1]}" if saved
+          else "no checkpoint was written" if saved is not None
+          else "nothing was saved (no workdir)")
+  return (
+      f"epoch {epoch + 1}/{epochs}: {what} at global step {step}{who} "
+      f"(step {index + 1} of {steps_per_epoch} in the epoch; {num_bad} "
+      f"non-finite step(s) in the epoch). The non-finite updates were not "
+      f"applied and this epoch was not checkpointed; {last}. Check the data "
+      "for NaN/inf, lower the learning rate, or pass on_nonfinite='skip'.")

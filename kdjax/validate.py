@@ -1,0 +1,301 @@
+"""Fail-fast checks: one clear error line, raised before anything compiles.
+
+Everything here runs on the host with plain Python and NumPy (shapes come
+from ``jax.eval_shape``, which traces but never compiles), so a mistake in
+a config file, a batch size or the data costs a second, not a compilation
+followed by a cryptic error or, worse, a silently wrong run.
+
+* :func:`validate_config`: unknown keys (with the closest valid key), wrong
+  types and out-of-range hyperparameters in an ``ml_collections`` config,
+  compared against the reference (default) config.
+* :func:`validate_batch`: the batch size must split evenly over the devices
+  of a data-parallel step.
+* :func:`validate_models`: teacher and student must predict the same number
+  of classes.
+* :func:`validate_labels`: labels must be integer class indices in
+  ``[0, num_classes)``.
+
+:func:`kdjax.trainer.fit` runs the last two on its inputs; the MNIST pipeline
+runs :func:`validate_config` on its config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+import reprlib
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["ConfigError", "ConfigTypeError", "validate_config", "validate_batch",
+           "validate_models", "validate_labels"]
+
+_repr = reprlib.Repr()
+_repr.maxstring = 40
+_repr.maxlist = 6
+_repr.maxtuple = 6
+
+
+class ConfigError(ValueError):
+  """An invalid configuration (unknown key, wrong type or bad value)."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+  """A config value of the wrong type."""
+
+
+# ----------------------------------------------------------------------------
+# Configs.
+# ----------------------------------------------------------------------------
+
+
+def _is_mapping(x) -> bool:
+  # ml_collections.ConfigDict is not a collections.abc.Mapping.
+  return isinstance(x, Mapping) or (hasattr(x, "keys") and
+                                    hasattr(x, "__getitem__"))
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _expected(ref) -> tuple[str, Any]:
+  """(description, predicate) of the values a reference value admits."""
+  if isinstance(ref, bool):
+    return "a bool", lambda v: isinstance(v, bool)
+  if _is_int(ref):
+    return "an int", _is_int
+  if _is_real(ref):
+    return "a float (an int is accepted)", _is_real
+  if isinstance(ref, str):
+    return "a string", lambda v: isinstance(v, str)
+  if isinstance(ref, (list, tuple)):
+    return "a list", lambda v: isinstance(v, (list, tuple))
+  if _is_mapping(ref):
+    return "a ConfigDict (a group of keys)", _is_mapping
+  return (f"a {type(ref).__name__}",
+          lambda v, t=type(ref): isinstance(v, t))
+
+
+def _element_reference(ref: Sequence):
+  """The reference of a list's elements: float if any number is a float."""
+  if not ref:
+    return None
+  if all(_is_real(r) for r in ref) and any(not _is_int(r) for r in ref):
+    return 1.0
+  return ref[0]
+
+
+def _dotted_keys(reference, prefix: str = "") -> list[str]:
+  keys = []
+  for k in reference.keys():
+    path = f"{prefix}{k}"
+    keys.append(path)
+    if _is_mapping(reference[k]):
+      keys.extend(_dotted_keys(reference[k], path + "."))
+  return keys
+
+
+def _unknown_key(path: str, key: str, prefix: str, siblings,
+                 all_keys: list[str]) -> str:
+  close = difflib.get_close_matches(key, [str(s) for s in siblings], n=1,
+                                    cutoff=0.6)
+  if close:
+    return (f"unknown config key '{path}'; did you mean "
+            f"'{prefix}{close[0]}'?")
+  close = difflib.get_close_matches(path, all_keys, n=1, cutoff=0.6)
+  if close:
+    return f"unknown config key '{path}'; did you mean '{close[0]}'?"
+  where = f"under '{prefix[:-1]}'" if prefix else "at the top level"
+  return (f"unknown config key '{path}'; valid keys {where}: "
+          f"{', '.join(sorted(str(s) for s in siblings))}.")
+
+
+# Value rules by the key's last component: (check, requirement, hint).
+def _positive(v) -> bool:
+  return math.isfinite(v) and v > 0
+
+
+def _unit(v) -> bool:
+  return 0.0 <= v <= 1.0
+
+
+_T_HINT = " (T=1 is the ordinary softmax; the paper uses T in [1, 20])"
+_A_HINT = (" (alpha weights the hard-label loss, 1 - alpha the T^2-scaled "
+           "distillation term)")
+_VALUE_RULES = {
+    "temperature": (_positive, "must be a finite number > 0", _T_HINT),
+    "temperatures": (_positive, "must be a finite number > 0", _T_HINT),
+    "alpha": (_unit, "must lie in [0, 1]", _A_HINT),
+    "alphas": (_unit, "must lie in [0, 1]", _A_HINT),
+    "batch_size": (lambda v: v > 0, "must be > 0", ""),
+    "epochs": (lambda v: v >= 0, "must be >= 0", ""),
+}
+
+
+def _check_value(path: str, key: str, value, errors: list) -> None:
+  rule = _VALUE_RULES.get(key)
+  if rule is None:
+    return
+  ok, requirement, hint = rule
+  items = (list(enumerate(value)) if isinstance(value, (list, tuple))
+           else [(None, value)])
+  for i, v in items:
+    if _is_real(v) and not ok(v):
+      where = path if i is None else f"{path}[{i}]"
+      errors.append(("value", f"config key '{where}' {requirement}, got "
+                               f"{v!r}{hint}."))
+
+
+def _walk(config, reference, prefix: str, all_keys: list[str],
+          errors: list) -> None:
+  for key in config.keys():
+    path = f"{prefix}{key}"
+    value = config[key]
+    if key not in reference:
+      errors.append(("key", _unknown_key(path, str(key), prefix,
+                                         reference.keys(), all_keys)))
+      continue
+    ref = reference[key]
+    if ref is None:
+      continue
+    desc, ok = _expected(ref)
+    if not ok(value):
+      errors.append(("type", f"config key '{path}' must be {desc}, got "
+                             f"{type(value).__name__} {_repr.repr(value)}."))
+      continue
+    if _is_mapping(ref):
+      _walk(value, ref, path + ".", all_keys, errors)
+      continue
+    if isinstance(ref, (list, tuple)):
+      elem = _element_reference(ref)
+      if elem is not None:
+        e_desc, e_ok = _expected(elem)
+        bad = [(i, v) for i, v in enumerate(value) if not e_ok(v)]
+        if bad:
+          i, v = bad[0]
+          errors.append(("type", f"config key '{path}[{i}]' must be "
+                                 f"{e_desc}, got {type(v).__name__} "
+                                 f"{_repr.repr(v)}."))
+          continue
+    _check_value(path, str(key), value, errors)
+
+
+def validate_config(config, reference) -> None:
+  """Checks ``config`` against ``reference`` (e.g. the default config).
+
+  * every key of ``config`` must exist in ``reference`` (at the same place);
+    an unknown key is reported with its full dotted name and the closest
+    valid key;
+  * every value must have the reference value's type (an int is accepted
+    where a float is expected; lists and tuples are interchangeable and
+    their elements are checked against the reference's elements); a
+    reference value of None admits anything;
+  * hyperparameters are checked by name wherever they appear:
+    ``temperature``/``temperatures`` > 0, ``alpha``/``alphas`` in [0, 1],
+    ``batch_size`` > 0, ``epochs`` >= 0.
+
+  Keys of ``reference`` missing from ``config`` are allowed (code reads
+  optional keys with ``config.get``).
+
+  Args:
+    config: an ``ml_collections.ConfigDict`` (or a nested dict).
+    reference: the config that defines the valid keys and types.
+
+  Raises:
+    ConfigError: one line per problem found (a ``ConfigTypeError``, also a
+      ``TypeError``, when the problems are all wrong types).
+  """
+  errors: list[tuple[str, str]] = []  # (kind, message)
+  _walk(config, reference, "", _dotted_keys(reference), errors)
+  if errors:
+    only_types = all(kind == "type" for kind, _ in errors)
+    cls = ConfigTypeError if only_types else ConfigError
+    raise cls("\n".join(msg for _, msg in errors))
+
+
+# ----------------------------------------------------------------------------
+# Batches, models, labels.
+# ----------------------------------------------------------------------------
+
+
+def validate_batch(batch_size: int, num_devices: int) -> None:
+  """The global batch must split evenly over a data-parallel step's devices.
+
+  Raises:
+    ValueError: if ``batch_size`` is not a positive multiple of
+      ``num_devices``.
+  """
+  if not _is_int(num_devices) or num_devices < 1:
+    raise ValueError(f"the device count must be a positive int, got "
+                     f"{num_devices!r}.")
+  if not _is_int(batch_size) or batch_size < 1:
+    raise ValueError(f"batch size must be a positive int, got "
+                     f"{batch_size!r}.")
+  if batch_size % num_devices:
+    up = -(-batch_size // num_devices) * num_devices
+    raise ValueError(
+        f"batch size {batch_size} is not divisible by the device count "
+        f"{num_devices}; use a multiple of {num_devices} (e.g. {up}).")
+
+
+def validate_models(teacher_logits_shape: Optional[Iterable[int]],
+                    student_logits_shape: Iterable[int]) -> None:
+  """Teacher and student must predict the same number of classes.
+
+  Args:
+    teacher_logits_shape: the teacher's (or the cached teacher logits')
+      shape ``[..., C_t]``; None skips the check (no teacher).
+    student_logits_shape: the student's logits shape ``[..., C_s]``.
+
+  Raises:
+    ValueError: if ``C_t != C_s`` (or a shape has no class axis).
+  """
+  s = tuple(student_logits_shape)
+  if not s:
+    raise ValueError("the student's logits must have a class axis, got a "
+                     "scalar.")
+  if teacher_logits_shape is None:
+    return
+  t = tuple(teacher_logits_shape)
+  if not t:
+    raise ValueError("the teacher's logits must have a class axis, got a "
+                     "scalar.")
+  if t[-1] != s[-1]:
+    raise ValueError(
+        f"teacher and student predict different numbers of classes: the "
+        f"teacher has {t[-1]} classes (logits shape {t}), the student "
+        f"{s[-1]} (logits shape {s}); distillation needs the same classes.")
+
+
+def validate_labels(labels, num_classes: int) -> None:
+  """Labels must be integer class indices in ``[0, num_classes)``.
+
+  Runs on the host (NumPy), before the data goes to the device.
+
+  Raises:
+    TypeError: if the labels are not integers.
+    ValueError: naming the first offending label, its index and the valid
+      range.
+  """
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise TypeError(f"labels must be integer class indices, got dtype "
+                    f"{labels.dtype}.")
+  if labels.size == 0:
+    return
+  lo, hi = labels.min(), labels.max()
+  if lo < 0 or hi >= num_classes:
+    flat = labels.reshape(-1)
+    bad = np.flatnonzero((flat < 0) | (flat >= num_classes))
+    i = int(bad[0])
+    raise ValueError(
+        f"label {int(flat[i])} (at index {i}) is out of range: labels must "
+        f"lie in [0, {num_classes - 1}] for {num_classes} classes; "
+        f"{bad.size} label(s) out of range (min {int(lo)}, max {int(hi)}).")
