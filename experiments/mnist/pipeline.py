@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Optional
 
@@ -267,6 +268,14 @@ def member_logits(apply, stacked_params, images) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------
 
 
+def command_line() -> str:
+  """How this process was launched (for results JSONs)."""
+  argv = list(sys.argv)
+  if argv and argv[0].endswith("experiments/mnist/main.py"):
+    argv[0] = "python -m experiments.mnist.main"
+  return " ".join(argv)
+
+
 def _row(name, test_errors, seconds, **extra):
   return {"name": name, "test_errors": [int(e) for e in test_errors],
           "paper_test_errors": PAPER.get(name), "seconds": round(seconds, 2),
@@ -319,9 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "device": env["device"], "jax_version": env["jax_version"],
         "git_commit": provenance.git_commit(str(pathlib.Path(__file__).parent)),
         "params_sha256": hashes["teacher"],
-        "command": "python -m experiments.mnist.main "
-                   "--config=experiments/mnist/configs/teacher_cpu.py "
-                   "--workdir=runs/teacher_cpu"})
+        "command": command_line()})
   print(f"teacher: {rows[-1]['test_errors']} test errors ({t_source})",
         flush=True)
 
@@ -483,6 +490,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "git_commit": provenance.git_commit(str(pathlib.Path(__file__).parent)),
       "jax_version": env["jax_version"], "device": env["device"],
       "environment": env,
+      "command": command_line(),
       "total_seconds": round(time.perf_counter() - t_start, 1),
       "rows": rows, "params_sha256": hashes,
   }
