@@ -202,7 +202,7 @@ def make_train_step(objective: str = "kd", *,
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
       metrics = jax.lax.pmean(metrics, axis_name)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
 
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -219,7 +219,8 @@ def make_train_step(objective: str = "kd", *,
     metrics["finite"] = finite.astype(jnp.float32)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
-        skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+        skipped=state.skipped + (1 - finite.astype(jnp.int32)) * int(
+            skip_nonfinite))
     return new_state, metrics
 
   return step
@@ -261,6 +262,11 @@ def sharded_train_step(mesh: Mesh, objective: str = "kd", *,
   The state, the teacher and the rng are replicated; the batch's leading
   axis is split over ``data_axis``. Under GSPMD the mean over the global
   batch becomes a local mean plus an all-reduce, exactly as ``pmean``.
+
+  Tip: place the initial state with
+  ``jax.device_put(state, NamedSharding(mesh, P()))`` before the first call;
+  a state fresh from ``TrainState.create`` lives on one device, and the
+  step then compiles a second time when it sees its own replicated output.
   """
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(data_axis))
