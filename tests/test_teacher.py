@@ -18,6 +18,8 @@ from flax import nnx
 from kdjax import losses, train
 from kdjax.teacher import Teacher, ensemble
 
+from _helpers import np_init
+
 NUM_CLASSES = 10
 TEMPERATURE = 3.0
 
@@ -63,29 +65,6 @@ class NnxMLP(nnx.Module):
     return self.out(self.drop(nnx.relu(self.bn(self.hidden(x)))))
 
 
-def _np_init(module, seed, **kwargs):
-  """Variables for ``module`` drawn with NumPy (shapes from jax.eval_shape).
-
-  Avoids compiling ``module.init`` (slow on XLA:CPU): kernels are
-  N(0, 1/fan_in), BatchNorm scales and variances ones, everything else zero.
-  """
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs),
-                          jax.random.key(0), jnp.zeros((1, 8, 8)))
-  rng = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if "kernel" in name:
-      value = rng.randn(*leaf.shape) / np.sqrt(leaf.shape[0])
-    elif "scale" in name or "var" in name:
-      value = np.ones(leaf.shape)
-    else:
-      value = np.zeros(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def _images(seed, n=16):
   # NumPy, not jax.random: eager JAX ops each cost a small compilation.
   return np.random.RandomState(seed).rand(n, 8, 8).astype(np.float32)
@@ -122,7 +101,7 @@ def _student_apply(p, x, training, rng):
 
 @functools.cache
 def _student_params(seed):
-  return _np_init(STUDENT, seed)["params"]
+  return np_init(STUDENT, seed)["params"]
 
 
 @functools.cache
@@ -143,7 +122,7 @@ def _student_state(tx=SGD, seed=2, temperature=TEMPERATURE, alpha=0.3):
 def bn_dropout_teacher():
   """A linen teacher with BatchNorm (non-trivial running stats) and Dropout."""
   module = MLP(64, dropout=0.5, batchnorm=True)
-  variables = _np_init(module, 1)
+  variables = np_init(module, 1)
   # Move the running statistics away from their (0, 1) initial values.
   update = jax.jit(lambda v, x, r: module.apply(
       v, x, train=True, mutable=["batch_stats"], rngs={"dropout": r})[1])
@@ -256,7 +235,7 @@ def test_linen_teacher_is_in_eval_mode(bn_dropout_teacher):
 def test_linen_teacher_uses_running_batch_stats(bn_dropout_teacher):
   module, variables, teacher = bn_dropout_teacher
   x = _images(2)
-  fresh = _np_init(module, 1)  # Initial statistics: mean 0, variance 1.
+  fresh = np_init(module, 1)  # Initial statistics: mean 0, variance 1.
   # Same params, initial (0, 1) statistics: a different output.
   fresh_out = module.apply({"params": variables["params"],
                             "batch_stats": fresh["batch_stats"]}, x,
@@ -288,7 +267,7 @@ def test_from_linen_custom_eval_kwargs():
       return nn.Dropout(0.5, deterministic=deterministic)(x)
 
   module = Det()
-  variables = _np_init(module, 0, deterministic=True)
+  variables = np_init(module, 0, deterministic=True)
   teacher = Teacher.from_linen(module, variables, deterministic=True)
   x = _images(3)
   np.testing.assert_array_equal(

@@ -25,6 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kdjax import cache, loops, losses, sweep, train
 from kdjax.teacher import Teacher
 
+from _helpers import np_init
+
 NUM_CLASSES = 10
 NUM_EXAMPLES = 70  # Not a multiple of BATCH: the epoch drops the last 6.
 BATCH = 16
@@ -44,27 +46,6 @@ class MLP(nn.Module):
     return nn.Dense(NUM_CLASSES)(x)
 
 
-def _np_init(module, seed, **kwargs):
-  """Variables for ``module`` drawn with NumPy (shapes from jax.eval_shape).
-
-  Avoids compiling ``module.init`` (slow on XLA:CPU): kernels are
-  N(0, 1/fan_in), BatchNorm scales and variances ones, everything else zero.
-  """
-  shapes = jax.eval_shape(functools.partial(module.init, **kwargs),
-                          jax.random.key(0), jnp.zeros((1, 8, 8)))
-  rng = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path[-1:])
-    if "kernel" in name:
-      value = rng.randn(*leaf.shape) / np.sqrt(leaf.shape[0])
-    elif "scale" in name or "var" in name:
-      value = np.ones(leaf.shape)
-    else:
-      value = np.zeros(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 # Static parts of the state (apply_fn, tx) and the steps are hashed by
@@ -83,7 +64,7 @@ def _student_apply(params, x, training, rng):
 
 @functools.cache
 def _student_params(seed=2):
-  return _np_init(STUDENT, seed)["params"]
+  return np_init(STUDENT, seed)["params"]
 
 
 def _state(tx=SGD, temperature=TEMPERATURE, alpha=ALPHA, seed=2):
@@ -96,7 +77,7 @@ def _state(tx=SGD, temperature=TEMPERATURE, alpha=ALPHA, seed=2):
 
 @functools.cache
 def _teacher():
-  variables = _np_init(TEACHER_NET, 1)
+  variables = np_init(TEACHER_NET, 1)
   return Teacher.from_linen(TEACHER_NET, variables)
 
 
