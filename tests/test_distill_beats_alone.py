@@ -1,6 +1,6 @@
 """CI check of the demo's claim: distilling from the shipped teacher helps.
 
-Same student (784-800-800-10), same budget (30 epochs over a seeded 3% subset
+Same student (784-800-800-10), same budget (60 epochs over a seeded 3% subset
 of the training split = 1,500 images), same optimiser: trained on hard labels
 alone, then on the shipped teacher's soft targets (T=20, alpha=0.1). Soft
 targets must give fewer validation *and* test errors (paper §6: soft targets
