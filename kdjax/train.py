@@ -119,7 +119,8 @@ def _prepare_images(x: jax.Array) -> jax.Array:
 def make_train_step(objective: str = "kd", *,
                     augment_fn: Optional[Callable] = None,
                     axis_name: Optional[str] = None,
-                    skip_nonfinite: bool = True):
+                    skip_nonfinite: bool = True,
+                    skip_impl: str = "auto"):
   """Builds the pure train step ``(state, teacher, batch, rng) -> (state, metrics)``.
 
   Args:
@@ -133,6 +134,11 @@ def make_train_step(objective: str = "kd", *,
       (any NaN/inf gradient, or a norm overflowing float32), keep the old
       params and optimizer state and count the step in ``state.skipped``
       (the step counter still advances). If False the update is applied.
+    skip_impl: how a skipped update is expressed: ``"cond"`` (``lax.cond``,
+      fastest on XLA:CPU), ``"select"`` (``jnp.where`` over params and
+      optimizer state, which fuses into the update on GPU/TPU and needs no
+      host round trip), or ``"auto"`` (cond on CPU, select elsewhere). The
+      results are identical.
 
   Returns:
     The step function (not yet compiled). Metrics: ``loss``, ``hard_loss``,
@@ -142,6 +148,9 @@ def make_train_step(objective: str = "kd", *,
   if objective not in OBJECTIVES:
     raise ValueError(f"objective must be one of {OBJECTIVES}, got "
                      f"{objective!r}.")
+  if skip_impl not in ("auto", "cond", "select"):
+    raise ValueError(f"skip_impl must be 'auto', 'cond' or 'select', got "
+                     f"{skip_impl!r}.")
   needs_teacher = objective != "hard"
 
   def step(state: TrainState, teacher: Optional[Teacher], batch: dict,
@@ -204,18 +213,34 @@ def make_train_step(objective: str = "kd", *,
       metrics = jax.lax.pmean(metrics, axis_name)
     metrics["grad_norm"] = optax.tree.norm(grads)
 
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     # One scalar test instead of a pass over every gradient: the global norm
     # is NaN/inf iff some gradient is (or if its sum of squares overflows
     # float32, i.e. a norm above ~1e19, which is divergence too).
     finite = jnp.logical_and(jnp.isfinite(metrics["loss"]),
                              jnp.isfinite(metrics["grad_norm"]))
-    if skip_nonfinite:
+
+    def apply(operands):
+      grads, opt_state, params = operands
+      updates, opt_state = state.tx.update(grads, opt_state, params)
+      return optax.apply_updates(params, updates), opt_state
+
+    operands = (grads, state.opt_state, state.params)
+    use_cond = skip_impl == "cond" or (
+        skip_impl == "auto" and jax.default_backend() == "cpu")
+    if skip_nonfinite and use_cond:
+      # XLA:CPU: a conditional skips the update's memory passes entirely.
+      params, opt_state = jax.lax.cond(finite, apply,
+                                       lambda o: (o[2], o[1]), operands)
+    elif skip_nonfinite:
+      # GPU/TPU: an elementwise select fuses into the update kernels and
+      # needs no host round trip for the predicate.
+      new_params, new_opt_state = apply(operands)
       keep = lambda new, old: jax.tree.map(
           lambda n, o: jnp.where(finite, n, o), new, old)
-      params = keep(params, state.params)
-      opt_state = keep(opt_state, state.opt_state)
+      params = keep(new_params, state.params)
+      opt_state = keep(new_opt_state, state.opt_state)
+    else:
+      params, opt_state = apply((grads, state.opt_state, state.params))
     metrics["finite"] = finite.astype(jnp.float32)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,

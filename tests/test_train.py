@@ -312,8 +312,9 @@ def _nan_batch():
   return {**batch, "image": image}
 
 
-def test_skip_nonfinite_keeps_params_and_opt_state():
-  step = _jit_step("kd")
+@pytest.mark.parametrize("skip_impl", ["cond", "select"])
+def test_skip_nonfinite_keeps_params_and_opt_state(skip_impl):
+  step = _jit_step("kd", skip_impl=skip_impl)
   rng = jax.random.key(0)
   # One good step first, so Adam's moments are non-trivial.
   state, _ = step(_state(ADAM), _teacher(), _float_batch(4), rng)
@@ -329,6 +330,19 @@ def test_skip_nonfinite_keeps_params_and_opt_state():
   assert float(metrics["finite"]) == 1.0
   assert int(state.skipped) == 1 and int(state.step) == 3
   assert _trees_differ(state.params, before[0])
+
+
+def test_skip_implementations_agree_on_finite_steps():
+  states = []
+  for impl in ("cond", "select"):
+    step = _jit_step("kd", skip_impl=impl)
+    state = _state(ADAM)
+    for i in range(3):
+      state, _ = step(state, _teacher(), _float_batch(10 + i), jax.random.key(1))
+    states.append(jax.device_get((state.params, state.opt_state)))
+  _assert_trees_equal(states[0], states[1])
+  with pytest.raises(ValueError, match="skip_impl"):
+    train.make_train_step("kd", skip_impl="maybe")
 
 
 def test_without_skip_nonfinite_params_become_nan():
