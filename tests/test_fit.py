@@ -122,3 +122,31 @@ def test_checkpointer_restore_and_all_corrupt(tmp_path):
     warnings.simplefilter("ignore")
     with pytest.raises(ckpt_lib.CheckpointCorruptError, match="Delete the directory"):
       c.restore_latest(like)
+
+
+def test_failed_save_deletes_nothing(tmp_path, monkeypatch):
+  """A save that dies midway leaves every earlier checkpoint restorable."""
+  import jax.numpy as jnp
+  import orbax.checkpoint as ocp
+  like = {"w": jnp.arange(6.0).reshape(2, 3)}
+  c = ckpt_lib.Checkpointer(tmp_path, max_to_keep=2)
+  c.save(1, like, jax.random.key(0))
+  c.save(2, {"w": like["w"] + 1}, jax.random.key(0))
+
+  def boom(*args, **kwargs):
+    raise OSError("disk full (simulated)")
+
+  # Fail inside orbax's array writer, after the save has started.
+  monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "async_save", boom,
+                      raising=False)
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", boom,
+                      raising=False)
+  with pytest.raises(Exception, match="disk full"):
+    c.save(3, {"w": like["w"] + 2}, jax.random.key(0))
+  monkeypatch.undo()
+  c.close()
+  c = ckpt_lib.Checkpointer(tmp_path, max_to_keep=2)
+  assert c.all_epochs() == [1, 2]
+  state, meta = c.restore_latest(like)
+  assert meta["epoch"] == 2
+  np.testing.assert_array_equal(state["w"], like["w"] + 1)
