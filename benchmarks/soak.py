@@ -103,7 +103,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Optional
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _BACKENDS = {"cpu": "cpu", "gpu": "cuda"}

@@ -42,7 +42,6 @@ virtual CPU devices).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Optional
 
 import flax

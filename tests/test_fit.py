@@ -1,7 +1,6 @@
 """fit(): resumption after a real kill, determinism, workdir and checkpoint safety."""
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +13,6 @@ import pytest
 
 from kdjax import checkpoint as ckpt_lib
 from kdjax import trainer as fit_lib
-from kdjax.provenance import params_sha256
 
 SCRIPT = pathlib.Path(__file__).with_name("fit_script.py")
 ROOT = SCRIPT.parents[1]

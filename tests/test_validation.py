@@ -7,7 +7,6 @@ traced with (``fit`` traces it once, on one example, with
 ``jax.eval_shape``; the train step would trace it with a whole batch).
 """
 
-import importlib
 import json
 
 import flax.linen as nn
