@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.teacher import Teacher
+from kdjax.train import prepare_images
 
 __all__ = ["compute_teacher_logits", "with_teacher_logits"]
 
@@ -26,17 +27,15 @@ def compute_teacher_logits(teacher: Teacher, images: jax.Array, *,
 
   Args:
     teacher: the frozen teacher (inference mode).
-    images: ``[N, ...]`` images; uint8 is scaled to [0, 1] float32 as in the
-      train step.
+    images: ``[N, ...]`` images, prepared as in the train step
+      (:func:`kdjax.train.prepare_images`).
     batch_size: examples per forward pass (the last batch is padded).
 
   Returns:
     ``[N, C]`` float32 logits.
   """
-  images = jnp.asarray(images)
+  images = prepare_images(jnp.asarray(images))
   n = images.shape[0]
-  if images.dtype == jnp.uint8:
-    images = images.astype(jnp.float32) / 255.0
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
   padded = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))

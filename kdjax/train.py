@@ -58,6 +58,7 @@ __all__ = [
     "OBJECTIVES",
     "TrainState",
     "make_train_step",
+    "prepare_images",
     "jit_train_step",
     "pmap_train_step",
     "sharded_train_step",
@@ -109,7 +110,12 @@ class TrainState:
                skipped=jnp.zeros((), jnp.int32), apply_fn=apply_fn, tx=tx)
 
 
-def _prepare_images(x: jax.Array) -> jax.Array:
+def prepare_images(x: jax.Array) -> jax.Array:
+  """The step's input rule: uint8 pixels -> float32 ``x / 255``; else as is.
+
+  The teacher-logit cache (:mod:`kdjax.cache`) applies the same rule, so
+  cached and online teacher logits are identical.
+  """
   if x.dtype == jnp.uint8:
     return x.astype(jnp.float32) / 255.0
   return x
@@ -161,7 +167,7 @@ def make_train_step(objective: str = "kd", *,
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     rng_aug, rng_drop = jax.random.split(rng)
-    x, y = _prepare_images(batch["image"]), batch["label"]
+    x, y = prepare_images(batch["image"]), batch["label"]
     if augment_fn is not None:
       x = augment_fn(rng_aug, x)
 

@@ -42,7 +42,6 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from kdjax import loops, sweep, train, validate
@@ -233,8 +232,8 @@ def check_inputs(state: PyTree, teacher, data: dict, *, objective: str = "kd",
   if apply_fn is None or params is None:
     return
   image = data["image"]
-  dtype = jnp.float32 if image.dtype == jnp.uint8 else image.dtype
-  x = jax.ShapeDtypeStruct((1,) + tuple(image.shape[1:]), dtype)
+  x = jax.eval_shape(train.prepare_images, jax.ShapeDtypeStruct(
+      (1,) + tuple(image.shape[1:]), image.dtype))
   member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
       else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
   key = jax.eval_shape(lambda: jax.random.key(0))
