@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointCorruptError", "save_params",
-           "load_params"]
+__all__ = ["Checkpointer", "CheckpointCorruptError", "key_data",
+           "save_params", "load_params"]
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ class CheckpointCorruptError(RuntimeError):
   """Every checkpoint in the directory failed to restore."""
 
 
-def _key_to_data(rng: jax.Array) -> np.ndarray:
+def key_data(rng: jax.Array) -> np.ndarray:
+  """The raw uint32 data of a PRNG key (typed or legacy), as saved in ``meta``."""
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     return np.asarray(jax.random.key_data(rng))
   return np.asarray(rng)
@@ -76,7 +77,7 @@ class Checkpointer:
            extra: Optional[dict] = None) -> None:
     """Writes the checkpoint for ``epoch`` finished epochs (atomically)."""
     meta = {"epoch": int(epoch),
-            "rng_key_data": _key_to_data(rng).tolist(),
+            "rng_key_data": key_data(rng).tolist(),
             **(extra or {})}
     self._manager.save(
         int(epoch),

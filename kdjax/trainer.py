@@ -45,7 +45,7 @@ import jax
 import numpy as np
 
 from kdjax import loops, sweep, train, validate
-from kdjax.checkpoint import Checkpointer
+from kdjax.checkpoint import Checkpointer, key_data
 from kdjax.progress import MetricWriter, Progress
 
 __all__ = ["fit", "check_run_config", "check_inputs"]
@@ -164,8 +164,7 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
       state, meta = restored
       start = int(meta["epoch"])
       saved_key = np.asarray(meta["rng_key_data"], dtype=np.uint32)
-      from kdjax.checkpoint import _key_to_data  # pylint: disable=g-import-not-at-top
-      if not np.array_equal(saved_key, _key_to_data(rng)):
+      if not np.array_equal(saved_key, key_data(rng)):
         raise ValueError(
             f"workdir {workdir} was checkpointed with a different rng key; "
             "resume with the same seed or use a new workdir.")
