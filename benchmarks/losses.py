@@ -47,6 +47,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from kdjax import losses  # pylint: disable=g-import-not-at-top
+from _common import compiled_memory  # benchmarks/ is sys.path[0]
 
 TEMPERATURE = 4.0
 ALPHA = 0.1
@@ -67,28 +68,6 @@ def optax_objective(s, t, y):
 
 
 IMPLS = {"kdjax": kdjax_objective, "optax": optax_objective}
-
-
-def _memory(compiled) -> Optional[dict[str, Optional[int]]]:
-  """Byte counts from ``memory_analysis()``, or None if unavailable."""
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if m is None:
-    return None
-  fields = ("temp_size_in_bytes", "argument_size_in_bytes",
-            "output_size_in_bytes", "alias_size_in_bytes",
-            "generated_code_size_in_bytes", "peak_memory_in_bytes")
-  out = {f: (int(getattr(m, f)) if getattr(m, f, None) is not None else None)
-         for f in fields}
-  if out["peak_memory_in_bytes"] is None and None not in (
-      out["temp_size_in_bytes"], out["argument_size_in_bytes"],
-      out["output_size_in_bytes"], out["alias_size_in_bytes"]):
-    out["peak_memory_in_bytes"] = (
-        out["temp_size_in_bytes"] + out["argument_size_in_bytes"] +
-        out["output_size_in_bytes"] - out["alias_size_in_bytes"])
-  return out
 
 
 def _block(x):
@@ -176,13 +155,17 @@ def bench_shape(shape: tuple[int, int], repeats: int,
         # Per-round ratios of adjacent (interleaved) rounds: robust to drift.
         "median_paired_ratio": statistics.median(
             a / b for a, b in zip(times["kdjax"], times["optax"])),
-        "memory": {k: _memory(compiled[k][mode]) for k in IMPLS},
+        "memory": {k: compiled_memory(compiled[k][mode]) for k in IMPLS},
     }
   return result
 
 
 def _peak(mem: Optional[dict[str, Optional[int]]]) -> Optional[int]:
-  return None if mem is None else mem.get("peak_memory_in_bytes")
+  """The backend's peak, else the argument+output+temp-alias bound."""
+  if mem is None:
+    return None
+  peak = mem.get("peak_memory_in_bytes")
+  return mem.get("argument_plus_output_plus_temp_minus_alias") if peak is None else peak
 
 
 def _fmt_bytes(b: Optional[int]) -> str:

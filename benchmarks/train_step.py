@@ -122,6 +122,7 @@ from kdjax import loops
 from kdjax import models
 from kdjax import provenance
 from kdjax import train
+from _common import compiled_memory  # benchmarks/ is sys.path[0]
 from kdjax.teacher import Teacher
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -310,31 +311,6 @@ def make_torch_runner(backend: Optional[str], images: np.ndarray,
 # ----------------------------------------------------------------------------
 # Memory.
 # ----------------------------------------------------------------------------
-
-
-def compiled_memory(compiled) -> Optional[dict[str, Optional[int]]]:
-  """Byte counts from ``compiled.memory_analysis()``, or None if unavailable.
-
-  ``peak_memory_in_bytes`` is the backend's own figure (XLA:CPU's may
-  leave out temporaries); ``argument_plus_output_plus_temp_minus_alias`` is
-  an upper bound computed from the four sizes (donated outputs alias their
-  inputs).
-  """
-  try:
-    m = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if m is None:
-    return None
-  fields = ("argument_size_in_bytes", "output_size_in_bytes",
-            "alias_size_in_bytes", "temp_size_in_bytes",
-            "generated_code_size_in_bytes", "peak_memory_in_bytes")
-  out = {f: (int(getattr(m, f)) if getattr(m, f, None) is not None else None)
-         for f in fields}
-  parts = [out[f] for f in fields[:4]]
-  out["argument_plus_output_plus_temp_minus_alias"] = (
-      None if None in parts else parts[0] + parts[1] + parts[3] - parts[2])
-  return out
 
 
 def compiled_cost(compiled) -> Optional[dict[str, Optional[float]]]:
