@@ -198,6 +198,15 @@ def test_unknown_key_names_the_closest_valid_key():
     pipeline.validate_config(_config(**{"sweep.temperature": 3.0}))
 
 
+def test_unknown_row_names_the_closest_valid_row():
+  with pytest.raises(validate.ConfigError,
+                     match=r"^config\.rows: unknown row\(s\) 'distiled_T20' "
+                           r"\(did you mean 'distilled_T20'\?\), 'xyz'; valid "
+                           r"rows are student_alone, distilled_T20, "):
+    pipeline.validate_config(_config(rows=("distiled_T20", "omit3", "xyz")))
+  pipeline.validate_config(_config(rows=pipeline.ROWS))
+
+
 def test_wrong_type_names_expected_and_got():
   with pytest.raises(TypeError,
                      match=r"^config key 'student\.distill\.temperature' must "

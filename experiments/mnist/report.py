@@ -44,6 +44,10 @@ def markdown(results: dict) -> str:
                    f"(paper {r.get('paper_bias_shift')}, on test)")
     if "num_train" in r:
       extra.append(f"{r['num_train']} training images")
+    if r.get("jitter"):
+      extra.append(f"±{r['jitter']}-pixel jitter")
+    if "val_errors" in r:
+      extra.append(f"validation errors {_fmt(r['val_errors'])}")
     paper = r.get("paper_test_errors")
     lines.append(f"| `{r['name']}` | {_fmt(r['test_errors'])} "
                  f"(n={len(r['test_errors'])}) | "
