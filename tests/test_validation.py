@@ -18,7 +18,7 @@ import optax
 import pytest
 
 from experiments.mnist import pipeline
-from experiments.mnist.configs import default, quick
+from experiments.mnist.configs import default, quick, table_cpu, teacher_cpu
 from kdjax import loops, sweep, train, validate
 from kdjax.checkpoint import Checkpointer
 from kdjax.teacher import Teacher
@@ -182,7 +182,7 @@ def _config(**changes):
   return ml_collections.ConfigDict(d)
 
 
-@pytest.mark.parametrize("module", [default, quick])
+@pytest.mark.parametrize("module", [default, quick, table_cpu, teacher_cpu])
 def test_shipped_configs_are_valid(module):
   pipeline.validate_config(module.get_config())
 
