@@ -1,6 +1,8 @@
-"""The README's API example runs as written (with one epoch and a temp workdir)."""
+"""The README's API example runs as written (with one epoch and a temp
+workdir), and its result tables are the committed JSONs' own."""
 import contextlib
 import io
+import json
 import pathlib
 import re
 
@@ -30,3 +32,26 @@ def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   # One epoch of distillation from the shipped teacher: a working student.
   assert errors < 400, out.getvalue()
   assert (tmp_path / "readme" / "metrics.jsonl").exists()
+
+
+RESULTS = ROOT / "experiments" / "mnist" / "results"
+
+
+@pytest.mark.parametrize("name", ["quick_cpu"])
+def test_readme_tables_are_generated_from_committed_results(name):
+  from experiments.mnist import report  # pylint: disable=g-import-not-at-top
+  results = json.loads((RESULTS / f"{name}.json").read_text())
+  table = report.markdown(results).split("\n", 2)[2].strip()
+  readme = (ROOT / "README.md").read_text()
+  assert table in readme, f"README's {name} table differs from {name}.json"
+  assert (RESULTS / f"{name}.md").read_text() == report.markdown(results)
+  assert f"Source: [`experiments/mnist/results/{name}.json`]" in readme
+  assert results["git_commit"][:7] in readme
+
+
+def test_readme_teacher_figures_match_its_record():
+  info = json.loads((ROOT / "experiments" / "mnist" / "teacher" /
+                     "teacher_cpu.json").read_text())
+  readme = (ROOT / "README.md").read_text()
+  assert (f"**{info['test_errors']} test errors** ({info['val_errors']} on "
+          "validation") in readme
