@@ -37,7 +37,7 @@ def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
 RESULTS = ROOT / "experiments" / "mnist" / "results"
 
 
-@pytest.mark.parametrize("name", ["quick_cpu"])
+@pytest.mark.parametrize("name", ["quick_cpu", "table_cpu"])
 def test_readme_tables_are_generated_from_committed_results(name):
   from experiments.mnist import report  # pylint: disable=g-import-not-at-top
   results = json.loads((RESULTS / f"{name}.json").read_text())
