@@ -362,17 +362,19 @@ def distillation_loss(student_logits: ArrayLike,
   kl = _kl_divergence(z, v, t)
   # At high T, replace the value (not the gradient, which stays the exact
   # autodiff gradient of ``kl``) by the cancellation-free one. Static for a
-  # Python temperature (no cost at low T); a traced one branches at run time.
+  # Python temperature (no cost at low T). A traced one (e.g. a TrainState's)
+  # selects elementwise instead of branching: a ``lax.cond`` here would be a
+  # conditional in every train step, which breaks fusion on XLA:CPU and
+  # needs the predicate on the host on GPU; the select costs a few
+  # elementwise passes that fuse into the loss.
   sg = jax.lax.stop_gradient
   if isinstance(temperature, numbers.Real):
     if temperature >= _ACCURATE_FROM_T:
       kl = kl + sg(_accurate_kl_divergence(z, v, t, kl) - kl)
   else:
-    kl = kl + jax.lax.cond(
-        jnp.any(t >= _ACCURATE_FROM_T),
-        lambda z, v, t, kl: _accurate_kl_divergence(z, v, t, kl) - kl,
-        lambda z, v, t, kl: jnp.zeros_like(kl),
-        *sg((z, v, t, kl)))
+    zs, vs, ts, kls = sg((z, v, t, kl))
+    kl = kl + jnp.where(jnp.any(ts >= _ACCURATE_FROM_T),
+                        _accurate_kl_divergence(zs, vs, ts, kls) - kls, 0.0)
   # KL >= 0 mathematically; clip the tiny negative rounding error of the
   # value only: ``jnp.maximum(kl, 0)`` would also zero those rows' gradient.
   kl = kl + sg(jnp.maximum(-kl, 0.0))

@@ -285,6 +285,37 @@ class ObjectiveTest(chex.TestCase):
                                  rtol=1e-6)
 
 
+def test_global_norm_matches_float64_reference():
+  rng = np.random.default_rng(0)
+  tree = {"scalar": np.float32(3.0), "bias": rng.normal(size=7),
+          "w": rng.normal(size=(5, 4)), "conv": rng.normal(size=(3, 3, 2, 4)),
+          "empty": np.zeros((0, 3)), "big": 1e3 * rng.normal(size=(64, 33))}
+  expected = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                         for x in tree.values()))
+  as32 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+  got = jax.jit(train.global_norm)(as32)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(float(got), expected, rtol=2e-6)
+  np.testing.assert_allclose(float(got), float(optax.tree.norm(as32)),
+                             rtol=2e-6)
+  # bf16 gradients are squared and summed in float32, not bf16.
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), as32)
+  ref16 = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                      for x in jax.tree.leaves(bf16)))
+  got16 = train.global_norm(bf16)
+  assert got16.dtype == jnp.float32
+  np.testing.assert_allclose(float(got16), ref16, rtol=2e-6)
+  assert float(train.global_norm({})) == 0.0
+  assert float(train.global_norm({"e": jnp.zeros((0,))})) == 0.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_global_norm_is_non_finite_when_a_leaf_is(bad):
+  g = {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}
+  g["w"][2, 1] = bad
+  assert not np.isfinite(float(jax.jit(train.global_norm)(g)))
+
+
 def test_kd_alpha_one_is_hard_and_alpha_zero_is_soft():
   batch, rng, teacher = _float_batch(1), jax.random.key(0), _teacher()
   hard, _ = _jit_step("hard")(_state(alpha=1.0), None, batch, rng)
