@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 from typing import Optional
+
+
+def write_results(path: Optional[pathlib.Path], results: dict,
+                  prefix: str = "") -> None:
+  """Writes ``results`` as indented JSON to ``path`` (nothing if None).
+
+  The file is written beside its final name and renamed into place, so an
+  interrupted run never leaves a truncated results JSON behind.
+  """
+  if path is None:
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(results, indent=2) + "\n")
+  os.replace(tmp, path)
+  print(f"{prefix}wrote {path}", flush=True)
 
 
 def compiled_memory(compiled) -> Optional[dict[str, Optional[int]]]:

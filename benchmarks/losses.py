@@ -31,7 +31,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -47,7 +46,7 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from kdjax import losses  # pylint: disable=g-import-not-at-top
-from _common import compiled_memory  # benchmarks/ is sys.path[0]
+from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
 
 TEMPERATURE = 4.0
 ALPHA = 0.1
@@ -229,10 +228,7 @@ def main(argv=None) -> int:
   results["meets_goal"] = worst <= GOAL_RATIO
   print(f"worst ratio {worst:.3f} (goal <= {GOAL_RATIO})")
 
-  if args.json is not None:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+  write_results(args.json, results)
   return 0
 
 

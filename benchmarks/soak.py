@@ -105,6 +105,8 @@ import tempfile
 import time
 from typing import Optional
 
+from _common import write_results  # benchmarks/ is sys.path[0]
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _BACKENDS = {"cpu": "cpu", "gpu": "cuda"}
 
@@ -553,10 +555,7 @@ def main(args: argparse.Namespace) -> int:
   print(f"[soak] verdict: {verdict}; resume ok: {resume_ok}; final test "
         f"errors {phase2['test_errors']}; "
         f"{results['wall_seconds']:.0f}s", flush=True)
-  if args.json is not None:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"[soak] wrote {args.json}", flush=True)
+  write_results(args.json, results, prefix="[soak] ")
   return 0
 
 

@@ -77,7 +77,6 @@ Neither TensorFlow nor PyTorch is needed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -122,7 +121,7 @@ from kdjax import loops
 from kdjax import models
 from kdjax import provenance
 from kdjax import train
-from _common import compiled_memory  # benchmarks/ is sys.path[0]
+from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
 from kdjax.teacher import Teacher
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -677,10 +676,7 @@ def main(args: argparse.Namespace) -> int:
   print(f"sanity: max |params_kdjax - params_handwritten| after one epoch = "
         f"{sanity_diff:.2e}")
 
-  if args.json is not None:
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+  write_results(args.json, results)
   return 0
 
 
