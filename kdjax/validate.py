@@ -29,8 +29,9 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ConfigError", "ConfigTypeError", "validate_config", "validate_batch",
-           "validate_models", "validate_labels"]
+__all__ = ["ConfigError", "ConfigTypeError", "validate_config",
+           "validate_choices", "validate_batch", "validate_models",
+           "validate_labels"]
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
@@ -218,6 +219,25 @@ def validate_config(config, reference) -> None:
     only_types = all(kind == "type" for kind, _ in errors)
     cls = ConfigTypeError if only_types else ConfigError
     raise cls("\n".join(msg for _, msg in errors))
+
+
+def validate_choices(name: str, values, allowed, *, what: str) -> None:
+  """Checks that every entry of the config list ``name`` is in ``allowed``.
+
+  Raises:
+    ConfigError: one line naming every unknown entry (with the closest
+      allowed one, as for unknown keys) and listing the allowed values.
+  """
+  allowed = [str(a) for a in allowed]
+  unknown = [v for v in values if v not in allowed]
+  if not unknown:
+    return
+  hints = []
+  for v in unknown:
+    close = difflib.get_close_matches(str(v), allowed, n=1, cutoff=0.6)
+    hints.append(f"{v!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+  raise ConfigError(f"{name}: unknown {what}(s) {', '.join(hints)}; valid "
+                    f"{what}s are {', '.join(allowed)}.")
 
 
 # ----------------------------------------------------------------------------

@@ -298,19 +298,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     kdjax.validate.ConfigError: one line per unknown key (with the closest
-      valid key), wrong type or out-of-range hyperparameter.
+      valid key), wrong type or out-of-range hyperparameter; or an entry of
+      ``config.rows`` that is not in :data:`ROWS`.
   """
   from experiments.mnist.configs import default  # pylint: disable=g-import-not-at-top
   validate.validate_config(config, default.get_config())
-  unknown = [r for r in config.rows if r not in ROWS]
-  if unknown:
-    import difflib  # pylint: disable=g-import-not-at-top
-    hints = [f"{r!r}" + (f" (did you mean {m[0]!r}?)" if (
-        m := difflib.get_close_matches(r, ROWS, n=1)) else "")
-             for r in unknown]
-    raise validate.ConfigError(
-        f"config.rows: unknown row(s) {', '.join(hints)}; valid rows are "
-        f"{', '.join(ROWS)}.")
+  validate.validate_choices("config.rows", config.rows, ROWS, what="row")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
