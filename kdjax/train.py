@@ -272,7 +272,7 @@ def make_train_step(objective: str = "kd", *,
       params = keep(new_params, state.params)
       opt_state = keep(new_opt_state, state.opt_state)
     else:
-      params, opt_state = apply((grads, state.opt_state, state.params))
+      params, opt_state = apply(operands)
     metrics["finite"] = finite.astype(jnp.float32)
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
