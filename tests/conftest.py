@@ -14,3 +14,19 @@ def mnist_dir() -> pathlib.Path:
   if not (d / "train-images-idx3-ubyte.gz").exists() and not (d / "train-images-idx3-ubyte").exists():
     pytest.skip(f"real MNIST not found in {d}; set KDJAX_DATA_DIR")
   return d
+
+
+@pytest.fixture
+def quick_config(mnist_dir, monkeypatch):
+  """``rows -> config``: the demo config on real MNIST, one seed, no bar."""
+  from experiments.mnist.configs import quick  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("KDJAX_PROGRESS", "0")
+
+  def make(*rows):
+    config = quick.get_config()
+    config.data_dir = str(mnist_dir)
+    config.seeds = (0,)
+    config.rows = rows
+    return config
+
+  return make

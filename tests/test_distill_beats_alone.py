@@ -12,16 +12,11 @@ import pathlib
 import pytest
 
 from experiments.mnist import pipeline
-from experiments.mnist.configs import quick
 
 
 @pytest.mark.slow
-def test_soft_targets_beat_hard_labels_on_3pct(mnist_dir, tmp_path, monkeypatch):
-  monkeypatch.setenv("KDJAX_PROGRESS", "0")
-  config = quick.get_config()
-  config.data_dir = str(mnist_dir)
-  config.seeds = (0,)
-  config.rows = ("soft3pct",)
+def test_soft_targets_beat_hard_labels_on_3pct(quick_config, tmp_path):
+  config = quick_config("soft3pct")
   results = pipeline.run(config, str(tmp_path))
   rows = {r["name"]: r for r in results["rows"]}
   hard, soft = rows["soft3pct_hard_labels"], rows["soft3pct_soft_targets"]

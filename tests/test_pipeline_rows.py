@@ -11,16 +11,11 @@ import pathlib
 import pytest
 
 from experiments.mnist import pipeline
-from experiments.mnist.configs import quick
 
 
 @pytest.mark.slow
-def test_jitter_rows_use_the_online_teacher(mnist_dir, tmp_path, monkeypatch):
-  monkeypatch.setenv("KDJAX_PROGRESS", "0")
-  config = quick.get_config()
-  config.data_dir = str(mnist_dir)
-  config.seeds = (0,)
-  config.rows = ("student_alone_jitter", "distilled_T20_jitter")
+def test_jitter_rows_use_the_online_teacher(quick_config, tmp_path):
+  config = quick_config("student_alone_jitter", "distilled_T20_jitter")
   config.student.alone.epochs = 1
   config.student.distill.epochs = 1
   results = pipeline.run(config, str(tmp_path))
