@@ -137,13 +137,15 @@ def choose_bias_shift(val_logits: np.ndarray, val_labels: np.ndarray,
                       classes, grid) -> float:
   """The shift of ``classes``' logits (biases) that minimises validation errors.
 
-  Ties go to the smallest absolute shift. The test set is never used.
+  Ties go to the smallest absolute shift. The test set is never used. Grid
+  points are rounded to 6 decimals first, so that a float-stepped
+  ``np.arange`` grid reports -10.6, not -10.600000000000016.
   """
   best, best_err = 0.0, None
-  for b in sorted(grid, key=abs):
+  for b in sorted((round(float(g), 6) for g in grid), key=abs):
     err = errors(shifted(val_logits, classes, b), val_labels)
     if best_err is None or err < best_err:
-      best, best_err = float(b), err
+      best, best_err = b, err
   return best
 
 
