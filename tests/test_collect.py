@@ -42,3 +42,30 @@ def test_collect_names_a_workdir_without_results(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"results\.json does not exist.*"
                      r"finished run"):
     collect.collect([tmp_path])
+
+
+def test_append_adds_runs_and_replaces_a_rerun(tmp_path):
+  row = lambda v: [{"name": "distilled_T20", "val_errors": [v],
+                    "test_errors": [v]}]
+  _run(tmp_path / "old" / "a", row(1))
+  _run(tmp_path / "old" / "b", row(2))
+  out = tmp_path / "tuning.json"
+  collect.main([str(tmp_path / "old" / "a"), str(tmp_path / "old" / "b"),
+                "--out", str(out), "--note", "first."])
+  _run(tmp_path / "new" / "b", row(20))
+  _run(tmp_path / "new" / "c", row(3))
+  collect.main([str(tmp_path / "new" / "b"), str(tmp_path / "new" / "c"),
+                "--out", str(out), "--note", "second.", "--append"])
+  record = json.loads(out.read_text())
+  assert record["note"] == "first. second."
+  assert [(r["workdir"], r["rows"][0]["val_errors"]) for r in record["runs"]] \
+      == [("a", [1]), ("b", [20]), ("c", [3])]
+  assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_append_needs_an_existing_record(tmp_path):
+  _run(tmp_path / "a", [{"name": "teacher", "val_errors": [1],
+                         "test_errors": [1]}])
+  with pytest.raises(SystemExit, match="does not exist; drop --append"):
+    collect.main([str(tmp_path / "a"), "--out", str(tmp_path / "x.json"),
+                  "--append"])

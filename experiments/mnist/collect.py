@@ -3,6 +3,9 @@
   python -m experiments.mnist.collect --out experiments/mnist/results/tuning_cpu.json \\
       --note "why these runs" runs/tune/*/
 
+``--append`` adds the runs to an existing record instead (a run whose
+workdir name is already there is replaced in place) and appends the note.
+
 For each workdir it keeps the command, commit, device, wall time and, per
 row, the validation and test errors (choices are made on the validation
 errors only; the test errors are recorded so that nothing is hidden). A
@@ -45,14 +48,38 @@ def collect(workdirs, note: str = "") -> dict:
           "runs": runs}
 
 
+def merge(old: dict, new: dict) -> dict:
+  """``old`` with ``new``'s runs added (same workdir name: replaced in place)."""
+  runs = list(old["runs"])
+  index = {r["workdir"]: i for i, r in enumerate(runs)}
+  for r in new["runs"]:
+    if r["workdir"] in index:
+      runs[index[r["workdir"]]] = r
+    else:
+      index[r["workdir"]] = len(runs)
+      runs.append(r)
+  note = " ".join(n for n in (old.get("note", ""), new["note"]) if n)
+  return {**old, "note": note, "runs": runs}
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("workdirs", nargs="+")
   parser.add_argument("--out", required=True)
   parser.add_argument("--note", default="")
+  parser.add_argument("--append", action="store_true",
+                      help="add to the existing --out record")
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
-  out.write_text(json.dumps(collect(args.workdirs, args.note), indent=1) + "\n")
+  record = collect(args.workdirs, args.note)
+  if args.append:
+    if not out.exists():
+      raise SystemExit(f"--append: {out} does not exist; drop --append to "
+                       "start a new record.")
+    record = merge(json.loads(out.read_text()), record)
+  tmp = out.with_name(out.name + ".tmp")
+  tmp.write_text(json.dumps(record, indent=1) + "\n")
+  tmp.replace(out)
   print(f"wrote {out}")
 
 
