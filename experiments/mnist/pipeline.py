@@ -493,12 +493,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           alphas=[c.alpha] * len(grid), epochs=c.epochs,
           opt_cfg=s.distill.optimizer, workdir=workdir)
       logits = member_logits(apply, params, test_x)
+      val_logits = member_logits(apply, params, val_x)
+      hashes[name] = {f"T{g[0]:g}_seed{g[1]}": provenance.params_sha256(
+          jax.tree.map(lambda x, i=i: x[i], params))
+                      for i, g in enumerate(grid)}
       for temp in c.temperatures:
         idx = [i for i, g in enumerate(grid) if g[0] == temp]
         rows.append(_row(f"sweep_w{width}_T{temp:g}",
                          [errors(logits[i], test_y) for i in idx],
                          sec / len(c.temperatures), width=width,
-                         temperature=temp, alpha=c.alpha, epochs=c.epochs))
+                         temperature=temp, alpha=c.alpha, epochs=c.epochs,
+                         val_errors=[errors(val_logits[i], val_y)
+                                     for i in idx]))
       print(f"{name}: " + ", ".join(
           f"T={t:g}: {np.mean([errors(logits[i], test_y) for i, g in enumerate(grid) if g[0] == t]):.1f}"
           for t in c.temperatures), flush=True)

@@ -70,11 +70,15 @@ def plot_sweep(results: dict, path: pathlib.Path) -> bool:
     t = [r["temperature"] for r in rs]
     m = [np.mean(r["test_errors"]) for r in rs]
     s = [np.std(r["test_errors"]) for r in rs]
-    ax.errorbar(t, m, yerr=s, marker="o", capsize=3, label=f"{width}-{width}")
+    line = ax.errorbar(t, m, yerr=s, marker="o", capsize=3,
+                       label=f"{width}-{width}, test")
+    if all("val_errors" in r for r in rs):  # T is chosen on these.
+      ax.plot(t, [np.mean(r["val_errors"]) for r in rs], ls="--", marker=".",
+              color=line[0].get_color(), label=f"{width}-{width}, validation")
   ax.set_xscale("log")
   ax.set_xlabel("temperature T")
-  ax.set_ylabel("test errors (of 10,000)")
-  ax.set_title("Distilled students: test errors vs temperature")
+  ax.set_ylabel("errors (of 10,000)")
+  ax.set_title("Distilled students: errors vs temperature")
   ax.legend(title="student")
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
