@@ -9,7 +9,7 @@ export KDJAX_DATA_DIR
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-fast demo bench clean
+.PHONY: help venv test demo bench clean
 
 help:
 	@echo "make venv   - create $(VENV) and install kdjax[test] (done by every target)"
