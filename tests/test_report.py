@@ -1,0 +1,46 @@
+"""experiments/mnist/report.py: the results table and plots."""
+import pytest
+
+from experiments.mnist import report
+
+
+def _sweep_rows(with_val):
+  rows = []
+  for width in (30, 800):
+    for t in (1.0, 20.0):
+      r = {"name": f"sweep_w{width}_T{t:g}", "width": width, "temperature": t,
+           "test_errors": [100 + width // 10], "paper_test_errors": None,
+           "seconds": 1.0}
+      if with_val:
+        r["val_errors"] = [120]
+      rows.append(r)
+  return rows
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_plot_sweep_writes_a_png(tmp_path, with_val):
+  path = tmp_path / "sweep.png"
+  assert report.plot_sweep({"rows": _sweep_rows(with_val)}, path)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_without_their_rows_write_nothing(tmp_path):
+  assert not report.plot_sweep({"rows": [{"name": "teacher"}]},
+                               tmp_path / "a.png")
+  assert not report.plot_table({"rows": _sweep_rows(False)}, tmp_path / "b.png")
+  assert not list(tmp_path.iterdir())
+
+
+def test_markdown_formats_seeds_and_extras():
+  results = {"device": "cpu", "jax_version": "0", "git_commit": "abc",
+             "total_seconds": 1.0, "rows": [
+                 {"name": "omit3_after_shift", "test_errors": [140, 142, 138],
+                  "paper_test_errors": 109, "seconds": 0.04,
+                  "errors_on_3": [39, 41, 37], "num_test_3s": 1010,
+                  "paper_errors_on_3": 14, "bias_shift": [3.5, 3.75, 3.5],
+                  "paper_bias_shift": 3.5, "val_errors": [150, 150, 150]}]}
+  row = report.markdown(results).splitlines()[-1]
+  assert row.startswith("| `omit3_after_shift` | 140.0 ± 2.0 (n=3) | 109 |")
+  assert "on 3s: 39.0 ± 2.0 / 1010 (paper 14)" in row
+  assert "shift 3.6 ± 0.1 on validation (paper 3.5, on test)" in row
+  assert "validation errors 150.0 ± 0.0" in row
