@@ -20,7 +20,9 @@ def _run(path, rows, curve=None):
 def test_collect_keeps_validation_and_test_errors(tmp_path):
   _run(tmp_path / "a", [{"name": "distilled_T20", "val_errors": [94],
                          "test_errors": [87], "alpha": 0.7, "seconds": 3.0,
-                         "params_sha256": "x"}])
+                         "params_sha256": "x"},
+                        {"name": "soft3pct_soft_targets", "val_errors": [9],
+                         "test_errors": [8], "num_train": 40000}])
   _run(tmp_path / "t", [{"name": "teacher", "val_errors": [77],
                          "test_errors": [63], "source": "trained"}],
        curve=[{"epoch": 1, "loss": 1.0}, {"epoch": 10, "val_errors": 80}])
@@ -32,7 +34,9 @@ def test_collect_keeps_validation_and_test_errors(tmp_path):
   a, t = record["runs"]
   assert a["workdir"] == "a" and a["rows"] == [
       {"name": "distilled_T20", "val_errors": [94], "test_errors": [87],
-       "alpha": 0.7}]
+       "alpha": 0.7},
+      {"name": "soft3pct_soft_targets", "val_errors": [9], "test_errors": [8],
+       "num_train": 40000}]
   assert "teacher_val_errors_by_epoch" not in a
   assert t["teacher_val_errors_by_epoch"] == {"10": 80}
   assert t["rows"][0]["source"] == "trained"
