@@ -44,3 +44,41 @@ def test_markdown_formats_seeds_and_extras():
   assert "on 3s: 39.0 ± 2.0 / 1010 (paper 14)" in row
   assert "shift 3.6 ± 0.1 on validation (paper 3.5, on test)" in row
   assert "validation errors 150.0 ± 0.0" in row
+
+
+def _results():
+  return {"device": "cpu", "jax_version": "0", "git_commit": "abc",
+          "total_seconds": 1.0,
+          "rows": [{"name": "teacher", "test_errors": [63],
+                    "paper_test_errors": 67, "seconds": 1.0}]
+                  + _sweep_rows(True)}
+
+
+def test_cli_redraws_a_finished_run(tmp_path, capsys):
+  import json  # pylint: disable=g-import-not-at-top
+  (tmp_path / "results.json").write_text(json.dumps(_results()))
+  report.main([str(tmp_path)])
+  assert (tmp_path / "results.md").read_text() == report.markdown(_results())
+  assert (tmp_path / "table.png").exists()
+  assert (tmp_path / "sweep_temperature.png").exists()
+  assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_names_a_workdir_without_results(tmp_path):
+  with pytest.raises(SystemExit, match="results.json does not exist: pass the "
+                     "--workdir of a finished run"):
+    report.main([str(tmp_path)])
+
+
+def test_missing_matplotlib_skips_plots_and_keeps_the_numbers(tmp_path, capsys,
+                                                              monkeypatch):
+  real = report.importlib.util.find_spec
+  monkeypatch.setattr(report.importlib.util, "find_spec",
+                      lambda name, *a: None if name == "matplotlib"
+                      else real(name, *a))
+  report.write_all(_results(), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json",
+                                                        "results.md"]
+  err = capsys.readouterr().err
+  assert "matplotlib is not installed: plots skipped" in err
+  assert f"python -m experiments.mnist.report {tmp_path}" in err

@@ -1,10 +1,20 @@
-"""results.json -> results.md (table beside the paper's numbers) and plots."""
+"""results.json -> results.md (table beside the paper's numbers) and plots.
+
+``pipeline.run`` calls :func:`write_all` at the end of every run. To redraw
+the table and plots of a finished run (e.g. one from a machine without
+matplotlib)::
+
+  python -m experiments.mnist.report WORKDIR   # reads WORKDIR/results.json
+"""
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
 import pathlib
+import sys
 
 import numpy as np
 
@@ -113,6 +123,29 @@ def plot_table(results: dict, path: pathlib.Path) -> bool:
   return True
 
 
+def write_plots(results: dict, workdir: pathlib.Path) -> list[str]:
+  """Draws table.png and sweep_temperature.png; returns the files written.
+
+  Without matplotlib (e.g. a bare accelerator image) the plots are skipped
+  with a message on stderr instead of failing the run: results.json and
+  results.md hold every number, and ``python -m experiments.mnist.report
+  WORKDIR`` draws the plots later where matplotlib is installed.
+  """
+  if importlib.util.find_spec("matplotlib") is None:
+    print(f"matplotlib is not installed: plots skipped. Install it "
+          f"(pip install 'matplotlib>=3.8') and run `python -m "
+          f"experiments.mnist.report {workdir}` to draw them.",
+          file=sys.stderr, flush=True)
+    return []
+  workdir = pathlib.Path(workdir)
+  written = []
+  if plot_sweep(results, workdir / "sweep_temperature.png"):
+    written.append("sweep_temperature.png")
+  if plot_table(results, workdir / "table.png"):
+    written.append("table.png")
+  return written
+
+
 def write_all(results: dict, workdir: pathlib.Path) -> None:
   """Writes results.json (atomically), results.md and the plots."""
   workdir = pathlib.Path(workdir)
@@ -121,6 +154,26 @@ def write_all(results: dict, workdir: pathlib.Path) -> None:
   os.replace(tmp, workdir / "results.json")
   md = markdown(results)
   (workdir / "results.md").write_text(md)
-  plot_sweep(results, workdir / "sweep_temperature.png")
-  plot_table(results, workdir / "table.png")
+  write_plots(results, workdir)
   print(md, flush=True)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      description="Redraws results.md and the plots of a finished run.")
+  parser.add_argument("workdir", help="a run's workdir (holds results.json)")
+  args = parser.parse_args(argv)
+  workdir = pathlib.Path(args.workdir)
+  path = workdir / "results.json"
+  if not path.exists():
+    raise SystemExit(f"{path} does not exist: pass the --workdir of a finished "
+                     "run of experiments/mnist/main.py.")
+  results = json.loads(path.read_text())
+  (workdir / "results.md").write_text(markdown(results))
+  written = write_plots(results, workdir)
+  print(f"wrote {workdir / 'results.md'}" +
+        "".join(f", {workdir / f}" for f in written))
+
+
+if __name__ == "__main__":
+  main()
