@@ -136,3 +136,27 @@ def test_paper_config_runs_end_to_end_with_the_issue_schema(mnist_dir, tmp_path,
   for f in ("results.md", "table.png", "sweep_temperature.png",
             "teacher.msgpack"):
     assert (tmp_path / f).stat().st_size > 0, f
+  assert not (tmp_path / "results.partial.json").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_keeps_its_finished_rows(quick_config, tmp_path,
+                                                    monkeypatch):
+  config = quick_config("student_alone", "distilled_T20")
+  config.student.alone.epochs = 1
+  real = pipeline.train_students
+
+  def interrupted(config, *, name, **kw):
+    if name == "distilled_T20":
+      raise KeyboardInterrupt  # e.g. a time limit on a lent accelerator
+    return real(config, name=name, **kw)
+
+  monkeypatch.setattr(pipeline, "train_students", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    pipeline.run(config, str(tmp_path))
+  assert not (tmp_path / "results.json").exists()
+  partial = json.loads((tmp_path / "results.partial.json").read_text())
+  assert partial["partial"] is True
+  assert [r["name"] for r in partial["rows"]] == ["teacher", "student_alone"]
+  assert partial["rows"][1]["test_errors"][0] < 1000  # one real epoch
+  assert set(partial["params_sha256"]) == {"teacher", "student_alone"}

@@ -82,3 +82,15 @@ def test_missing_matplotlib_skips_plots_and_keeps_the_numbers(tmp_path, capsys,
   err = capsys.readouterr().err
   assert "matplotlib is not installed: plots skipped" in err
   assert f"python -m experiments.mnist.report {tmp_path}" in err
+
+
+def test_partial_results_are_replaced_by_the_finished_run(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  report.write_partial(_results(), tmp_path)
+  partial = json.loads((tmp_path / report.PARTIAL).read_text())
+  assert partial["partial"] is True and partial["rows"] == _results()["rows"]
+  assert not (tmp_path / "results.json").exists()
+  report.write_all(_results(), tmp_path)
+  assert not (tmp_path / report.PARTIAL).exists()
+  assert "partial" not in json.loads((tmp_path / "results.json").read_text())
+  assert not list(tmp_path.glob("*.tmp"))

@@ -314,6 +314,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   The config is validated (:func:`validate_config`) and recorded in
   ``<workdir>/run_config.json`` before anything is loaded or compiled; a
   workdir holding a run of a different config raises (use a new workdir).
+  Each finished row is saved at once to ``results.partial.json``, which
+  ``results.json`` replaces when the run completes.
   """
   from experiments.mnist import report  # pylint: disable=g-import-not-at-top
   validate_config(config)
@@ -324,6 +326,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   test_x, test_y = splits.test_images, splits.test_labels
   val_x, val_y = splits.val_images, splits.val_labels
   rows, hashes = [], {}
+
+  env = provenance.environment()
+  commit = provenance.git_commit(str(pathlib.Path(__file__).parent))
+
+  def results_so_far() -> dict:
+    return {
+        "config": config.to_dict(), "git_commit": commit,
+        "jax_version": env["jax_version"], "device": env["device"],
+        "environment": env, "command": command_line(),
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "rows": rows, "params_sha256": hashes,
+    }
+
+  def save_partial() -> None:
+    # Finished rows survive an interrupted run (results.partial.json);
+    # results.json is written only when every row is done.
+    report.write_partial(results_so_far(), workdir)
 
   teacher, t_params, t_source, t_sec = get_teacher(config, splits, workdir)
   t_apply = lambda p, x, train, rng: teacher.apply_fn(p, {}, x)
@@ -346,6 +365,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "command": command_line()})
   print(f"teacher: {rows[-1]['test_errors']} test errors ({t_source})",
         flush=True)
+  save_partial()
 
   def transfer_data(variant, **kw):
     x, y = data.transfer_set(splits.train_images, splits.train_labels,
@@ -378,6 +398,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                val_errors=[errors(l, val_y) for l in val_logits])
     rows.append(row)
     print(f"{name}: {row['test_errors']} test errors ({sec:.0f}s)", flush=True)
+    save_partial()
     return test_logits, val_logits
 
   all_data = None
@@ -439,6 +460,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f"omit3: {before['test_errors']} ({before['errors_on_3']} on 3s) -> "
           f"{after['test_errors']} ({after['errors_on_3']} on 3s) with shifts "
           f"{shifts}", flush=True)
+    save_partial()
 
   if "only78" in config.rows:
     c = config.only78
@@ -467,6 +489,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      shift_chosen_on="validation"))
     print(f"only78: {before['test_error_rate']} -> "
           f"{rows[-1]['test_error_rate']} with shifts {shifts}", flush=True)
+    save_partial()
 
   if "soft3pct" in config.rows:
     c = config.soft3pct
@@ -508,6 +531,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f"{name}: " + ", ".join(
           f"T={t:g}: {np.mean([errors(logits[i], test_y) for i, g in enumerate(grid) if g[0] == t]):.1f}"
           for t in c.temperatures), flush=True)
+      save_partial()
 
   if "logit_matching" in config.rows:
     c = config.logit_matching
@@ -521,15 +545,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                   objective="soft", temperature=temp, alpha=0.0,
                   epochs=c.epochs, opt_cfg=s.distill.optimizer)
 
-  env = provenance.environment()
-  results = {
-      "config": config.to_dict(),
-      "git_commit": provenance.git_commit(str(pathlib.Path(__file__).parent)),
-      "jax_version": env["jax_version"], "device": env["device"],
-      "environment": env,
-      "command": command_line(),
-      "total_seconds": round(time.perf_counter() - t_start, 1),
-      "rows": rows, "params_sha256": hashes,
-  }
+  results = results_so_far()
   report.write_all(results, workdir)
   return results

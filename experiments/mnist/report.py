@@ -146,12 +146,30 @@ def write_plots(results: dict, workdir: pathlib.Path) -> list[str]:
   return written
 
 
-def write_all(results: dict, workdir: pathlib.Path) -> None:
-  """Writes results.json (atomically), results.md and the plots."""
-  workdir = pathlib.Path(workdir)
-  tmp = workdir / "results.json.tmp"
+PARTIAL = "results.partial.json"
+
+
+def _write_json(results: dict, path: pathlib.Path) -> None:
+  tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
-  os.replace(tmp, workdir / "results.json")
+  os.replace(tmp, path)
+
+
+def write_partial(results: dict, workdir: pathlib.Path) -> None:
+  """Writes the rows finished so far to ``results.partial.json`` (atomically).
+
+  A run that is interrupted keeps them there; ``results.json`` (what
+  ``collect.py`` and the README read) only ever holds a finished run.
+  """
+  _write_json({**results, "partial": True}, pathlib.Path(workdir) / PARTIAL)
+
+
+def write_all(results: dict, workdir: pathlib.Path) -> None:
+  """Writes results.json (atomically), results.md and the plots, and removes
+  the run's ``results.partial.json``."""
+  workdir = pathlib.Path(workdir)
+  _write_json(results, workdir / "results.json")
+  (workdir / PARTIAL).unlink(missing_ok=True)
   md = markdown(results)
   (workdir / "results.md").write_text(md)
   write_plots(results, workdir)
