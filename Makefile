@@ -9,13 +9,14 @@ export KDJAX_DATA_DIR
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help venv test demo bench clean
+.PHONY: help venv test demo bench gpu-carry clean
 
 help:
 	@echo "make venv   - create $(VENV) and install kdjax[test] (done by every target)"
 	@echo "make test   - run the test suite (pytest, 2 workers)"
 	@echo "make demo   - distill an MNIST student from a teacher (quick config, CPU)"
 	@echo "make bench  - loss and train-step micro-benchmarks (JSON under benchmarks/results/)"
+	@echo "make gpu-carry - wheels and MNIST for experiments/mnist/gpu_session.sh on a lent GPU"
 	@echo "make clean  - remove $(VENV), runs/ and caches"
 
 $(VENV)/.installed: pyproject.toml
@@ -35,6 +36,13 @@ demo: venv
 bench: venv
 	$(PY) benchmarks/losses.py --json benchmarks/results/losses_cpu.json
 	$(PY) benchmarks/train_step.py --backend cpu --batch-size 128 --json benchmarks/results/train_step_cpu.json
+
+# What experiments/mnist/gpu_session.sh needs on an offline accelerator image
+# (git-ignored folders, to be carried there; never committed).
+gpu-carry: venv
+	mkdir -p .whl .mnist
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl ml_collections
+	cp $(KDJAX_DATA_DIR)/*-ubyte.gz .mnist/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
