@@ -98,9 +98,10 @@ def test_paper_config_runs_end_to_end_with_the_issue_schema(mnist_dir, tmp_path,
 
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
-  for key in ("config", "git_commit", "jax_version", "device", "rows",
-              "params_sha256"):
-    assert key in on_disk, key
+  assert set(on_disk) == {"config", "git_commit", "jax_version", "device",
+                         "environment", "command", "total_seconds", "rows",
+                         "params_sha256"}
+  assert on_disk["total_seconds"] > 0 and on_disk["config"]["seeds"] == [0, 1]
   names = [r["name"] for r in on_disk["rows"]]
   assert names == _TABLE_ROWS + [
       "sweep_w30_T2.5", "sweep_w30_T20", "sweep_w800_T2.5", "sweep_w800_T20",
@@ -114,18 +115,32 @@ def test_paper_config_runs_end_to_end_with_the_issue_schema(mnist_dir, tmp_path,
     assert all(0 <= e <= 10_000 for e in r["test_errors"])
   assert [rows[k]["paper_test_errors"] for k in _TABLE_ROWS[:3]] == [67, 146, 74]
   assert rows["sweep_w800_T20"]["paper_test_errors"] is None
+  trained = [n for n in names if n != "teacher" and not n.endswith(
+      "_after_shift")]
+  for name in trained:
+    assert {"temperature", "alpha", "epochs"} <= set(rows[name]), name
+  assert rows["distilled_T20"]["temperature"] == 20.0
+  assert rows["distilled_T20"]["alpha"] == c.student.distill.alpha
   for name in ("omit3_before_shift", "omit3_after_shift"):
     assert len(rows[name]["errors_on_3"]) == 2
     assert all(0 <= e <= 1010 for e in rows[name]["errors_on_3"])
+    assert rows[name]["paper_errors_on_3"] == (133 if "before" in name else 14)
+  assert rows["omit3_before_shift"]["num_test_3s"] == 1010
   for name in ("only78_before_shift", "only78_after_shift"):
     assert rows[name]["test_error_rate"] == [e / 10_000 for e in
                                              rows[name]["test_errors"]]
-  assert rows["soft3pct_soft_targets"]["num_train"] == 1500  # 3% of 50k
+  for name, paper in (("omit3_after_shift", 3.5), ("only78_after_shift", -7.6)):
+    assert len(rows[name]["bias_shift"]) == 2
+    assert rows[name]["paper_bias_shift"] == paper
+    assert rows[name]["shift_chosen_on"] == "validation"
+  for name in ("soft3pct_hard_labels", "soft3pct_soft_targets"):
+    assert rows[name]["num_train"] == 1500  # 3% of 50k
   hashes = on_disk["params_sha256"]
   assert set(hashes) >= {"teacher", "student_alone", "distilled_T20",
                          "sweep_w30", "sweep_w800"}
-  assert len(hashes["distilled_T20"]) == 2
-  assert len(set(hashes["distilled_T20"])) == 2  # one per seed, not shared
+  for name in trained:
+    if not name.startswith("sweep_"):
+      assert len(set(hashes[name])) == 2, name  # one per seed, not shared
   assert sorted(hashes["sweep_w800"]) == ["T2.5_seed0", "T20_seed0"]
   # The teacher was trained here, saved with its record, and is the one the
   # rows were distilled from (same hash).

@@ -16,6 +16,30 @@ Protocol (what makes the numbers honest):
   done alone.
 * The distilled students train on the **unjittered** transfer set with the
   teacher's logits cached once (the teacher is in inference mode).
+
+``results.json`` (``results.partial.json`` while the run goes, with
+``"partial": true``)::
+
+  {"config", "git_commit", "jax_version", "device", "environment", "command",
+   "total_seconds",
+   "rows": [{"name", "test_errors": [one per seed], "paper_test_errors": n or
+             null, "seconds", "val_errors": [one per seed], ...}, ...],
+   "params_sha256": {"teacher": sha, <row>: [one per seed],
+                     "sweep_w<width>": {"T<T>_seed<s>": sha, ...}}}
+
+Rows, in this order, for the rows the config asks for: ``teacher``
+(``source``), ``student_alone``, ``distilled_T20``, the optional
+``student_alone_jitter`` / ``distilled_T20_jitter``, ``omit3_before_shift``
+/ ``omit3_after_shift`` (``errors_on_3``, ``num_test_3s``,
+``paper_errors_on_3``; after: ``bias_shift``, ``paper_bias_shift``,
+``shift_chosen_on``), ``only78_before_shift`` / ``only78_after_shift``
+(``test_error_rate``, ``paper_test_error_rate``; after: ``bias_shift``,
+``paper_bias_shift``, ``shift_chosen_on``), ``soft3pct_hard_labels`` /
+``soft3pct_soft_targets`` (``num_train``), ``sweep_w{width}_T{T:g}`` and
+``logit_matching_caruana`` / ``logit_matching_distill_T{T:g}``. Trained rows
+also carry ``temperature``, ``alpha``, ``epochs``, ``objective``, ``width``
+and ``jitter`` (the sweep: ``width``, ``temperature``, ``alpha``,
+``epochs``).
 """
 
 from __future__ import annotations
@@ -378,7 +402,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ones = lambda v: [v] * len(seeds)
 
   def student_row(name, *, transfer, objective, temperature, alpha, epochs,
-                  opt_cfg, width=None, jitter=0):
+                  opt_cfg, width=None, jitter=0, **extra):
     if jitter:  # The teacher runs online on the shifted images: no cache.
       transfer = {k: transfer[k] for k in ("image", "label")}
     params, apply, sec = train_students(
@@ -395,7 +419,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     row = _row(name, [errors(l, test_y) for l in test_logits], sec,
                temperature=temperature, alpha=alpha, epochs=epochs,
                objective=objective, width=width or s.width, jitter=jitter,
-               val_errors=[errors(l, val_y) for l in val_logits])
+               val_errors=[errors(l, val_y) for l in val_logits], **extra)
     rows.append(row)
     print(f"{name}: {row['test_errors']} test errors ({sec:.0f}s)", flush=True)
     save_partial()
@@ -496,12 +520,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sub = transfer_data("subset", seed=c.subset_seed, fraction=c.fraction)
     student_row("soft3pct_hard_labels", transfer=sub, objective="hard",
                 temperature=1.0, alpha=1.0, epochs=c.epochs,
-                opt_cfg=s.alone.optimizer)
-    rows[-1]["num_train"] = int(sub["label"].shape[0])
+                opt_cfg=s.alone.optimizer, num_train=int(sub["label"].shape[0]))
     student_row("soft3pct_soft_targets", transfer=sub, objective="kd",
                 temperature=s.distill.temperature, alpha=c.alpha,
-                epochs=c.epochs, opt_cfg=s.distill.optimizer)
-    rows[-1]["num_train"] = int(sub["label"].shape[0])
+                epochs=c.epochs, opt_cfg=s.distill.optimizer,
+                num_train=int(sub["label"].shape[0]))
 
   if "sweep" in config.rows:
     c = config.sweep
