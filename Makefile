@@ -40,9 +40,11 @@ bench: venv
 # What experiments/mnist/gpu_session.sh needs on an offline accelerator image
 # (git-ignored folders, to be carried there; never committed).
 gpu-carry: venv
+	@ls "$(KDJAX_DATA_DIR)"/train-images-idx3-ubyte* >/dev/null 2>&1 || { echo "no MNIST IDX files in $(KDJAX_DATA_DIR): set KDJAX_DATA_DIR" >&2; exit 1; }
 	mkdir -p .whl .mnist
-	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl ml_collections
-	cp $(KDJAX_DATA_DIR)/*-ubyte.gz .mnist/
+	rm -f .whl/ml_collections-*.whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: -d .whl "ml_collections==$$($(PY) -c 'import importlib.metadata as m; print(m.version("ml_collections"))')"
+	cp "$(KDJAX_DATA_DIR)"/*-ubyte* .mnist/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

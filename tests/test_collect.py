@@ -48,7 +48,7 @@ def test_collect_names_a_workdir_without_results(tmp_path):
     collect.collect([tmp_path])
 
 
-def test_append_adds_runs_and_replaces_a_rerun(tmp_path):
+def test_append_adds_runs_and_replaces_a_rerun(tmp_path, capsys):
   row = lambda v: [{"name": "distilled_T20", "val_errors": [v],
                     "test_errors": [v]}]
   _run(tmp_path / "old" / "a", row(1))
@@ -65,6 +65,7 @@ def test_append_adds_runs_and_replaces_a_rerun(tmp_path):
   assert [(r["workdir"], r["rows"][0]["val_errors"]) for r in record["runs"]] \
       == [("a", [1]), ("b", [20]), ("c", [3])]
   assert not list(tmp_path.glob("*.tmp"))
+  assert "replacing the record's entry 'b'" in capsys.readouterr().err
 
 
 def test_append_needs_an_existing_record(tmp_path):

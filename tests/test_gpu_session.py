@@ -1,9 +1,10 @@
 """experiments/mnist/gpu_session.sh, rehearsed on the CPU at a tiny budget.
 
 The script is what a session with a lent GPU runs in its one call, so its
-plumbing is checked here: data and dependency checks, the time limit that
-leaves the finished rows in paper_gpu.partial.json, and the files collected
-into $OUT.
+plumbing is checked here: the data check, the files collected into $OUT, the
+exit status, and that results left in $WORK by an earlier run never pass
+for this run's. (That an interrupted run keeps its finished rows in
+results.partial.json is tested in test_pipeline_rows.py.)
 """
 import json
 import os
@@ -54,3 +55,58 @@ def test_missing_data_is_named_before_anything_runs(tmp_path):
   assert proc.returncode == 3
   assert "no MNIST IDX files in" in proc.stderr and "make gpu-carry" in proc.stderr
   assert not (tmp_path / "out" / "paper.log").exists()
+
+
+def test_an_earlier_runs_results_are_not_passed_off_as_this_runs(tmp_path,
+                                                                  mnist_dir):
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "results.json").write_text('{"stale": true}')
+  (work / "table.png").write_text("stale")
+  # A different config in the same WORK: the paper run refuses to start.
+  (work / "run_config.json").write_text('{"seeds": [9]}')
+  proc = _run(tmp_path, mnist_dir, BENCH_S="1")
+  assert proc.returncode == 1, proc.stdout + proc.stderr
+  assert "paper config exit status 1" in proc.stdout
+  assert "holds a run with a different configuration" in (
+      tmp_path / "out" / "paper.log").read_text()
+  assert not (tmp_path / "out" / "paper_gpu.json").exists()
+  assert not (tmp_path / "out" / "paper_gpu_table.png").exists()
+  assert not (work / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_terminating_the_script_keeps_the_finished_rows(tmp_path, mnist_dir):
+  """A TERM to the script's process group (what a time-limited remote call
+  sends) stops the run and still collects the rows finished so far."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  env = {**os.environ, "OUT": str(tmp_path / "out"),
+         "WORK": str(tmp_path / "work"), "BACKEND": "cpu", "BENCH_S": "1",
+         "KDJAX_DATA_DIR": str(mnist_dir),
+         "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.Popen(
+      ["bash", str(SCRIPT), "--config.seeds=(0,)",
+       "--config.rows=('student_alone', 'distilled_T20')",
+       "--config.teacher.epochs=1", "--config.student.alone.epochs=1",
+       "--config.student.distill.epochs=10000"],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True, start_new_session=True)
+  partial = tmp_path / "work" / "results.partial.json"
+  deadline = time.monotonic() + 500  # a safety net, not a measurement
+  while time.monotonic() < deadline and proc.poll() is None:
+    if partial.exists() and "student_alone" in [
+        r["name"] for r in json.loads(partial.read_text())["rows"]]:
+      break
+    time.sleep(1)
+  assert proc.poll() is None, proc.communicate()
+  os.killpg(proc.pid, signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, out + err
+  assert "terminated: stopping the run" in err
+  rows = json.loads((tmp_path / "out" / "paper_gpu.partial.json").read_text())
+  assert [r["name"] for r in rows["rows"]] == ["teacher", "student_alone"]
+  assert not (tmp_path / "out" / "paper_gpu.json").exists()
+  assert subprocess.run(["pgrep", "-f", str(tmp_path / "work")],
+                        capture_output=True).returncode == 1  # nothing left

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import sys
 
 
 def collect(workdirs, note: str = "") -> dict:
@@ -54,6 +55,8 @@ def merge(old: dict, new: dict) -> dict:
   index = {r["workdir"]: i for i, r in enumerate(runs)}
   for r in new["runs"]:
     if r["workdir"] in index:
+      print(f"replacing the record's entry {r['workdir']!r} (entries are "
+            "keyed by the workdir's folder name)", file=sys.stderr)
       runs[index[r["workdir"]]] = r
     else:
       index[r["workdir"]] = len(runs)

@@ -21,7 +21,11 @@
 #   paper_gpu.partial.json            the rows finished before PAPER_S ran out
 #   paper_gpu_table.png, paper_gpu_sweep_temperature.png
 #   teacher_gpu.msgpack, teacher_gpu.json   the teacher trained in the run
-# Checkpoints stay in $WORK (default /tmp/kdjax_paper_gpu), not in $OUT.
+# Checkpoints stay in $WORK (default /tmp/kdjax_paper_gpu), not in $OUT; a
+# rerun with the same config resumes from them. Results left in $WORK by an
+# earlier run are deleted first, so $OUT only ever holds this run's. The
+# files are collected on exit, also when the script itself is terminated.
+# Exit status: the paper run's (124: PAPER_S ran out; 3: set-up failed).
 # Time limits in seconds: BENCH_S (default 120), PAPER_S (default 420, the
 # issue's 8-minute budget less start-up). BACKEND=cpu (with BENCH_ARGS such
 # as "--epochs-steps 20 --repeats 1") rehearses it on the CPU machine.
@@ -52,23 +56,52 @@ fi
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 |
     tee "$OUT/devices.txt"
 
-timeout "${BENCH_S:-120}" python3 benchmarks/train_step.py \
+OUTPUTS="results.json:paper_gpu.json results.partial.json:paper_gpu.partial.json
+  results.md:paper_gpu.md table.png:paper_gpu_table.png
+  sweep_temperature.png:paper_gpu_sweep_temperature.png
+  teacher_gpu.msgpack:teacher_gpu.msgpack teacher_gpu.json:teacher_gpu.json"
+mkdir -p "$WORK"
+for pair in $OUTPUTS; do
+  rm -f "$WORK/${pair%%:*}" "$OUT/${pair##*:}"
+done
+
+collected=0
+collect() {
+  [ "$collected" = 1 ] && return
+  collected=1
+  for pair in $OUTPUTS; do
+    src=$WORK/${pair%%:*}
+    if [ -f "$src" ]; then cp "$src" "$OUT/${pair##*:}"; fi
+  done
+  ls -l "$OUT"
+}
+trap collect EXIT
+# `timeout` runs its command in a process group of its own, so a TERM sent
+# to this script's group would not reach it: run it in the background, wait
+# (which a trapped signal interrupts), and pass the signal on.
+child=
+trap 'echo "terminated: stopping the run, collecting what is finished" >&2
+      if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; wait "$child"; fi
+      exit 143' TERM INT
+limited() {  # limited SECONDS LOG COMMAND...
+  local limit=$1 log=$2
+  shift 2
+  timeout "$limit" "$@" > "$log" 2>&1 &
+  child=$!
+  wait "$child"
+}
+
+limited "${BENCH_S:-120}" "$OUT/bench.log" python3 benchmarks/train_step.py \
     --backend "$BACKEND" --batch-size 128 \
-    --json "$OUT/train_step_$BACKEND.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
-echo "benchmark exit status $?"
+    --json "$OUT/train_step_$BACKEND.json" ${BENCH_ARGS:-}
+bench_status=$?
+echo "benchmark exit status $bench_status$([ $bench_status = 124 ] && echo ': BENCH_S ran out')"
 tail -n 25 "$OUT/bench.log"
 
-timeout "${PAPER_S:-420}" python3 -m experiments.mnist.main \
+limited "${PAPER_S:-420}" "$OUT/paper.log" python3 -m experiments.mnist.main \
     --config=experiments/mnist/configs/default.py --workdir="$WORK" \
-    --config.teacher.save_to=teacher_gpu.msgpack "$@" > "$OUT/paper.log" 2>&1
-echo "paper config exit status $? (124: PAPER_S ran out)"
+    --config.teacher.save_to=teacher_gpu.msgpack "$@"
+paper_status=$?
+echo "paper config exit status $paper_status$([ $paper_status = 124 ] && echo ': PAPER_S ran out; finished rows are in paper_gpu.partial.json')"
 tail -n 30 "$OUT/paper.log"
-
-for pair in results.json:paper_gpu.json results.partial.json:paper_gpu.partial.json \
-            results.md:paper_gpu.md table.png:paper_gpu_table.png \
-            sweep_temperature.png:paper_gpu_sweep_temperature.png \
-            teacher_gpu.msgpack:teacher_gpu.msgpack teacher_gpu.json:teacher_gpu.json; do
-  src=$WORK/${pair%%:*}
-  if [ -f "$src" ]; then cp "$src" "$OUT/${pair##*:}"; fi
-done
-ls -l "$OUT"
+exit "$paper_status"
