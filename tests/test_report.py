@@ -94,3 +94,16 @@ def test_partial_results_are_replaced_by_the_finished_run(tmp_path):
   assert not (tmp_path / report.PARTIAL).exists()
   assert "partial" not in json.loads((tmp_path / "results.json").read_text())
   assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cli_draws_an_unfinished_run_with_partial(tmp_path):
+  report.write_partial(_results(), tmp_path)
+  with pytest.raises(SystemExit, match="did not finish: add --partial"):
+    report.main([str(tmp_path)])
+  report.main(["--partial", str(tmp_path)])
+  md = (tmp_path / "results.md").read_text()
+  assert md == report.markdown({**_results(), "partial": True})
+  assert "Unfinished run" in md.splitlines()[0]
+  assert "Unfinished run" not in report.markdown(_results())
+  assert (tmp_path / "table.png").exists()
+  assert not list(tmp_path.glob("*.tmp"))

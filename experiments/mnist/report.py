@@ -5,6 +5,7 @@ the table and plots of a finished run (e.g. one from a machine without
 matplotlib)::
 
   python -m experiments.mnist.report WORKDIR   # reads WORKDIR/results.json
+  python -m experiments.mnist.report --partial WORKDIR   # an unfinished run
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def _fmt_rate(values) -> str:
 def markdown(results: dict) -> str:
   lines = [
       f"Device: {results['device']}; jax {results['jax_version']}; "
-      f"commit {results['git_commit']}; total {results['total_seconds']} s.",
+      f"commit {results['git_commit']}; total {results['total_seconds']} s."
+      + (" **Unfinished run: the rows finished so far.**"
+         if results.get("partial") else ""),
       "",
       "| row | test errors (mean ± std over seeds) | paper | extra | seconds |",
       "| --- | --- | --- | --- | --- |",
@@ -66,6 +69,17 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _save(fig, path: pathlib.Path) -> None:
+  """Saves a figure as PNG via a temp file (no half-written plot) and closes it."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  fig.tight_layout()
+  fig.savefig(tmp, dpi=120, format="png")
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
 def plot_sweep(results: dict, path: pathlib.Path) -> bool:
   rows = [r for r in results["rows"] if r["name"].startswith("sweep_w")]
   if not rows:
@@ -91,9 +105,7 @@ def plot_sweep(results: dict, path: pathlib.Path) -> bool:
   ax.set_title("Distilled students: errors vs temperature")
   ax.legend(title="student")
   ax.grid(True, which="both", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
   return True
 
 
@@ -117,9 +129,7 @@ def plot_table(results: dict, path: pathlib.Path) -> bool:
   ax.set_xscale("log")
   ax.set_xlabel("test errors (of 10,000, log scale)")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  _save(fig, path)
   return True
 
 
@@ -149,10 +159,14 @@ def write_plots(results: dict, workdir: pathlib.Path) -> list[str]:
 PARTIAL = "results.partial.json"
 
 
-def _write_json(results: dict, path: pathlib.Path) -> None:
+def _write_text(path: pathlib.Path, text: str) -> None:
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(results, indent=2, default=str) + "\n")
+  tmp.write_text(text)
   os.replace(tmp, path)
+
+
+def _write_json(results: dict, path: pathlib.Path) -> None:
+  _write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
 
 def write_partial(results: dict, workdir: pathlib.Path) -> None:
@@ -171,7 +185,7 @@ def write_all(results: dict, workdir: pathlib.Path) -> None:
   _write_json(results, workdir / "results.json")
   (workdir / PARTIAL).unlink(missing_ok=True)
   md = markdown(results)
-  (workdir / "results.md").write_text(md)
+  _write_text(workdir / "results.md", md)
   write_plots(results, workdir)
   print(md, flush=True)
 
@@ -180,14 +194,18 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
       description="Redraws results.md and the plots of a finished run.")
   parser.add_argument("workdir", help="a run's workdir (holds results.json)")
+  parser.add_argument("--partial", action="store_true",
+                      help=f"draw an unfinished run's rows from {PARTIAL}")
   args = parser.parse_args(argv)
   workdir = pathlib.Path(args.workdir)
-  path = workdir / "results.json"
+  path = workdir / (PARTIAL if args.partial else "results.json")
   if not path.exists():
+    hint = ("" if args.partial or not (workdir / PARTIAL).exists() else
+            f"; the run did not finish: add --partial to draw {PARTIAL}")
     raise SystemExit(f"{path} does not exist: pass the --workdir of a finished "
-                     "run of experiments/mnist/main.py.")
+                     f"run of experiments/mnist/main.py{hint}.")
   results = json.loads(path.read_text())
-  (workdir / "results.md").write_text(markdown(results))
+  _write_text(workdir / "results.md", markdown(results))
   written = write_plots(results, workdir)
   print(f"wrote {workdir / 'results.md'}" +
         "".join(f", {workdir / f}" for f in written))
