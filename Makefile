@@ -9,11 +9,12 @@ export KDJAX_DATA_DIR
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help venv test demo bench gpu-carry clean
+.PHONY: help venv test test-lowest demo bench gpu-carry clean
 
 help:
 	@echo "make venv   - create $(VENV) and install kdjax[test] (done by every target)"
 	@echo "make test   - run the test suite (pytest, 2 workers)"
+	@echo "make test-lowest - the test suite against the lowest versions pyproject.toml allows (.venv-lowest)"
 	@echo "make demo   - distill an MNIST student from a teacher (quick config, CPU)"
 	@echo "make bench  - loss and train-step micro-benchmarks (JSON under benchmarks/results/)"
 	@echo "make gpu-carry - wheels and MNIST for experiments/mnist/gpu_session.sh on a lent GPU"
@@ -29,6 +30,16 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests kdjax
+
+# The lower bounds in pyproject.toml are tested, not guessed: uv resolves
+# every direct dependency to the lowest version they allow.
+test-lowest: venv
+	$(PY) -m pip install -q uv
+	rm -rf .venv-lowest
+	$(VENV)/bin/uv venv -q --python $(PYTHON) .venv-lowest
+	$(VENV)/bin/uv pip install -q --python .venv-lowest/bin/python --resolution lowest-direct -e '.[test]'
+	$(VENV)/bin/uv pip list --python .venv-lowest/bin/python | grep -i -E '^(jax|jaxlib|flax|optax|chex|orbax-checkpoint|numpy|ml-collections|tensorflow-datasets|tqdm|matplotlib) '
+	.venv-lowest/bin/python -m pytest -n 2 -q $(PYTEST_ARGS) tests kdjax
 
 demo: venv
 	$(PY) -m experiments.mnist.main --config=experiments/mnist/configs/quick.py --workdir=$(WORKDIR)
@@ -47,4 +58,4 @@ gpu-carry: venv
 	cp "$(KDJAX_DATA_DIR)"/*-ubyte* .mnist/
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lowest runs .pytest_cache .hypothesis

@@ -451,8 +451,15 @@ def test_cached_teacher_equals_online_teacher_over_an_epoch():
   cached_data = cache.with_teacher_logits(data, teacher)
   assert set(cached_data) == {"image", "label", "teacher_logits"}
   cached, m_cached = epoch(_state(), None, cached_data, rng, 0)
-  _assert_trees_equal(cached.params, online.params)
-  _assert_trees_equal(m_cached, m_online)
+  # Bit-identical on jax 0.10; XLA may round the teacher's forward pass
+  # differently inside the step and in the cache's own program (jax 0.8: one
+  # float32 ulp on some logits), so compare to float32 rounding. A cache
+  # that misaligned or mis-scaled the logits would be off by far more.
+  for x, y in zip(jax.tree.leaves((cached.params, m_cached)),
+                  jax.tree.leaves((online.params, m_online))):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                               atol=1e-8)
+  assert _trees_differ(cached.params, _state().params)  # it trained
 
 
 # ----------------------------------------------------------------------------
