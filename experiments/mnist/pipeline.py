@@ -296,8 +296,8 @@ def train_students(config, *, name: str, width: int, transfer: dict,
 
 def member_logits(apply, stacked_params, images) -> list[np.ndarray]:
   k = jax.tree.leaves(stacked_params)[0].shape[0]
-  return [predict_logits(apply, jax.tree.map(lambda x: x[i], stacked_params),
-                         images) for i in range(k)]
+  return [predict_logits(apply, sweep.member(stacked_params, i), images)
+          for i in range(k)]
 
 
 # ----------------------------------------------------------------------------
@@ -413,8 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jitter=jitter)
     test_logits = member_logits(apply, params, test_x)
     val_logits = member_logits(apply, params, val_x)
-    hashes[name] = [provenance.params_sha256(jax.tree.map(lambda x: x[i],
-                                                          params))
+    hashes[name] = [provenance.params_sha256(sweep.member(params, i))
                     for i in range(len(seeds))]
     row = _row(name, [errors(l, test_y) for l in test_logits], sec,
                temperature=temperature, alpha=alpha, epochs=epochs,
@@ -540,9 +539,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           opt_cfg=s.distill.optimizer, workdir=workdir)
       logits = member_logits(apply, params, test_x)
       val_logits = member_logits(apply, params, val_x)
-      hashes[name] = {f"T{g[0]:g}_seed{g[1]}": provenance.params_sha256(
-          jax.tree.map(lambda x, i=i: x[i], params))
-                      for i, g in enumerate(grid)}
+      hashes[name] = {
+          f"T{g[0]:g}_seed{g[1]}": provenance.params_sha256(
+              sweep.member(params, i)) for i, g in enumerate(grid)}
       for temp in c.temperatures:
         idx = [i for i, g in enumerate(grid) if g[0] == temp]
         rows.append(_row(f"sweep_w{width}_T{temp:g}",
