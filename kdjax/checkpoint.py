@@ -35,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 __all__ = ["Checkpointer", "CheckpointCorruptError", "key_data",
-           "save_params", "load_params"]
+           "save_params", "load_params", "write_atomic"]
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -153,6 +153,22 @@ class Checkpointer:
     self._manager.close()
 
 
+def write_atomic(path: str | pathlib.Path, data: bytes | str) -> None:
+  """Writes ``data`` to ``path`` via ``<path>.tmp`` and a rename.
+
+  A reader (or a run killed mid-write) sees the old file or the new one,
+  never a truncated one. Parent folders are created.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  if isinstance(data, str):
+    tmp.write_text(data)
+  else:
+    tmp.write_bytes(data)
+  tmp.replace(path)
+
+
 def save_params(path: str | pathlib.Path, params: PyTree) -> None:
   """Writes a parameter pytree as flax msgpack bytes, atomically.
 
@@ -161,11 +177,7 @@ def save_params(path: str | pathlib.Path, params: PyTree) -> None:
   directory, loadable with :func:`load_params`.
   """
   import flax.serialization  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(flax.serialization.to_bytes(jax.device_get(params)))
-  tmp.replace(path)
+  write_atomic(path, flax.serialization.to_bytes(jax.device_get(params)))
 
 
 def load_params(path: str | pathlib.Path, like: PyTree) -> PyTree:

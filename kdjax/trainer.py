@@ -36,7 +36,6 @@ checkpoint holds the state from before it).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import time
 from typing import Any, Callable, Optional
@@ -45,7 +44,7 @@ import jax
 import numpy as np
 
 from kdjax import loops, sweep, train, validate
-from kdjax.checkpoint import Checkpointer, key_data
+from kdjax.checkpoint import Checkpointer, key_data, write_atomic
 from kdjax.progress import MetricWriter, Progress
 
 __all__ = ["fit", "check_run_config", "check_inputs"]
@@ -76,9 +75,7 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict) -> None:
           f"(keys differing: {diff}). Use a new --workdir, or delete {workdir} "
           "to start over.")
     return
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(canonical, indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
 
 
 def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,

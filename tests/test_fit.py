@@ -158,3 +158,12 @@ def test_failed_save_deletes_nothing(tmp_path, monkeypatch):
   state, meta = c.restore_latest(like)
   assert meta["epoch"] == 2
   np.testing.assert_array_equal(state["w"], like["w"] + 1)
+
+
+def test_write_atomic_replaces_whole_files(tmp_path):
+  path = tmp_path / "new" / "dir" / "f.json"
+  ckpt_lib.write_atomic(path, "old")
+  assert path.read_text() == "old"
+  ckpt_lib.write_atomic(path, b"\x89PNG")
+  assert path.read_bytes() == b"\x89PNG"
+  assert [p.name for p in path.parent.iterdir()] == ["f.json"]  # no .tmp

@@ -20,6 +20,8 @@ import json
 import pathlib
 import sys
 
+from kdjax import checkpoint
+
 
 def collect(workdirs, note: str = "") -> dict:
   runs = []
@@ -81,9 +83,7 @@ def main(argv=None) -> None:
       raise SystemExit(f"--append: {out} does not exist; drop --append to "
                        "start a new record.")
     record = merge(json.loads(out.read_text()), record)
-  tmp = out.with_name(out.name + ".tmp")
-  tmp.write_text(json.dumps(record, indent=1) + "\n")
-  tmp.replace(out)
+  checkpoint.write_atomic(out, json.dumps(record, indent=1) + "\n")
   print(f"wrote {out}")
 
 

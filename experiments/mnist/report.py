@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
-import os
 import pathlib
 import sys
 
 import numpy as np
+
+from kdjax import checkpoint
 
 
 def _fmt(values) -> str:
@@ -70,14 +72,13 @@ def markdown(results: dict) -> str:
 
 
 def _save(fig, path: pathlib.Path) -> None:
-  """Saves a figure as PNG via a temp file (no half-written plot) and closes it."""
+  """Saves a figure as PNG, atomically (no half-written plot), and closes it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
+  png = io.BytesIO()
   fig.tight_layout()
-  fig.savefig(tmp, dpi=120, format="png")
+  fig.savefig(png, dpi=120, format="png")
   plt.close(fig)
-  os.replace(tmp, path)
+  checkpoint.write_atomic(path, png.getvalue())
 
 
 def plot_sweep(results: dict, path: pathlib.Path) -> bool:
@@ -143,7 +144,7 @@ def write_plots(results: dict, workdir: pathlib.Path) -> list[str]:
   """
   if importlib.util.find_spec("matplotlib") is None:
     print(f"matplotlib is not installed: plots skipped. Install it "
-          f"(pip install 'matplotlib>=3.8') and run `python -m "
+          f"(pip install 'matplotlib>=3.9') and run `python -m "
           f"experiments.mnist.report {workdir}` to draw them.",
           file=sys.stderr, flush=True)
     return []
@@ -159,14 +160,9 @@ def write_plots(results: dict, workdir: pathlib.Path) -> list[str]:
 PARTIAL = "results.partial.json"
 
 
-def _write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _write_json(results: dict, path: pathlib.Path) -> None:
-  _write_text(path, json.dumps(results, indent=2, default=str) + "\n")
+  checkpoint.write_atomic(path, json.dumps(results, indent=2, default=str)
+                          + "\n")
 
 
 def write_partial(results: dict, workdir: pathlib.Path) -> None:
@@ -185,7 +181,7 @@ def write_all(results: dict, workdir: pathlib.Path) -> None:
   _write_json(results, workdir / "results.json")
   (workdir / PARTIAL).unlink(missing_ok=True)
   md = markdown(results)
-  _write_text(workdir / "results.md", md)
+  checkpoint.write_atomic(workdir / "results.md", md)
   write_plots(results, workdir)
   print(md, flush=True)
 
@@ -205,7 +201,7 @@ def main(argv=None) -> None:
     raise SystemExit(f"{path} does not exist: pass the --workdir of a finished "
                      f"run of experiments/mnist/main.py{hint}.")
   results = json.loads(path.read_text())
-  _write_text(workdir / "results.md", markdown(results))
+  checkpoint.write_atomic(workdir / "results.md", markdown(results))
   written = write_plots(results, workdir)
   print(f"wrote {workdir / 'results.md'}" +
         "".join(f", {workdir / f}" for f in written))
