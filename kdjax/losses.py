@@ -9,7 +9,10 @@ Every function here follows optax's conventions:
   never go through a bf16 softmax;
 * an optional ``where=`` boolean class mask of shape broadcastable to the
   logits leaves masked classes out of *both* distributions (as if their
-  logits were ``-inf``), without producing NaN values or NaN gradients.
+  logits were ``-inf``), without producing NaN values or NaN gradients, as
+  long as every row keeps at least one class (a row with every class masked
+  has no distribution, and its loss is NaN) and a hard label names an
+  unmasked class (a masked one has probability 0: infinite loss).
 
 Conventions (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a
 Neural Network", arXiv:1503.02531):
@@ -33,6 +36,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 Array = jax.Array
@@ -54,19 +58,39 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
+def _concrete(x) -> Optional[np.ndarray]:
+  """``x`` as a NumPy array, or None for a tracer (checked by nobody)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return None
+
+
 def _check_temperature(temperature) -> None:
-  """Rejects a non-positive temperature given as a Python/NumPy number."""
+  """Rejects a non-positive temperature that is known at trace time.
+
+  Python and NumPy numbers and concrete (non-traced) JAX arrays are
+  checked; a traced temperature (a ``TrainState``'s inside ``jit``) cannot
+  be, and is the caller's to validate (``TrainState.create`` does).
+  """
   if isinstance(temperature, bool):
     raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
-  if isinstance(temperature, numbers.Real):
-    if not temperature > 0:  # also catches NaN
-      raise ValueError(
-          f"temperature must be > 0, got {temperature!r}. The paper uses "
-          "T in [1, 20]; T=1 is the ordinary softmax.")
+  t = _concrete(temperature)
+  if t is not None and t.dtype.kind not in "iuf":
+    raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
+  if t is not None and not np.all(t > 0):  # also catches NaN
+    raise ValueError(
+        f"temperature must be > 0, got {temperature!r}. The paper uses "
+        "T in [1, 20]; T=1 is the ordinary softmax.")
 
 
 def _check_alpha(alpha) -> None:
-  if isinstance(alpha, numbers.Real) and not 0.0 <= alpha <= 1.0:
+  """Rejects an alpha outside [0, 1] that is known at trace time."""
+  a = _concrete(alpha)
+  if a is not None and a.dtype.kind not in "iuf":
+    raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+  if a is not None and not np.all((a >= 0.0) & (a <= 1.0)):
     raise ValueError(
         f"alpha must lie in [0, 1], got {alpha!r}. alpha weights the hard-label "
         "cross-entropy; (1 - alpha) weights the T^2-scaled distillation term.")
@@ -398,9 +422,12 @@ def logit_matching_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
   :func:`distillation_loss` (paper, eq. 4, which includes the :math:`T^2`
   factor), for any logits.
 
-  Caruana's plain squared error :math:`\sum_i (z_i - v_i)^2` is
-  :math:`2N` times this loss: the two have the same minimiser and differ by a
-  constant factor in the gradient (i.e. in the effective learning rate).
+  With ``zero_mean=False`` this is Caruana's plain squared error
+  :math:`\sum_i (z_i - v_i)^2` divided by :math:`2N`: the two have the same
+  minimiser and differ by a constant factor in the gradient (i.e. in the
+  effective learning rate). The default ``zero_mean=True`` also ignores the
+  part of :math:`z - v` that is the same for every class, which no softmax
+  can see; it is the form the paper's eq. 4 arrives at.
 
   Args:
     student_logits: ``[..., C]`` student logits ``z``.
@@ -445,10 +472,14 @@ def hard_label_loss(student_logits: ArrayLike, labels: ArrayLike,
   Args:
     student_logits: ``[..., C]`` logits.
     labels: ``[...]`` integer class indices in ``[0, C)``.
-    where: optional boolean class mask.
+    where: optional boolean class mask. A label whose class is masked out
+      gets an infinite loss (its probability is 0).
 
   Returns:
-    ``[...]`` per-example cross-entropies.
+    ``[...]`` per-example cross-entropies. A label outside ``[0, C)`` gives
+    NaN, never the loss of some other class (optax alone wraps ``-1``
+    around to class ``C - 1``): inside a train step, the non-finite guard
+    then skips the batch instead of training on a wrong label.
 
   Example:
     >>> import jax.numpy as jnp
@@ -464,11 +495,16 @@ def hard_label_loss(student_logits: ArrayLike, labels: ArrayLike,
         f"{logits.shape[:-1]} (integer labels, one per example).")
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"labels must be integers, got dtype {labels.dtype}.")
+  num_classes = logits.shape[-1]
+  valid = (labels >= 0) & (labels < num_classes)
+  safe = jnp.where(valid, labels, 0)
   if where is None:
-    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels)
-  where = jnp.broadcast_to(jnp.asarray(where, dtype=bool), logits.shape)
-  return optax.losses.softmax_cross_entropy_with_integer_labels(
-      logits, labels, where=where)
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels(logits, safe)
+  else:
+    where = jnp.broadcast_to(jnp.asarray(where, dtype=bool), logits.shape)
+    ce = optax.losses.softmax_cross_entropy_with_integer_labels(
+        logits, safe, where=where)
+  return jnp.where(valid, ce, jnp.nan)
 
 
 def kd_objective(student_logits: ArrayLike, teacher_logits: ArrayLike,
@@ -484,8 +520,9 @@ def kd_objective(student_logits: ArrayLike, teacher_logits: ArrayLike,
 
   ``alpha`` weights the **hard labels**: ``alpha = 1`` is plain
   cross-entropy (the student trained alone), ``alpha = 0`` is pure
-  distillation. The :math:`T^2` factor is part of the soft term on every
-  path.
+  distillation, which reads no label (an unlabelled transfer set may hold
+  any integer there, e.g. ``-1``). The :math:`T^2` factor is part of the
+  soft term on every path.
 
   Args:
     student_logits: ``[..., C]`` student logits ``z``.
@@ -511,4 +548,6 @@ def kd_objective(student_logits: ArrayLike, teacher_logits: ArrayLike,
   soft = distillation_loss(student_logits, teacher_logits, temperature,
                            where=where)
   a = jnp.asarray(alpha, dtype=hard.dtype)
-  return a * hard + (1.0 - a) * soft
+  # At alpha = 0 the hard term is 0 even where it is NaN (a label outside
+  # [0, C)); a select, not a product, so that 0 * NaN does not leak in.
+  return jnp.where(a > 0, a * hard, 0.0) + (1.0 - a) * soft

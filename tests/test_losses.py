@@ -801,6 +801,59 @@ def test_alpha_outside_unit_interval_raises(alpha):
     losses.kd_objective(s, t, y, temperature=2.0, alpha=alpha)
 
 
+@pytest.mark.parametrize("wrap", [jnp.float32, np.float64, np.asarray])
+def test_concrete_array_temperature_and_alpha_are_checked(wrap):
+  s = t = jnp.zeros((2, 3))
+  y = jnp.zeros((2,), jnp.int32)
+  with pytest.raises(ValueError, match="temperature"):
+    losses.distillation_loss(s, t, wrap(-2.0))
+  with pytest.raises(ValueError, match="alpha"):
+    losses.kd_objective(s, t, y, temperature=2.0, alpha=wrap(1.5))
+  # A per-example temperature array is checked elementwise.
+  with pytest.raises(ValueError, match="temperature"):
+    losses.distillation_loss(s, t, jnp.array([[2.0], [0.0]]))
+  # Valid concrete arrays pass, and a traced temperature is not checked
+  # (it cannot be) but still computes.
+  np.testing.assert_allclose(losses.distillation_loss(s, t, wrap(2.0)), 0.0)
+  out = jax.jit(lambda z, tt: losses.distillation_loss(z, z, tt))(s, 2.0)
+  np.testing.assert_allclose(out, 0.0)
+
+
+def test_non_numeric_temperature_or_alpha_is_a_type_error():
+  s = jnp.zeros((2, 3))
+  with pytest.raises(TypeError, match="temperature"):
+    losses.distillation_loss(s, s, "20")
+  with pytest.raises(TypeError, match="alpha"):
+    losses.kd_objective(s, s, jnp.zeros((2,), jnp.int32), temperature=2.0,
+                        alpha="0.5")
+
+
+@pytest.mark.parametrize("bad_label", [-1, 3, 100])
+def test_regression_out_of_range_label_is_nan_not_another_class(bad_label):
+  # optax's integer cross-entropy wraps -1 around to class C - 1 (a
+  # plausible, wrong loss). kdjax returns NaN for that row only.
+  z = jnp.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]])
+  y = jnp.array([bad_label, 2])
+  out = np.asarray(losses.hard_label_loss(z, y))
+  assert np.isnan(out[0])
+  ref = -(_f64(z)[1, 2] - np.log(np.sum(np.exp(_f64(z)[1]))))
+  np.testing.assert_allclose(out[1], ref, rtol=1e-6)
+  # Its gradient is finite (zero) on the bad row: NaN never leaks into the
+  # other rows' update through a sum.
+  g = jax.grad(lambda z: jnp.nansum(losses.hard_label_loss(z, y)))(z)
+  assert np.all(np.isfinite(g)) and np.all(np.asarray(g[0]) == 0.0)
+  # With a hard-label weight the objective is NaN (the train step's guard
+  # then skips the batch) ...
+  kd = losses.kd_objective(z, z + 1.0, y, temperature=4.0, alpha=0.3)
+  assert np.isnan(kd[0]) and np.isfinite(kd[1])
+  # ... and at alpha = 0 no label is read: any integer is fine.
+  kd0 = losses.kd_objective(z, 2.0 * z, y, temperature=4.0, alpha=0.0)
+  np.testing.assert_array_equal(kd0, losses.distillation_loss(z, 2.0 * z, 4.0))
+  g0 = jax.grad(lambda z: jnp.sum(losses.kd_objective(
+      z, 2.0 * z, y, temperature=4.0, alpha=jnp.float32(0.0))))(z)
+  assert np.all(np.isfinite(g0))
+
+
 def test_mismatched_shapes_raise_with_both_shapes():
   s, t = jnp.zeros((4, 10)), jnp.zeros((4, 9))
   y = jnp.zeros((4,), jnp.int32)
