@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["Checkpointer", "CheckpointCorruptError", "key_data",
+__all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError",
+           "key_data",
            "save_params", "load_params", "write_atomic"]
 
 PyTree = Any
@@ -43,6 +44,32 @@ log = logging.getLogger(__name__)
 
 class CheckpointCorruptError(RuntimeError):
   """Every checkpoint in the directory failed to restore."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A readable checkpoint holds a state of another structure or shape.
+
+  Not corruption: the checkpoint was written by a different model, sweep
+  size or optimizer. It is left where it is (no fallback, nothing moved).
+  """
+
+
+def _key_name(key) -> str:
+  for attr in ("name", "key", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaf_specs(tree: PyTree) -> dict[str, str]:
+  """``{'params.Dense_0.kernel': '(784, 800) float32', ...}`` for a pytree.
+
+  Names are the leaves' key paths joined by dots, as orbax names the arrays
+  it saves.
+  """
+  return {".".join(_key_name(k) for k in path):
+          f"{tuple(np.shape(leaf))} {np.dtype(leaf.dtype).name}"
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def key_data(rng: jax.Array) -> np.ndarray:
@@ -87,7 +114,13 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def restore(self, epoch: int, like: PyTree) -> tuple[PyTree, dict]:
-    """Restores the checkpoint of ``epoch`` into the structure of ``like``."""
+    """Restores the checkpoint of ``epoch`` into the structure of ``like``.
+
+    Raises:
+      CheckpointMismatchError: the checkpoint is readable but its arrays'
+        names, shapes or dtypes differ from ``like``'s.
+    """
+    self._check_matches(epoch, like)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     out = self._manager.restore(
         int(epoch),
@@ -97,11 +130,35 @@ class Checkpointer:
     # Check that nothing came back silently wrong.
     for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(like)):
       if got.shape != want.shape or got.dtype != want.dtype:
-        raise ValueError(f"checkpoint {epoch} has a leaf of shape {got.shape} "
-                         f"{got.dtype}, expected {want.shape} {want.dtype}.")
+        raise CheckpointMismatchError(
+            f"checkpoint {epoch} has a leaf of shape {got.shape} {got.dtype}, "
+            f"expected {want.shape} {want.dtype}.")
     if int(meta["epoch"]) != int(epoch):
       raise ValueError(f"checkpoint {epoch} says epoch {meta['epoch']}.")
     return state, meta
+
+  def _check_matches(self, epoch: int, like: PyTree) -> None:
+    """Compares the saved arrays' metadata with ``like`` before restoring."""
+    saved = self._manager.item_metadata(int(epoch))["state"]
+    saved = getattr(saved, "tree", saved)
+    leaves = jax.tree.leaves(saved)
+    if not leaves or not all(hasattr(m, a) for m in leaves
+                             for a in ("name", "shape", "dtype")):
+      return  # This orbax gives no per-array metadata: restore decides.
+    got = {m.name: f"{tuple(m.shape)} {np.dtype(m.dtype).name}"
+           for m in leaves}
+    want = leaf_specs(like)
+    if got == want:
+      return
+    diff = [f"{k}: saved {got.get(k, 'nothing')}, expected "
+            f"{want.get(k, 'nothing')}"
+            for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    raise CheckpointMismatchError(
+        f"the checkpoint of epoch {epoch} in {self.directory} holds a state of "
+        f"another structure ({len(diff)} arrays differ: {'; '.join(diff[:3])}"
+        f"{'; ...' if len(diff) > 3 else ''}). It was written by a different "
+        "model, sweep size or optimizer; use a new workdir (the checkpoint "
+        "is intact and was left in place).")
 
   def restore_latest(self, like: PyTree):
     """The newest checkpoint that restores cleanly, or None if there is none.
@@ -112,6 +169,8 @@ class Checkpointer:
 
     Raises:
       CheckpointCorruptError: if checkpoints exist but none restores.
+      CheckpointMismatchError: if the newest readable checkpoint holds a
+        state of another structure than ``like`` (nothing is moved).
     """
     epochs = self.all_epochs()
     if not epochs:
@@ -120,6 +179,8 @@ class Checkpointer:
     for epoch in reversed(epochs):
       try:
         restored = self.restore(epoch, like)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         failed.append(epoch)
         msg = (f"checkpoint for epoch {epoch} in {self.directory} could not "

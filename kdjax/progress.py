@@ -19,6 +19,8 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from kdjax.checkpoint import write_atomic
+
 __all__ = ["Progress", "MetricWriter"]
 
 
@@ -72,6 +74,27 @@ class MetricWriter:
         self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
       except ImportError:
         self._tb = None
+
+  def drop_after(self, step: int) -> None:
+    """Removes the records of steps after ``step`` (and a torn last line).
+
+    A run resumed from the checkpoint at ``step`` runs the epochs after it
+    again; without this, ``metrics.jsonl`` would hold those epochs twice.
+    The file is rewritten atomically, and only when something is dropped.
+    """
+    if not self.path.exists():
+      return
+    lines = self.path.read_text().splitlines()
+    keep = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line torn by a kill mid-write
+      if int(record.get("step", 0)) <= step:
+        keep.append(line)
+    if len(keep) != len(lines):
+      write_atomic(self.path, "".join(l + "\n" for l in keep))
 
   def write(self, step: int, metrics: dict, **fields) -> None:
     record = {"step": int(step), "time": time.time(), **fields,

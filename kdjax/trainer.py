@@ -14,9 +14,16 @@ good checkpoint and ends with the same parameters (bit-identical on CPU) as
 an uninterrupted run: the data order and every step's key are pure
 functions of the run's key, the epoch index and the step counter.
 
-A workdir remembers the run configuration it was started with
-(``run_config.json``); starting a different configuration in the same
-workdir raises instead of silently mixing two runs.
+A workdir remembers the run it was started with, and starting a different
+one in the same workdir raises instead of silently mixing two runs:
+``fit.json`` records what :func:`fit` itself sees (objective, batch size,
+number of examples, augmentation, sweep or not, the state's temperature
+and alpha, and every array's name, shape and dtype), and
+``run_config.json`` whatever else the caller passes as ``run_config``
+(learning rate, schedule, data variant: what ``fit`` cannot see). Only
+``epochs`` may change, to extend a finished run. On resume, the records of
+``metrics.jsonl`` after the restored checkpoint are dropped before the
+epochs that follow it are run again, so every epoch appears once.
 
 Before anything compiles, :func:`fit` checks its inputs on the host
 (:mod:`kdjax.validate`): teacher and student must predict the same number
@@ -44,7 +51,7 @@ import jax
 import numpy as np
 
 from kdjax import loops, sweep, train, validate
-from kdjax.checkpoint import Checkpointer, key_data, write_atomic
+from kdjax.checkpoint import Checkpointer, key_data, leaf_specs, write_atomic
 from kdjax.progress import MetricWriter, Progress
 
 __all__ = ["fit", "check_run_config", "check_inputs"]
@@ -55,15 +62,16 @@ ON_NONFINITE = ("skip", "raise")
 _METRIC_ORDER = ("loss", "hard_loss", "soft_loss", "grad_norm")
 
 
-def check_run_config(workdir: str | pathlib.Path, run_config: dict) -> None:
-  """Records ``run_config`` in ``workdir``, or checks it matches the record.
+def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
+                     filename: str = "run_config.json") -> None:
+  """Records ``run_config`` in ``workdir/filename``, or checks it matches.
 
   Raises:
     ValueError: if the workdir holds a run of a different configuration.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  path = workdir / "run_config.json"
+  path = workdir / filename
   canonical = json.loads(json.dumps(run_config, sort_keys=True, default=str))
   if path.exists():
     old = json.loads(path.read_text())
@@ -72,8 +80,8 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict) -> None:
                     if old.get(k) != canonical.get(k))
       raise ValueError(
           f"workdir {workdir} holds a run with a different configuration "
-          f"(keys differing: {diff}). Use a new --workdir, or delete {workdir} "
-          "to start over.")
+          f"({path.name}: keys differing: {diff}). Use a new --workdir, or "
+          f"delete {workdir} to start over.")
     return
   write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
 
@@ -103,12 +111,14 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     objective, augment_fn, skip_nonfinite: see
       :func:`kdjax.train.make_train_step`. ``skip_nonfinite=False`` (apply
       non-finite updates) is only allowed with ``on_nonfinite="skip"``.
-    workdir: where checkpoints, ``metrics.jsonl`` and ``run_config.json``
-      go; None trains in memory only.
+    workdir: where checkpoints, ``metrics.jsonl``, ``fit.json`` and
+      ``run_config.json`` go; None trains in memory only.
     checkpoint_every: checkpoint period in epochs (the last epoch is always
       saved).
-    run_config: a JSON-able description of the run, checked against the
-      workdir's (see :func:`check_run_config`).
+    run_config: a JSON-able description of what ``fit`` cannot see (the
+      optimizer's settings, the data's origin), checked against the
+      workdir's ``run_config.json`` (see :func:`check_run_config`). What
+      it can see is checked against ``fit.json`` in any case.
     eval_fn: optional ``state -> dict`` of host metrics (e.g. validation
       errors), called every ``eval_every`` epochs and after the last.
     eval_every: period of ``eval_fn`` in epochs (0: only after the last).
@@ -126,7 +136,9 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
   Raises:
     FloatingPointError: with ``on_nonfinite="raise"``, after an epoch with a
       non-finite step.
-    ValueError: invalid arguments or inputs (checked before compiling).
+    ValueError: invalid arguments or inputs (checked before compiling), or
+      a workdir that holds a different run (``fit.json``,
+      ``run_config.json``, :class:`kdjax.checkpoint.CheckpointMismatchError`).
   """
   if epochs < 0:
     raise ValueError(f"epochs must be >= 0, got {epochs}.")
@@ -153,6 +165,10 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
   start, ckpt, writer = 0, None, None
   if workdir is not None:
     workdir = pathlib.Path(workdir)
+    check_run_config(workdir, _fit_record(
+        state, objective=objective, batch_size=batch_size,
+        num_examples=num_examples, augment_fn=augment_fn, vmapped=vmapped,
+        skip_nonfinite=skip_nonfinite), filename="fit.json")
     if run_config is not None:
       check_run_config(workdir, run_config)
     ckpt = Checkpointer(workdir / "checkpoints")
@@ -166,6 +182,8 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
             f"workdir {workdir} was checkpointed with a different rng key; "
             "resume with the same seed or use a new workdir.")
     writer = MetricWriter(workdir)
+    # Epochs after the restored checkpoint run again: drop their records.
+    writer.drop_after(start * steps_per_epoch)
 
   data = jax.device_put(data)
   bar = Progress(epochs * steps_per_epoch, initial=start * steps_per_epoch,
@@ -204,6 +222,22 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     if ckpt is not None:
       ckpt.close()
   return state, history
+
+
+def _fit_record(state: PyTree, *, objective: str, batch_size: int,
+                num_examples: int, augment_fn: Optional[Callable],
+                vmapped: bool, skip_nonfinite: bool) -> dict:
+  """What ``fit`` sees of a run, for ``<workdir>/fit.json`` (not ``epochs``)."""
+  if augment_fn is None:
+    augment = None
+  else:
+    augment = getattr(augment_fn, "__qualname__", type(augment_fn).__name__)
+  return {"objective": objective, "batch_size": int(batch_size),
+          "num_examples": int(num_examples), "augment": augment,
+          "vmapped": bool(vmapped), "skip_nonfinite": bool(skip_nonfinite),
+          "temperature": np.asarray(jax.device_get(state.temperature)).tolist(),
+          "alpha": np.asarray(jax.device_get(state.alpha)).tolist(),
+          "state": leaf_specs(state)}
 
 
 def check_inputs(state: PyTree, teacher, data: dict, *, objective: str = "kd",

@@ -1,5 +1,6 @@
 """fit(): resumption after a real kill, determinism, workdir and checkpoint safety."""
 import gc
+import json
 import os
 import pathlib
 import signal
@@ -32,6 +33,25 @@ def _done(out):
   line = [l for l in out.stdout.splitlines() if l.startswith("DONE")][-1]
   _, sha, step = line.split()
   return sha, int(step)
+
+
+def _metrics(workdir):
+  return [json.loads(l) for l in
+          (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def fit_script_module():
+  sys.path.insert(0, str(SCRIPT.parent))
+  try:
+    import fit_script  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return fit_script
+
+
+def _tiny_run():
+  """A fresh (state, teacher, data) of fit_script's run, in this process."""
+  return fit_script_module().make_run()
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +97,8 @@ def test_killed_run_resumes_bit_identical(reference, tmp_path):
   assert kills >= 2, "the run finished before it could be killed"
   assert saved() and saved()[-1] < EPOCHS
   assert _done(_run(tmp_path)) == reference
+  # The epochs run again after each resume are logged once, not twice.
+  assert [r["epoch"] for r in _metrics(tmp_path)] == list(range(1, EPOCHS + 1))
 
 
 @pytest.mark.slow
@@ -167,3 +189,90 @@ def test_write_atomic_replaces_whole_files(tmp_path):
   ckpt_lib.write_atomic(path, b"\x89PNG")
   assert path.read_bytes() == b"\x89PNG"
   assert [p.name for p in path.parent.iterdir()] == ["f.json"]  # no .tmp
+
+
+def _fit(state, teacher, data, workdir, **kw):
+  kw = {"epochs": 1, "batch_size": 32, "rng": jax.random.key(0),
+        "progress": False, **kw}
+  return fit_lib.fit(state, teacher, data, workdir=workdir, **kw)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+  """Regression: without run_config, fit used to resume any workdir silently,
+  keeping the checkpoint's T and alpha and mixing batch sizes and objectives."""
+  import jax.numpy as jnp
+  _fit(*_tiny_run(), tmp_path)
+  state, teacher, data = _tiny_run()
+  other = state.replace(temperature=jnp.float32(2.0), alpha=jnp.float32(0.9))
+  with pytest.raises(ValueError, match=(
+      r"fit.json: keys differing: \['alpha', 'batch_size', 'objective', "
+      r"'temperature'\]")):
+    _fit(other, teacher, data, tmp_path, epochs=2, batch_size=16,
+         objective="soft")
+  # A student of another width is refused the same way, before any restore.
+  net = fit_script_module().Net(24)
+  params = net.init(jax.random.key(2), jnp.zeros((1, 8, 8)))["params"]
+  wider = state.replace(
+      params=params, opt_state=state.tx.init(params),
+      apply_fn=lambda p, x, train, rng: net.apply({"params": p}, x))
+  with pytest.raises(ValueError, match=r"fit.json: keys differing: \['state'\]"):
+    _fit(wider, teacher, data, tmp_path, epochs=2)
+  assert not (tmp_path / "checkpoints.corrupt").exists()
+  # Only epochs may change: the run is extended by one epoch.
+  _, history = _fit(*_tiny_run(), tmp_path, epochs=2)
+  assert len(history) == 1
+  assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
+
+
+def test_resume_drops_the_metrics_of_epochs_run_again(tmp_path):
+  """Regression: metrics.jsonl held epoch 3 twice after a resume from 2."""
+  import shutil
+  _fit(*_tiny_run(), tmp_path, epochs=3, checkpoint_every=2)
+  assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2, 3]
+  shutil.rmtree(tmp_path / "checkpoints" / "3")  # as if killed after logging 3
+  first = _metrics(tmp_path)
+  _, history = _fit(*_tiny_run(), tmp_path, epochs=3, checkpoint_every=2)
+  assert len(history) == 1
+  again = _metrics(tmp_path)
+  assert [r["epoch"] for r in again] == [1, 2, 3]
+  assert again[:2] == first[:2]  # the kept records are untouched
+  assert again[2]["loss"] == first[2]["loss"]  # epoch 3 replayed identically
+
+
+def test_metric_writer_drops_a_torn_last_line(tmp_path):
+  from kdjax.progress import MetricWriter
+  w = MetricWriter(tmp_path, tensorboard=False)
+  w.write(10, {"loss": 1.0}, epoch=1)
+  w.write(20, {"loss": 0.5}, epoch=2)
+  with open(w.path, "a") as f:
+    f.write('{"step": 30, "lo')  # killed mid-write
+  w.drop_after(20)
+  assert [r["step"] for r in _metrics(tmp_path)] == [10, 20]
+  w.drop_after(10)
+  assert [r["step"] for r in _metrics(tmp_path)] == [10]
+  w.drop_after(0)
+  assert w.path.read_text() == ""
+
+
+def test_checkpoint_of_another_structure_is_a_mismatch_not_corruption(tmp_path):
+  """Regression: a readable checkpoint of another shape was reported corrupt,
+  moved aside, and the error said to delete the directory."""
+  import jax.numpy as jnp
+  c = ckpt_lib.Checkpointer(tmp_path / "ck")
+  c.save(1, {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}, jax.random.key(0))
+  c.save(2, {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}, jax.random.key(0))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # no fallback warning either
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"epoch 2 .*w: saved \(3, 4\) float32, expected "
+                             r"\(3, 5\) float32.*use a new workdir"):
+      c.restore_latest({"w": jnp.ones((3, 5)), "b": jnp.zeros(4)})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError,
+                       match=r"c: saved nothing, expected \(4,\) float32"):
+      c.restore(1, {"w": jnp.ones((3, 4)), "c": jnp.zeros(4)})
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="int32"):
+      c.restore(1, {"w": jnp.ones((3, 4)), "b": jnp.zeros(4, jnp.int32)})
+  assert c.all_epochs() == [1, 2]
+  assert not (tmp_path / "ck.corrupt").exists()
+  state, meta = c.restore_latest({"w": jnp.ones((3, 4)), "b": jnp.zeros(4)})
+  assert meta["epoch"] == 2

@@ -278,7 +278,7 @@ def test_pipeline_run_records_config_and_rejects_another(tmp_path, no_data):
     pipeline.run(quick.get_config(), str(workdir))
   other = quick.get_config()
   other.student.distill.epochs = 7
-  with pytest.raises(ValueError, match=r"different configuration \(keys "
+  with pytest.raises(ValueError, match=r"different configuration \(run_config.json: keys "
                                        r"differing: \['student'\]\)"):
     pipeline.run(other, str(workdir))
 
