@@ -430,6 +430,49 @@ def test_jit_pmap_and_sharded_jit_agree():
     chex.assert_trees_all_close(m_other, m_jit, rtol=1e-5, atol=1e-6)
 
 
+class DropoutMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.Dense(16)(x.reshape(x.shape[0], -1)))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(NUM_CLASSES)(x)
+
+
+DROPOUT_STUDENT = DropoutMLP()
+
+
+def _linen_dropout_apply(params, x, training, rng):
+  return DROPOUT_STUDENT.apply({"params": params}, x, train=training,
+                               rngs={"dropout": rng})
+
+
+def test_sharded_jit_equals_jit_with_dropout_and_pmap_does_not():
+  """What the module docstring claims for a stochastic student."""
+  objective, rng, teacher = "kd", jax.random.key(0), _teacher()
+  batch = _float_batch(10, n=32)
+  params = np_init(DROPOUT_STUDENT, 3)["params"]
+
+  def fresh():
+    return train.TrainState.create(
+        apply_fn=_linen_dropout_apply, params=jax.tree.map(jnp.copy, params),
+        tx=MOMENTUM, temperature=TEMPERATURE, alpha=ALPHA)
+
+  mesh = train.data_mesh()
+  s_jit, _ = train.jit_train_step(objective)(fresh(), teacher, batch, rng)
+  s_mesh, _ = train.sharded_train_step(mesh, objective)(
+      jax.device_put(fresh(), NamedSharding(mesh, P())), teacher,
+      train.shard_batch(batch, mesh), rng)
+  s_pmap, _ = train.pmap_train_step(objective)(
+      train.replicate(fresh()), teacher, train.shard_batch(batch), rng)
+  chex.assert_trees_all_close(s_mesh.params, s_jit.params, rtol=1e-6,
+                              atol=1e-6)
+  # pmap: each device its own masks, so a different (equally valid) update.
+  diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(train.unreplicate(s_pmap).params),
+      jax.tree.leaves(s_jit.params)))
+  assert diff > 1e-4
+
+
 # ----------------------------------------------------------------------------
 # The teacher-logit cache.
 # ----------------------------------------------------------------------------
