@@ -94,7 +94,11 @@ class Checkpointer:
         max_to_keep=max_to_keep, create=True,
         enable_async_checkpointing=False, cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "meta"))
+        self.directory, options=options,
+        # Handlers named up front, so that a manager that has not saved yet
+        # (a resumed process) can read the arrays' metadata too.
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   # The step number orbax uses is the epoch count (data-order state).
   def all_epochs(self) -> list[int]:

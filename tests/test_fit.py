@@ -261,6 +261,8 @@ def test_checkpoint_of_another_structure_is_a_mismatch_not_corruption(tmp_path):
   c = ckpt_lib.Checkpointer(tmp_path / "ck")
   c.save(1, {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}, jax.random.key(0))
   c.save(2, {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}, jax.random.key(0))
+  c.close()
+  c = ckpt_lib.Checkpointer(tmp_path / "ck")  # as a resumed process would
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # no fallback warning either
     with pytest.raises(ckpt_lib.CheckpointMismatchError,

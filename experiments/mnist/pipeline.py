@@ -249,6 +249,28 @@ def get_teacher(config, splits, workdir: pathlib.Path):
 # ----------------------------------------------------------------------------
 
 
+def initial_students(width: int, opt_cfg, total_steps: int, *, seeds,
+                     temperatures, alphas):
+  """The stacked initial states of a row's students, and their apply function.
+
+  One ``width``-unit paper student per (seed, temperature, alpha), with the
+  optimizer of ``opt_cfg`` scheduled over ``total_steps``. Also the
+  structure to restore a row's checkpoint into (``fidelity.py``).
+  """
+  module = models.paper_student(width)
+  apply = models.linen_student_apply(module)
+  tx = make_optimizer(opt_cfg, total_steps)
+
+  def init(rng, temperature, alpha):
+    params = models.init_params(module, rng)
+    return TrainState.create(apply_fn=apply, params=params, tx=tx,
+                             temperature=temperature, alpha=alpha)
+
+  states = sweep.create_sweep(init, seeds=seeds, temperatures=temperatures,
+                              alphas=alphas)
+  return states, apply
+
+
 def train_students(config, *, name: str, width: int, transfer: dict,
                    objective: str, seeds, temperatures, alphas, epochs: int,
                    opt_cfg, workdir: pathlib.Path, teacher=None,
@@ -262,20 +284,11 @@ def train_students(config, *, name: str, width: int, transfer: dict,
   Returns:
     (stacked final params, apply function, seconds).
   """
-  module = models.paper_student(width)
-  apply = models.linen_student_apply(module)
   n = int(transfer["label"].shape[0])
   batch_size = min(config.batch_size, n)
-  steps = (n // batch_size) * epochs
-  tx = make_optimizer(opt_cfg, steps)
-
-  def init(rng, temperature, alpha):
-    params = models.init_params(module, rng)
-    return TrainState.create(apply_fn=apply, params=params, tx=tx,
-                             temperature=temperature, alpha=alpha)
-
-  states = sweep.create_sweep(init, seeds=seeds, temperatures=temperatures,
-                              alphas=alphas)
+  states, apply = initial_students(
+      width, opt_cfg, (n // batch_size) * epochs, seeds=seeds,
+      temperatures=temperatures, alphas=alphas)
   t0 = time.perf_counter()
   run_cfg = {"name": name, "width": width, "objective": objective,
              "seeds": list(seeds), "temperatures": list(temperatures),
@@ -308,8 +321,9 @@ def member_logits(apply, stacked_params, images) -> list[np.ndarray]:
 def command_line() -> str:
   """How this process was launched (for results JSONs)."""
   argv = list(sys.argv)
-  if argv and argv[0].endswith("experiments/mnist/main.py"):
-    argv[0] = "python -m experiments.mnist.main"
+  script = pathlib.PurePath(argv[0]) if argv else None
+  if script and script.parent.parts[-2:] == ("experiments", "mnist"):
+    argv[0] = f"python -m experiments.mnist.{script.stem}"
   return " ".join(argv)
 
 
