@@ -135,6 +135,10 @@ _VALUE_RULES = {
     "temperatures": (_positive, "must be a finite number > 0", _T_HINT),
     "alpha": (_unit, "must lie in [0, 1]", _A_HINT),
     "alphas": (_unit, "must lie in [0, 1]", _A_HINT),
+    "input_dropout": (lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)",
+                      " (the fraction of units dropped in training)"),
+    "hidden_dropout": (lambda v: 0.0 <= v < 1.0, "must lie in [0, 1)",
+                       " (the fraction of units dropped in training)"),
     "batch_size": (lambda v: v > 0, "must be > 0", ""),
     "epochs": (lambda v: v >= 0, "must be >= 0", ""),
 }
@@ -200,7 +204,8 @@ def validate_config(config, reference) -> None:
     reference value of None admits anything;
   * hyperparameters are checked by name wherever they appear:
     ``temperature``/``temperatures`` > 0, ``alpha``/``alphas`` in [0, 1],
-    ``batch_size`` > 0, ``epochs`` >= 0.
+    ``input_dropout``/``hidden_dropout`` in [0, 1), ``batch_size`` > 0,
+    ``epochs`` >= 0.
 
   Keys of ``reference`` missing from ``config`` are allowed (code reads
   optional keys with ``config.get``).

@@ -175,3 +175,30 @@ def test_an_interrupted_run_keeps_its_finished_rows(quick_config, tmp_path,
   assert [r["name"] for r in partial["rows"]] == ["teacher", "student_alone"]
   assert partial["rows"][1]["test_errors"][0] < 1000  # one real epoch
   assert set(partial["params_sha256"]) == {"teacher", "student_alone"}
+
+
+@pytest.mark.slow
+def test_student_dropout_is_recorded_and_used(quick_config, tmp_path):
+  """The probe's student dropout reaches the model and every record."""
+  from experiments.mnist import fidelity  # pylint: disable=g-import-not-at-top
+  config = quick_config("distilled_T20")
+  config.student.distill.epochs = 1
+  plain = pipeline.run(config, str(tmp_path / "plain"))
+  config.student.input_dropout = 0.1
+  config.student.hidden_dropout = 0.25
+  dropped = pipeline.run(config, str(tmp_path / "dropout"))
+  row = dropped["rows"][1]
+  assert row["name"] == "distilled_T20" and row["dropout"] == [0.1, 0.25]
+  assert "dropout" not in plain["rows"][1]
+  assert "student dropout 0.1 / 0.25" in (tmp_path / "dropout" /
+                                          "results.md").read_text()
+  recorded = json.loads((tmp_path / "dropout" / "students" / "distilled_T20" /
+                         "run_config.json").read_text())
+  assert recorded["dropout"] == [0.1, 0.25]
+  # Same seed, same data order: only the masks differ, so do the students.
+  assert (dropped["params_sha256"]["distilled_T20"] !=
+          plain["params_sha256"]["distilled_T20"])
+  # Evaluation is in inference mode: fidelity restores the dropout student
+  # and finds the errors the run reported.
+  f = fidelity.fidelity(tmp_path / "dropout", "distilled_T20")
+  assert [m["test"]["errors"] for m in f["members"]] == row["test_errors"]

@@ -235,6 +235,10 @@ def test_wrong_type_names_expected_and_got():
     ("soft3pct.alpha", 2.0, "soft3pct.alpha", r"must lie in \[0, 1\], got 2.0"),
     ("logit_matching.temperatures", [0.0], r"logit_matching.temperatures\[0\]",
      "must be a finite number > 0, got 0.0"),
+    ("student.hidden_dropout", 1.0, "student.hidden_dropout",
+     r"must lie in \[0, 1\), got 1.0"),
+    ("teacher.input_dropout", -0.2, "teacher.input_dropout",
+     r"must lie in \[0, 1\), got -0.2"),
 ])
 def test_hyperparameter_ranges(key, value, where, message):
   with pytest.raises(validate.ConfigError,

@@ -37,7 +37,7 @@ def collect(workdirs, note: str = "") -> dict:
            "total_seconds": r["total_seconds"],
            "rows": [{k: row[k] for k in ("name", "val_errors", "test_errors",
                                          "epochs", "alpha", "temperature",
-                                         "jitter", "num_train", "width",
+                                         "jitter", "dropout", "num_train", "width",
                                          "source") if k in row}
                     for row in r["rows"]]}
     curve = w / "teacher" / "metrics.jsonl"

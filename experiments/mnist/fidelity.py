@@ -67,7 +67,8 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
   like, apply = pipeline.initial_students(
       rc["width"], ml_collections.ConfigDict(rc["optimizer"]),
       (rc["n"] // rc["batch_size"]) * rc["epochs"], seeds=rc["seeds"],
-      temperatures=rc["temperatures"], alphas=rc["alphas"])
+      temperatures=rc["temperatures"], alphas=rc["alphas"],
+      dropout=rc.get("dropout", (0.0, 0.0)))
   ckpt = checkpoint.Checkpointer(folder / "checkpoints")
   try:
     restored = ckpt.restore_latest(like)

@@ -249,15 +249,23 @@ def get_teacher(config, splits, workdir: pathlib.Path):
 # ----------------------------------------------------------------------------
 
 
+def student_dropout(config) -> tuple[float, float]:
+  """The students' (input, hidden) dropout rates (0, 0 in the paper)."""
+  s = config.student
+  return (float(s.get("input_dropout", 0.0)), float(s.get("hidden_dropout", 0.0)))
+
+
 def initial_students(width: int, opt_cfg, total_steps: int, *, seeds,
-                     temperatures, alphas):
+                     temperatures, alphas, dropout=(0.0, 0.0)):
   """The stacked initial states of a row's students, and their apply function.
 
   One ``width``-unit paper student per (seed, temperature, alpha), with the
-  optimizer of ``opt_cfg`` scheduled over ``total_steps``. Also the
-  structure to restore a row's checkpoint into (``fidelity.py``).
+  optimizer of ``opt_cfg`` scheduled over ``total_steps``, and ``dropout``
+  (input, hidden) rates: none in the paper. Also the structure to restore a
+  row's checkpoint into (``fidelity.py``).
   """
-  module = models.paper_student(width)
+  module = models.MLP((width, width), input_dropout=float(dropout[0]),
+                      hidden_dropout=float(dropout[1]))
   apply = models.linen_student_apply(module)
   tx = make_optimizer(opt_cfg, total_steps)
 
@@ -286,15 +294,16 @@ def train_students(config, *, name: str, width: int, transfer: dict,
   """
   n = int(transfer["label"].shape[0])
   batch_size = min(config.batch_size, n)
+  dropout = student_dropout(config)
   states, apply = initial_students(
       width, opt_cfg, (n // batch_size) * epochs, seeds=seeds,
-      temperatures=temperatures, alphas=alphas)
+      temperatures=temperatures, alphas=alphas, dropout=dropout)
   t0 = time.perf_counter()
   run_cfg = {"name": name, "width": width, "objective": objective,
              "seeds": list(seeds), "temperatures": list(temperatures),
              "alphas": list(alphas), "epochs": epochs, "n": n,
              "optimizer": opt_cfg.to_dict(), "batch_size": batch_size,
-             "jitter": jitter}
+             "jitter": jitter, "dropout": list(dropout)}
   states, _ = fit(states, teacher, transfer, epochs=epochs,
                   batch_size=batch_size, rng=sweep.sweep_keys(
                       [1000 + s for s in seeds]),
@@ -432,6 +441,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     row = _row(name, [errors(l, test_y) for l in test_logits], sec,
                temperature=temperature, alpha=alpha, epochs=epochs,
                objective=objective, width=width or s.width, jitter=jitter,
+               **({"dropout": list(student_dropout(config))}
+                  if any(student_dropout(config)) else {}),
                val_errors=[errors(l, val_y) for l in val_logits], **extra)
     rows.append(row)
     print(f"{name}: {row['test_errors']} test errors ({sec:.0f}s)", flush=True)

@@ -61,6 +61,8 @@ def markdown(results: dict) -> str:
       extra.append(f"{r['num_train']} training images")
     if r.get("jitter"):
       extra.append(f"±{r['jitter']}-pixel jitter")
+    if r.get("dropout"):
+      extra.append(f"student dropout {r['dropout'][0]:g} / {r['dropout'][1]:g}")
     if "val_errors" in r:
       extra.append(f"validation errors {_fmt(r['val_errors'])}")
     paper = r.get("paper_test_errors")
