@@ -59,7 +59,7 @@ __all__ = [
 
 
 def _concrete(x) -> Optional[np.ndarray]:
-  """``x`` as a NumPy array, or None for a tracer (checked by nobody)."""
+  """``x`` as a NumPy array, or None for a tracer (its value is unknown)."""
   try:
     return np.asarray(x)
   except (jax.errors.TracerArrayConversionError,
