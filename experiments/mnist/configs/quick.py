@@ -7,8 +7,9 @@
 Uses the shipped teacher (experiments/mnist/teacher/teacher_cpu.msgpack,
 trained by configs/teacher_cpu.py) instead of training one, and trains every
 student row for a few epochs, 3 seeds each (the temperature sweep: 1), as
-vmapped sweeps. Expected wall time: about 7 minutes on the 2-core CPU this
-project is developed on (when nothing else runs).
+vmapped sweeps. Expected wall time: 7-9 minutes on the 2-core CPU this
+project is developed on when nothing else runs (390, 451 and 536 s in
+results/quick_cpu.json and results/reruns/).
 The numbers are far from converged; they show the paper's qualitative
 results (distillation beats the student alone at the same budget, the bias
 shift recovers the missing class), not its figures.
