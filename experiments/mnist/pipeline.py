@@ -423,6 +423,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   s = config.student
   seeds = list(config.seeds)
   ones = lambda v: [v] * len(seeds)
+  dropout = student_dropout(config)  # Recorded in a row only when set.
 
   def student_row(name, *, transfer, objective, temperature, alpha, epochs,
                   opt_cfg, width=None, jitter=0, **extra):
@@ -441,8 +442,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     row = _row(name, [errors(l, test_y) for l in test_logits], sec,
                temperature=temperature, alpha=alpha, epochs=epochs,
                objective=objective, width=width or s.width, jitter=jitter,
-               **({"dropout": list(student_dropout(config))}
-                  if any(student_dropout(config)) else {}),
+               **({"dropout": list(dropout)} if any(dropout) else {}),
                val_errors=[errors(l, val_y) for l in val_logits], **extra)
     rows.append(row)
     print(f"{name}: {row['test_errors']} test errors ({sec:.0f}s)", flush=True)
