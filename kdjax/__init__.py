@@ -5,8 +5,15 @@ Modules, one concern each:
 * :mod:`kdjax.losses`: tempered softmax, distillation, logit-matching and the
   full KD objective (pure functions, per-example values).
 * :mod:`kdjax.teacher`: the frozen :class:`Teacher` pytree and ensembles.
+* :mod:`kdjax.student`: :class:`Student`, a model with model state
+  (linen, NNX or a pure function).
+* :mod:`kdjax.fields`: :class:`Fields`, which batch fields are inputs,
+  labels, weights and cached teacher logits.
+* :mod:`kdjax.objectives`: the objective registry (``kd``, ``soft``, ...).
 * :mod:`kdjax.train`: :class:`TrainState` and the train step (jit, pmap,
   sharded jit).
+* :mod:`kdjax.precision`, :mod:`kdjax.preprocess`: mixed precision, the
+  pixel-scaling rule.
 * :mod:`kdjax.loops`: on-device ``lax.scan`` epochs and the host-batch loop.
 * :mod:`kdjax.cache`: the teacher-logit cache.
 * :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
@@ -19,8 +26,9 @@ Modules, one concern each:
   and labels (before anything compiles).
 """
 
-from kdjax import (augment, cache, constraints, losses, loops, models, sweep,
-                   train, validate)
+from kdjax import (augment, cache, constraints, fields, losses, loops, models,
+                   objectives, precision, preprocess, sweep, train, validate)
+from kdjax.fields import Fields
 from kdjax.trainer import fit
 from kdjax.losses import (
     distillation_loss,
@@ -31,6 +39,7 @@ from kdjax.losses import (
     tempered_log_softmax,
     tempered_softmax,
 )
+from kdjax.student import Student
 from kdjax.teacher import Teacher, ensemble
 from kdjax.train import TrainState, make_train_step
 

@@ -12,45 +12,66 @@ that combination with a ValueError.
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import jax
 import jax.numpy as jnp
 
+from kdjax.fields import Fields
 from kdjax.teacher import Teacher
-from kdjax.train import prepare_images
 
 __all__ = ["compute_teacher_logits", "with_teacher_logits"]
 
 
-def compute_teacher_logits(teacher: Teacher, images: jax.Array, *,
-                           batch_size: int = 1000) -> jax.Array:
-  """The teacher's logits on ``images``, computed in fixed-size batches.
+def compute_teacher_logits(teacher: Teacher, *inputs, batch_size: int = 1000,
+                           input_transform: Optional[Callable] = None
+                           ) -> jax.Array:
+  """The teacher's logits on ``inputs``, computed in fixed-size batches.
 
   Args:
     teacher: the frozen teacher (inference mode).
-    images: ``[N, ...]`` images, prepared as in the train step
-      (:func:`kdjax.train.prepare_images`).
+    *inputs: the teacher's inputs, ``[N, ...]`` each (one array for an
+      image classifier), as the train step passes them.
     batch_size: examples per forward pass (the last batch is padded).
+    input_transform: the train step's ``input_transform`` (e.g.
+      :func:`kdjax.preprocess.scale_pixels`), so that cached and online
+      logits are identical.
 
   Returns:
-    ``[N, C]`` float32 logits.
+    ``[N, ..., C]`` float32 logits.
   """
-  images = prepare_images(jnp.asarray(images))
-  n = images.shape[0]
+  inputs = [jnp.asarray(x) for x in inputs]
+  if input_transform is not None:
+    inputs = [input_transform(x) for x in inputs]
+  n = inputs[0].shape[0]
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
-  padded = jnp.pad(images, [(0, pad)] + [(0, 0)] * (images.ndim - 1))
-  chunks = padded.reshape((num_batches, batch_size) + images.shape[1:])
+
+  def chunk(x):
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((num_batches, batch_size) + x.shape[1:])
+
+  chunks = [chunk(x) for x in inputs]
 
   @jax.jit
   def run(teacher, chunks):
-    return jax.lax.map(lambda x: teacher(x).astype(jnp.float32), chunks)
+    return jax.lax.map(lambda xs: teacher(*xs).astype(jnp.float32), chunks)
 
   logits = run(teacher, chunks)
   return logits.reshape((num_batches * batch_size,) + logits.shape[2:])[:n]
 
 
 def with_teacher_logits(data: dict, teacher: Teacher, *,
-                        batch_size: int = 1000) -> dict:
-  """A copy of ``data`` with ``'teacher_logits'`` added."""
-  return {**data, "teacher_logits": compute_teacher_logits(
-      teacher, data["image"], batch_size=batch_size)}
+                        batch_size: int = 1000,
+                        fields: Optional[Fields] = None,
+                        input_transform: Optional[Callable] = None) -> dict:
+  """A copy of ``data`` with the teacher's logits added.
+
+  They go under ``fields.teacher_logits`` (``'teacher_logits'`` by
+  default), computed from ``fields``' teacher inputs.
+  """
+  fields = Fields() if fields is None else fields
+  logits = compute_teacher_logits(
+      teacher, *fields.teacher_inputs_of(data), batch_size=batch_size,
+      input_transform=input_transform)
+  return {**data, fields.teacher_logits: logits}

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.preprocess import scale_pixels
+
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 PyTree = Any
@@ -51,10 +53,9 @@ __all__ = [
 
 
 def _to_float(x: ArrayLike) -> Array:
-  """Pixels to floats: ``uint8 -> x / 255`` (float32); floats unchanged."""
-  x = jnp.asarray(x)
-  if x.dtype == jnp.uint8:
-    return x.astype(jnp.float32) / 255.0
+  """Pixels to floats: :func:`kdjax.preprocess.scale_pixels` (``uint8 -> x /
+  255``), then any other non-float input cast to float32 unscaled."""
+  x = scale_pixels(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     return x.astype(jnp.float32)
   return x

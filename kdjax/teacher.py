@@ -2,7 +2,7 @@
 
 A :class:`Teacher` is data, not a model object with a training mode. It holds
 
-* ``apply_fn(params, state, x) -> logits``: a pure function that runs the
+* ``apply_fn(params, state, *inputs) -> logits``: a pure function that runs the
   teacher in **inference mode** (no dropout, batch statistics read, never
   updated). The constructors below bind the eval flag so it cannot be
   forgotten;
@@ -53,22 +53,24 @@ class Teacher:
   """A frozen teacher: ``logits = teacher(x)``, always in inference mode.
 
   Attributes:
-    apply_fn: ``(params, state, x) -> logits``, deterministic (eval mode).
+    apply_fn: ``(params, state, *inputs) -> logits``, deterministic (eval
+      mode). The step passes the batch's teacher inputs
+      (:class:`kdjax.fields.Fields`) positionally.
       Static: it is part of the compiled program, not of the pytree's leaves.
     params: the teacher's parameters (a pytree of arrays).
     state: non-trainable collections such as batch statistics (a pytree,
       possibly empty). Read only.
   """
-  apply_fn: Callable[[PyTree, PyTree, jax.Array], jax.Array] = flax.struct.field(
-      pytree_node=False)
+  apply_fn: Callable[..., jax.Array] = flax.struct.field(pytree_node=False)
   params: PyTree
   state: PyTree = dataclasses.field(default_factory=dict)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """Teacher logits for ``x``; no gradient flows into or out of them."""
+  def __call__(self, *inputs) -> jax.Array:
+    """Teacher logits for ``inputs``; no gradient flows into or out of them."""
     params = jax.lax.stop_gradient(self.params)
     state = jax.lax.stop_gradient(self.state)
-    return jax.lax.stop_gradient(self.apply_fn(params, state, x))
+    inputs = jax.lax.stop_gradient(inputs)
+    return jax.lax.stop_gradient(self.apply_fn(params, state, *inputs))
 
   # -- constructors ----------------------------------------------------------
 
@@ -97,33 +99,41 @@ class Teacher:
           f"with a 'params' collection; got keys {sorted(variables)}.")
     params = variables.pop("params")
 
-    def apply_fn(params, state, x):
-      return module.apply({"params": params, **state}, x, **eval_kwargs)
+    def apply_fn(params, state, *inputs):
+      return module.apply({"params": params, **state}, *inputs, **eval_kwargs)
 
     return cls(apply_fn=apply_fn, params=params, state=variables)
 
   @classmethod
   def from_nnx(cls, model) -> "Teacher":
-    """A teacher from a Flax NNX module (split into graphdef and state).
+    """A teacher from a Flax NNX module: a snapshot, in eval mode.
 
-    The model is switched to eval mode (``model.eval()``) before the split,
-    so dropout is off and batch statistics are read, not updated.
+    The module is cloned and its arrays copied before the split, so later
+    changes to the caller's module (an optimizer step on it, ``.train()``)
+    never reach the teacher, and the caller's module is not switched to
+    eval mode. The clone runs in eval mode: dropout off, batch statistics
+    read, not updated.
     """
     from flax import nnx  # Local import: NNX is optional for linen users.
 
+    model = nnx.clone(model)
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = jax.tree.map(
+        lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
+        (params, rest))
 
-    def apply_fn(params, state, x):
-      return nnx.merge(graphdef, params, state)(x)
+    def apply_fn(params, state, *inputs):
+      return nnx.merge(graphdef, params, state)(*inputs)
 
     return cls(apply_fn=apply_fn, params=params, state=rest)
 
   @classmethod
-  def from_fn(cls, fn: Callable[[PyTree, jax.Array], jax.Array],
+  def from_fn(cls, fn: Callable[..., jax.Array],
               params: PyTree) -> "Teacher":
-    """A teacher from a plain pure function ``fn(params, x) -> logits``."""
-    return cls(apply_fn=lambda p, _, x: fn(p, x), params=params, state={})
+    """A teacher from a plain pure function ``fn(params, *inputs) -> logits``."""
+    return cls(apply_fn=lambda p, _, *inputs: fn(p, *inputs), params=params,
+               state={})
 
 
 def ensemble(teachers: Sequence[Teacher], *, combine: str = "mean_logits",
@@ -153,8 +163,8 @@ def ensemble(teachers: Sequence[Teacher], *, combine: str = "mean_logits",
                      "arithmetic mean of tempered probabilities depends on T.")
   fns = tuple(t.apply_fn for t in teachers)
 
-  def apply_fn(params, state, x):
-    logits = jnp.stack([f(p, s, x).astype(jnp.float32)
+  def apply_fn(params, state, *inputs):
+    logits = jnp.stack([f(p, s, *inputs).astype(jnp.float32)
                         for f, p, s in zip(fns, params, state)])
     if combine == "mean_logits":
       return jnp.mean(logits, axis=0)

@@ -3,50 +3,75 @@
 ``step(state, teacher, batch, rng) -> (state, metrics)``
 
 * ``state`` (:class:`TrainState`) holds only the **student**: its params,
-  optimizer state, step counter and the objective's hyperparameters
-  (``temperature``, ``alpha``) as arrays, so a ``jax.vmap`` over states is a
-  sweep over seeds, temperatures and alphas (see :mod:`kdjax.sweep`).
+  its model state (BatchNorm statistics, ...), the optimizer state, the
+  step counter and the objective's hyperparameters (``temperature``,
+  ``alpha``) as arrays, so a ``jax.vmap`` over states is a sweep over seeds,
+  temperatures and alphas (see :mod:`kdjax.sweep`). Temperature and alpha
+  may also be schedules: functions of the step.
 * ``teacher`` (:class:`kdjax.teacher.Teacher`) is a frozen pytree, always
   run in inference mode, wrapped in ``stop_gradient``; it is never in the
   optimizer state.
-* ``batch`` is a dict with ``'image'`` and ``'label'``, and optionally
-  ``'teacher_logits'`` (the teacher-logit cache, :mod:`kdjax.cache`). uint8
-  images are scaled to float32 in [0, 1] inside the step.
+* ``batch`` is a dict whose leaves share a leading axis; which fields are
+  the inputs, the labels, the weights and the cached teacher logits is said
+  by a :class:`kdjax.fields.Fields` (default: ``'image'``, ``'label'``, no
+  weights, ``'teacher_logits'``). A field the step does not read is refused.
+  Nothing is rescaled unless ``input_transform`` says so (e.g.
+  :func:`kdjax.preprocess.scale_pixels`).
 * ``rng`` is the run's base key; the step folds in ``state.step`` (and the
   device index under pmap), so a resumed run replays the same randomness.
 
 Teacher and student see the **same augmented batch** inside the same
 compiled step ("consistent teaching").
 
-The objective (``objective=``):
+The loss. The objective (:mod:`kdjax.objectives`: a registered name or a
+function) gives a loss per example, or per position for sequences; the
+step's loss is
 
-=================  ==========================================================
-``"kd"``           ``alpha * CE(y, softmax(z)) + (1-alpha) T^2 KL(p_T || q_T)``
-``"soft"``         ``T^2 KL(p_T || q_T)`` (soft targets only; alpha ignored)
-``"logit_matching"`` ``0.5 * mean_c((z - z̄) - (v - v̄))^2`` (Caruana; eq. 4)
-``"hard"``         ``CE(y, softmax(z))`` (the student trained alone)
-=================  ==========================================================
+.. math::
+  L = \\frac{\\sum_i w_i \\ell_i}{\\sum_i w_i}
+
+over the **global** batch, with the weights ``w`` of ``fields.weights``
+(shape ``logits.shape[:-1]``, 0 for padding), or a plain mean without them.
+Positions of weight 0 contribute exactly nothing, whatever their inputs,
+labels or logits hold (NaN included); an all-zero batch gives a zero loss
+and zero gradients. Accuracy, agreement and the loss terms are weighted the
+same way.
 
 Data parallelism:
 
 * :func:`make_train_step` with ``axis_name`` gives the classic ``jax.pmap``
-  form: gradients and metrics are averaged with ``lax.pmean``.
+  form: both sums of the loss are reduced across devices (``psum``; the
+  local loss is the local weighted sum over the global weight), not averaged
+  per device, and the model state is averaged (``pmean``) so that every
+  replica holds the same statistics.
 * :func:`jit_train_step` compiles the axis-free step with buffer donation;
   :func:`sharded_train_step` does the same over a ``jax.sharding.Mesh``
   with the batch split along the data axis and the state and teacher
-  replicated (GSPMD inserts the gradient all-reduce).
+  replicated (GSPMD inserts the all-reduces; BatchNorm statistics are those
+  of the global batch).
 
-``jit`` and sharded ``jit`` give the same parameters for the same global
-batch, dropout and augmentation included (they draw from the same key).
-``pmap`` gives the same parameters for a deterministic step (no dropout, no
-augmentation): with either, each device folds its index into the step's key
-and draws its own masks and shifts, so the run is as good but not the same
-numbers. All of this is tested on 8 virtual CPU devices.
+``jit`` and sharded ``jit`` give the same params and model state for the same
+global batch, dropout and augmentation included (they draw from the same
+key). ``pmap`` gives the same params for a deterministic step (no dropout, no
+augmentation; with each device's own key, masks and shifts differ); with
+BatchNorm, the same model state only when the BatchNorm layers synchronise
+their statistics across devices (``nn.BatchNorm(axis_name=...)``, as the Flax
+ImageNet example does): otherwise each device normalises with its own
+batch's statistics and the averaged state differs from the global batch's.
+All of this is tested on 8 virtual CPU devices.
+
+Buffer donation: the compiled forms donate the ``state`` they are given (its
+buffers are reused for the new state). Pass each call the state the last
+one returned; a state whose buffers were donated raises a ``ValueError``
+saying so, instead of JAX's ``Array has been deleted``. Build the step with
+``donate=False`` to keep the old states. :func:`kdjax.fit` never donates
+arrays the caller holds.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import functools
+from typing import Any, Callable, Optional, Sequence, Union
 
 import flax
 import jax
@@ -55,11 +80,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kdjax import losses, validate
+from kdjax import fields as fields_lib
+from kdjax import losses, objectives, precision, validate
+from kdjax.student import Student
 from kdjax.teacher import Teacher
 
 __all__ = [
     "OBJECTIVES",
+    "DonatedStateError",
     "TrainState",
     "make_train_step",
     "prepare_images",
@@ -73,9 +101,9 @@ __all__ = [
 ]
 
 PyTree = Any
+# The built-in objectives' names (kdjax.objectives.names() lists all).
 OBJECTIVES = ("kd", "soft", "logit_matching", "hard")
-StudentApply = Callable[[PyTree, jax.Array, bool, Optional[jax.Array]],
-                        jax.Array]
+Schedule = Callable[[jax.Array], jax.Array]
 
 
 @flax.struct.dataclass
@@ -85,34 +113,119 @@ class TrainState:
   Attributes:
     step: number of optimizer steps taken (int32 scalar).
     params: the student's parameters.
+    model_state: the student's other collections (BatchNorm statistics;
+      ``{}`` for a stateless model): checkpointed, never in the optimizer.
     opt_state: the optax state for ``params``.
-    temperature: the distillation temperature ``T`` (float32 scalar).
-    alpha: the weight of the hard-label loss (float32 scalar).
+    temperature: the distillation temperature ``T`` (float32 scalar); with
+      a schedule, the value used by the last step.
+    alpha: the weight of the hard-label loss (float32 scalar); likewise.
     skipped: number of steps skipped for a non-finite loss or gradient.
-    apply_fn: ``(params, x, train, rng) -> logits`` (static).
+    apply_fn: the student's forward, ``(params, model_state, *inputs,
+      train, rng) -> (logits, new_model_state)`` (static; see
+      :class:`kdjax.Student`).
     tx: the optax ``GradientTransformation`` (static).
+    temperature_fn: optional schedule ``step -> T`` (static).
+    alpha_fn: optional schedule ``step -> alpha`` (static).
+    export_fn: ``(params, model_state) -> model`` (static; see
+      :meth:`kdjax.Student.export`).
   """
   step: jax.Array
   params: PyTree
+  model_state: PyTree
   opt_state: PyTree
   temperature: jax.Array
   alpha: jax.Array
   skipped: jax.Array
-  apply_fn: StudentApply = flax.struct.field(pytree_node=False)
+  apply_fn: Callable = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  temperature_fn: Optional[Schedule] = flax.struct.field(pytree_node=False,
+                                                         default=None)
+  alpha_fn: Optional[Schedule] = flax.struct.field(pytree_node=False,
+                                                   default=None)
+  export_fn: Optional[Callable] = flax.struct.field(pytree_node=False,
+                                                    default=None)
 
   @classmethod
-  def create(cls, *, apply_fn: StudentApply, params: PyTree,
-             tx: optax.GradientTransformation, temperature: float = 1.0,
-             alpha: float = 0.0) -> "TrainState":
-    """A fresh state at step 0 (validates ``temperature`` and ``alpha``)."""
-    losses._check_temperature(temperature)  # pylint: disable=protected-access
-    losses._check_alpha(alpha)  # pylint: disable=protected-access
+  def create(cls, student: Optional[Student] = None, *,
+             tx: optax.GradientTransformation,
+             apply_fn: Optional[Callable] = None,
+             params: Optional[PyTree] = None,
+             temperature: Union[float, Schedule] = 1.0,
+             alpha: Union[float, Schedule] = 0.0) -> "TrainState":
+    """A fresh state at step 0, owning copies of the student's arrays.
+
+    The compiled steps donate the state they are given; the copies make sure
+    that this never deletes the params (or student) the caller still holds.
+
+    Either ``student`` (a :class:`kdjax.Student`, possibly with model
+    state), or the stateless shorthand ``apply_fn(params, *inputs, train,
+    rng) -> logits`` plus ``params`` (:meth:`kdjax.Student.from_logits_fn`).
+
+    ``temperature`` and ``alpha`` are numbers or schedules (functions of the
+    int32 step, e.g. an ``optax`` schedule); they are checked here (a
+    schedule at step 0).
+
+    Raises:
+      ValueError: bad temperature/alpha, or both or neither of ``student``
+        and ``apply_fn`` given.
+    """
+    if student is not None and (apply_fn is not None or params is not None):
+      raise ValueError("pass either student=kdjax.Student(...) or "
+                       "apply_fn= and params=, not both.")
+    if student is None:
+      if apply_fn is None or params is None:
+        raise ValueError(
+            "TrainState.create needs a student (kdjax.Student.from_linen / "
+            "from_nnx / from_fn) or apply_fn= and params=.")
+      student = Student.from_logits_fn(apply_fn, params)
+    if not isinstance(student, Student):
+      raise TypeError(f"student must be a kdjax.Student, got "
+                      f"{type(student).__name__}.")
+    t_fn = temperature if callable(temperature) else None
+    a_fn = alpha if callable(alpha) else None
+    t0 = t_fn(jnp.zeros((), jnp.int32)) if t_fn else temperature
+    a0 = a_fn(jnp.zeros((), jnp.int32)) if a_fn else alpha
+    losses._check_temperature(t0)  # pylint: disable=protected-access
+    losses._check_alpha(a0)  # pylint: disable=protected-access
+    # The state owns its buffers: the compiled steps donate them, which must
+    # not delete the arrays of the student (or params) it was made from.
+    params, model_state = _copy_arrays((student.params, student.model_state))
     return cls(step=jnp.zeros((), jnp.int32), params=params,
-               opt_state=tx.init(params),
-               temperature=jnp.asarray(temperature, jnp.float32),
-               alpha=jnp.asarray(alpha, jnp.float32),
-               skipped=jnp.zeros((), jnp.int32), apply_fn=apply_fn, tx=tx)
+               model_state=model_state, opt_state=tx.init(params),
+               temperature=jnp.asarray(t0, jnp.float32),
+               alpha=jnp.asarray(a0, jnp.float32),
+               skipped=jnp.zeros((), jnp.int32), apply_fn=student.apply_fn,
+               tx=tx, temperature_fn=t_fn, alpha_fn=a_fn,
+               export_fn=student.export_fn)
+
+  def hyperparams(self) -> tuple[jax.Array, jax.Array]:
+    """``(temperature, alpha)`` for the next step (schedules evaluated)."""
+    t = (jnp.asarray(self.temperature_fn(self.step), jnp.float32)
+         if self.temperature_fn else self.temperature)
+    a = (jnp.asarray(self.alpha_fn(self.step), jnp.float32)
+         if self.alpha_fn else self.alpha)
+    return t, a
+
+  def predict(self, *inputs) -> jax.Array:
+    """The student's logits in evaluation mode (model state read only)."""
+    logits, _ = self.apply_fn(self.params, self.model_state, *inputs,
+                              train=False, rng=None)
+    return logits
+
+  def export(self):
+    """The trained model (see :meth:`kdjax.Student.export`)."""
+    if self.export_fn is None:
+      return self.params, self.model_state
+    return self.export_fn(self.params, self.model_state)
+
+
+def _copy_arrays(tree: PyTree) -> PyTree:
+  """A copy of every concrete ``jax.Array`` leaf; tracers and others as is."""
+  def copy(x):
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+      return x.copy()
+    return x
+  return jax.tree.map(copy, tree)
 
 
 def global_norm(tree: PyTree) -> jax.Array:
@@ -142,111 +255,234 @@ def global_norm(tree: PyTree) -> jax.Array:
 
 
 def prepare_images(x: jax.Array) -> jax.Array:
-  """The step's input rule: uint8 pixels -> float32 ``x / 255``; else as is.
+  """Deprecated alias of :func:`kdjax.preprocess.scale_pixels`."""
+  from kdjax.preprocess import scale_pixels  # pylint: disable=g-import-not-at-top
+  return scale_pixels(x)
 
-  The teacher-logit cache (:mod:`kdjax.cache`) applies the same rule, so
-  cached and online teacher logits are identical.
+
+def _student_forward(apply_fn, params, model_state, inputs, *, train: bool,
+                     rng):
+  """``apply_fn`` with a clear error for a stateful model missing its state."""
+  try:
+    return apply_fn(params, model_state, *inputs, train=train, rng=rng)
+  except flax.errors.ScopeCollectionNotFound as e:
+    raise ValueError(
+        f"the student reads a model-state collection that its state does not "
+        f"hold ({e}). It is a stateful model (BatchNorm, say): build it with "
+        "kdjax.Student.from_linen(module, variables), passing every "
+        "collection of module.init(...) (not only 'params'), or "
+        "kdjax.Student.from_nnx(module).") from None
+
+
+def abstract_student_logits(apply_fn, params, model_state,
+                            inputs_fn: Callable, batch) -> tuple[int, ...]:
+  """The student's training-mode logits shape on ``batch`` (no compiling).
+
+  ``params``, ``model_state`` and ``batch`` may be ``ShapeDtypeStruct``
+  trees; ``inputs_fn(batch)`` returns the model's inputs.
   """
-  if x.dtype == jnp.uint8:
-    return x.astype(jnp.float32) / 255.0
-  return x
+
+  def logits(params, model_state, batch, rng):
+    out, _ = _student_forward(apply_fn, params, model_state, inputs_fn(batch),
+                              train=True, rng=rng)
+    return out
+
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return tuple(jax.eval_shape(logits, params, model_state, batch, key).shape)
 
 
-def make_train_step(objective: str = "kd", *,
+def _inexact(x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _weighted(values, weights, denominator):
+  """``sum(w * v) / denominator`` with zero-weight positions exactly 0."""
+  v = values.astype(jnp.promote_types(values.dtype, jnp.float32))
+  return jnp.sum(jnp.where(weights > 0, v, 0.0) * weights) / denominator
+
+
+def make_train_step(objective: Union[str, Callable] = "kd", *,
+                    fields: Optional[fields_lib.Fields] = None,
                     augment_fn: Optional[Callable] = None,
+                    input_transform: Optional[Callable] = None,
                     axis_name: Optional[str] = None,
                     skip_nonfinite: bool = True,
-                    skip_impl: str = "auto"):
+                    skip_impl: str = "auto",
+                    compute_dtype=None,
+                    keep_float32: Optional[Sequence[str]] = None):
   """Builds the pure train step ``(state, teacher, batch, rng) -> (state, metrics)``.
 
   Args:
-    objective: one of :data:`OBJECTIVES` (see the module docstring).
-    augment_fn: optional ``(rng, images) -> images`` (e.g.
-      :func:`kdjax.augment.jitter`). The teacher sees the augmented batch;
-      it may not be combined with cached teacher logits (they would be stale).
-    axis_name: set for ``jax.pmap``: gradients and metrics are ``pmean``-ed
-      over this axis, and dropout/augmentation keys differ per device.
+    objective: a registered name (``"kd"``, ``"soft"``, ``"logit_matching"``,
+      ``"hard"``, or one added with :func:`kdjax.objectives.register`), an
+      :class:`kdjax.objectives.Objective`, or a function
+      ``(student_logits, teacher_logits, batch, *, temperature, alpha) ->
+      per-position loss``.
+    fields: which batch fields are what (:class:`kdjax.fields.Fields`).
+    augment_fn: optional ``(rng, x) -> x`` applied to the first model input
+      (e.g. :func:`kdjax.augment.jitter`). The teacher sees the augmented
+      batch; it may not be combined with cached teacher logits (they would
+      be stale).
+    input_transform: optional ``x -> x`` applied to every model input
+      before augmentation, for teacher and student alike (e.g.
+      :func:`kdjax.preprocess.scale_pixels`). Default: none.
+    axis_name: set for ``jax.pmap``: the loss's sums and the gradients are
+      ``psum``-ed over this axis, the model state ``pmean``-ed, and
+      dropout/augmentation keys differ per device.
     skip_nonfinite: if the loss or the gradients' global norm is not finite
       (any NaN/inf gradient, or a norm overflowing float32), keep the old
-      params and optimizer state and count the step in ``state.skipped``
-      (the step counter still advances). If False the update is applied.
+      params, model state and optimizer state and count the step in
+      ``state.skipped`` (the step counter still advances). If False the
+      update is applied.
     skip_impl: how a skipped update is expressed: ``"cond"`` (``lax.cond``,
-      fastest on XLA:CPU), ``"select"`` (``jnp.where`` over params and
-      optimizer state, which fuses into the update on GPU/TPU and needs no
-      host round trip), or ``"auto"`` (cond on CPU, select elsewhere). The
-      results are identical.
+      fastest on XLA:CPU), ``"select"`` (``jnp.where`` over the state,
+      which fuses into the update on GPU/TPU and needs no host round trip),
+      or ``"auto"`` (cond on CPU, select elsewhere). The results are
+      identical.
+    compute_dtype: optional floating dtype (``jnp.bfloat16``) for the
+      forward passes (:mod:`kdjax.precision`); params and optimizer state
+      stay float32, the losses see float32 logits.
+    keep_float32: with ``compute_dtype``, param names kept in float32 (e.g.
+      ``("logits",)``, the output layer of kdjax's models).
 
   Returns:
-    The step function (not yet compiled). Metrics: ``loss``, ``hard_loss``,
-    ``soft_loss`` (when a teacher is used), ``accuracy`` (vs labels),
-    ``agreement`` (student/teacher top-1), ``grad_norm``, ``finite``.
+    The step function (not yet compiled). Metrics: ``loss``, the
+    objective's terms (``hard_loss``, ``soft_loss`` for the built-ins),
+    ``accuracy`` (vs labels, when there are labels), ``agreement``
+    (student/teacher top-1, when there are teacher logits),
+    ``temperature``, ``alpha``, ``grad_norm``, ``finite``.
+
+  Raises:
+    ValueError, TypeError: an unknown objective name or an objective of the
+      wrong signature (here); a batch that does not match ``fields``, a
+      weight of the wrong shape, a missing teacher (when the step is
+      traced, before anything compiles).
   """
-  if objective not in OBJECTIVES:
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got "
-                     f"{objective!r}.")
+  obj = objectives.get(objective)
+  if fields is None:
+    fields = fields_lib.Fields()
+  if not isinstance(fields, fields_lib.Fields):
+    raise TypeError(f"fields must be a kdjax.Fields, got "
+                    f"{type(fields).__name__}.")
   if skip_impl not in ("auto", "cond", "select"):
     raise ValueError(f"skip_impl must be 'auto', 'cond' or 'select', got "
                      f"{skip_impl!r}.")
-  needs_teacher = objective != "hard"
+  compute_dtype = precision.check_compute_dtype(compute_dtype)
+  cast = (functools.partial(precision.cast_floating, dtype=compute_dtype,
+                            keep_float32=keep_float32)
+          if compute_dtype is not None else (lambda tree: tree))
+  cast_inputs = (functools.partial(precision.cast_floating,
+                                   dtype=compute_dtype)
+                 if compute_dtype is not None else (lambda tree: tree))
+  same_inputs = fields.teacher_input_names == fields.input_names
 
   def step(state: TrainState, teacher: Optional[Teacher], batch: dict,
            rng: jax.Array):
-    if "image" not in batch or "label" not in batch:
-      raise ValueError("batch must be a dict with 'image' and 'label' keys, "
-                       f"got keys {sorted(batch)}.")
+    fields_lib.check_batch(batch, fields, needs_labels=obj.needs_labels)
     rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
       rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     rng_aug, rng_drop = jax.random.split(rng)
-    x, y = prepare_images(batch["image"]), batch["label"]
-    if augment_fn is not None:
-      x = augment_fn(rng_aug, x)
 
+    def model_inputs(names):
+      xs = [batch[n] for n in names]
+      if input_transform is not None:
+        xs = [input_transform(x) for x in xs]
+      if augment_fn is not None:
+        xs[0] = augment_fn(rng_aug, xs[0])
+      return xs
+
+    inputs = model_inputs(fields.input_names)
+    labels = batch[fields.labels] if fields.labels is not None else None
+    weights = (batch[fields.weights] if fields.weights is not None
+               else None)
+    cached = fields.teacher_logits in batch
+    if cached and augment_fn is not None and obj.needs_teacher:
+      raise ValueError(
+          "Cached teacher logits are stale under augmentation: the "
+          "teacher must see the same augmented batch as the student. "
+          f"Drop {fields.teacher_logits!r} from the data (online teacher) "
+          "or disable augmentation.")
     t_logits = None
-    if needs_teacher:
-      if "teacher_logits" in batch:
-        if augment_fn is not None:
-          raise ValueError(
-              "Cached teacher logits are stale under augmentation: the "
-              "teacher must see the same augmented batch as the student. "
-              "Drop 'teacher_logits' from the data (online teacher) or "
-              "disable augmentation.")
-        t_logits = jax.lax.stop_gradient(batch["teacher_logits"])
-      elif teacher is None:
-        raise ValueError(f"objective={objective!r} needs a teacher; pass a "
-                         "kdjax.Teacher or cached 'teacher_logits'.")
-      else:
-        t_logits = teacher(x)
-    temperature, alpha = state.temperature, state.alpha
+    if cached:
+      t_logits = jax.lax.stop_gradient(batch[fields.teacher_logits])
+    elif obj.needs_teacher:
+      if teacher is None:
+        raise ValueError(
+            f"objective {obj.name!r} needs a teacher; pass a kdjax.Teacher "
+            f"or cached {fields.teacher_logits!r} in the data.")
+      t_inputs = (inputs if same_inputs
+                  else model_inputs(fields.teacher_input_names))
+      t = teacher if compute_dtype is None else teacher.replace(
+          params=cast(teacher.params))
+      t_logits = t(*cast_inputs(list(t_inputs)))
+    temperature, alpha = state.hyperparams()
+    objective_batch = dict(batch)
+    if labels is not None:
+      objective_batch["label"] = labels
+
+    plain_mean = weights is None and axis_name is None
 
     def loss_fn(params):
-      s_logits = state.apply_fn(params, x, True, rng_drop)
-      hard = losses.hard_label_loss(s_logits, y)
-      aux = {"hard_loss": jnp.mean(hard)}
-      if objective == "hard":
-        total = hard
-      elif objective == "logit_matching":
-        soft = losses.logit_matching_loss(s_logits, t_logits)
-        total = soft
+      p = cast(params)
+      s_logits, new_model_state = _student_forward(
+          state.apply_fn, p, state.model_state, cast_inputs(list(inputs)),
+          train=True, rng=rng_drop)
+      s_for_loss, t_for_loss = s_logits, t_logits
+      if weights is not None:
+        fields_lib.check_weights(weights.shape, s_logits.shape,
+                                 fields.weights)
+        keep = weights[..., None] > 0
+        s_for_loss = jnp.where(keep, s_logits, 0.0)
+        if t_logits is not None:
+          t_for_loss = jnp.where(keep, t_logits, 0.0)
+      per_position, aux = obj(s_for_loss, t_for_loss, objective_batch,
+                              temperature=temperature, alpha=alpha)
+      want = s_logits.shape[:-1]
+      for name, v in [("loss", per_position), *aux.items()]:
+        if jnp.shape(v) != want:
+          raise ValueError(
+              f"objective {obj.name!r} returned {name} of shape "
+              f"{jnp.shape(v)}; an objective returns one value per position, "
+              f"shape {want} (logits {s_logits.shape} without the class axis).")
+      if plain_mean:
+        total = jnp.mean(per_position)
+        aux = {k: jnp.mean(v) for k, v in aux.items()}
+        w, denominator = None, None
       else:
-        soft = losses.distillation_loss(s_logits, t_logits, temperature)
-        total = soft if objective == "soft" else (
-            alpha * hard + (1.0 - alpha) * soft)
-      if objective != "hard":
-        aux["soft_loss"] = jnp.mean(soft)
-      return jnp.mean(total), (aux, s_logits)
+        w = (jnp.ones(want, jnp.float32) if weights is None
+             else weights.astype(jnp.float32))
+        denominator = jnp.sum(w)
+        if axis_name is not None:
+          denominator = jax.lax.psum(denominator, axis_name)
+        denominator = jax.lax.stop_gradient(
+            jnp.where(denominator > 0, denominator, 1.0))
+        total = _weighted(per_position, w, denominator)
+        aux = {k: _weighted(v, w, denominator) for k, v in aux.items()}
+      return total, (aux, s_logits, new_model_state, w, denominator)
 
-    (loss, (aux, s_logits)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
+    (loss, (aux, s_logits, new_model_state, w, denominator)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
     s_pred = jnp.argmax(s_logits, -1)
-    metrics = {"loss": loss, **aux,
-               "accuracy": jnp.mean((s_pred == y).astype(jnp.float32))}
+
+    def rate(hits):
+      hits = hits.astype(jnp.float32)
+      return jnp.mean(hits) if plain_mean else _weighted(hits, w, denominator)
+
+    metrics = {"loss": loss, **aux}
+    if labels is not None:
+      metrics["accuracy"] = rate(s_pred == labels)
     if t_logits is not None:
-      metrics["agreement"] = jnp.mean(
-          (s_pred == jnp.argmax(t_logits, -1)).astype(jnp.float32))
+      metrics["agreement"] = rate(s_pred == jnp.argmax(t_logits, -1))
     if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
-      metrics = jax.lax.pmean(metrics, axis_name)
+      # Each device holds its part of the global sums: add them up.
+      grads = jax.lax.psum(grads, axis_name)
+      metrics = jax.lax.psum(metrics, axis_name)
+      new_model_state = jax.tree.map(
+          lambda x: jax.lax.pmean(x, axis_name) if _inexact(x) else x,
+          new_model_state)
+    metrics["temperature"] = temperature
+    metrics["alpha"] = alpha
     metrics["grad_norm"] = global_norm(grads)
 
     # One scalar test instead of a pass over every gradient: the global norm
@@ -256,34 +492,46 @@ def make_train_step(objective: str = "kd", *,
                              jnp.isfinite(metrics["grad_norm"]))
 
     def apply(operands):
-      grads, opt_state, params = operands
+      grads, opt_state, params, _, model_state = operands
       updates, opt_state = state.tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+      return optax.apply_updates(params, updates), opt_state, model_state
 
-    operands = (grads, state.opt_state, state.params)
+    def keep_old(operands):
+      _, opt_state, params, old_model_state, _ = operands
+      return params, opt_state, old_model_state
+
+    operands = (grads, state.opt_state, state.params, state.model_state,
+                new_model_state)
     use_cond = skip_impl == "cond" or (
         skip_impl == "auto" and jax.default_backend() == "cpu")
     if skip_nonfinite and use_cond:
       # XLA:CPU: a conditional skips the update's memory passes entirely.
-      params, opt_state = jax.lax.cond(finite, apply,
-                                       lambda o: (o[2], o[1]), operands)
+      params, opt_state, model_state = jax.lax.cond(finite, apply, keep_old,
+                                                    operands)
     elif skip_nonfinite:
       # GPU/TPU: an elementwise select fuses into the update kernels and
       # needs no host round trip for the predicate.
-      new_params, new_opt_state = apply(operands)
-      keep = lambda new, old: jax.tree.map(
+      new = apply(operands)
+      old = keep_old(operands)
+      params, opt_state, model_state = jax.tree.map(
           lambda n, o: jnp.where(finite, n, o), new, old)
-      params = keep(new_params, state.params)
-      opt_state = keep(new_opt_state, state.opt_state)
     else:
-      params, opt_state = apply(operands)
+      params, opt_state, model_state = apply(operands)
     metrics["finite"] = finite.astype(jnp.float32)
+    updates = {}
+    if state.temperature_fn is not None:
+      updates["temperature"] = temperature
+    if state.alpha_fn is not None:
+      updates["alpha"] = alpha
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
+        model_state=model_state,
         skipped=state.skipped + (1 - finite.astype(jnp.int32)) * int(
-            skip_nonfinite))
+            skip_nonfinite), **updates)
     return new_state, metrics
 
+  step.objective = obj
+  step.fields = fields
   return step
 
 
@@ -292,22 +540,67 @@ def make_train_step(objective: str = "kd", *,
 # ----------------------------------------------------------------------------
 
 
-def jit_train_step(objective: str = "kd", **kwargs):
-  """``jax.jit`` of :func:`make_train_step`, donating the old state's buffers."""
-  return jax.jit(make_train_step(objective, **kwargs), donate_argnums=(0,))
+class DonatedStateError(ValueError):
+  """A compiled step was given a state whose buffers an earlier call donated."""
 
 
-def pmap_train_step(objective: str = "kd", *, axis_name: str = "batch",
-                    **kwargs):
+def _guard_donated(compiled: Callable, what: str) -> Callable:
+  """``compiled`` with a clear error for a state it already donated.
+
+  JAX's own error for a donated (deleted) buffer is ``RuntimeError: Array
+  has been deleted``, raised deep inside the call; this checks the state's
+  leaves first (a few microseconds) and names the fix.
+  """
+
+  @functools.wraps(compiled)
+  def call(state, *args, **kwargs):
+    for leaf in jax.tree.leaves(state):
+      if isinstance(leaf, jax.Array) and leaf.is_deleted():
+        raise DonatedStateError(
+            f"the state passed to {what} was donated to an earlier call of "
+            "a compiled step, which reused its buffers for the state it "
+            "returned. Pass the state returned by the last call, or build "
+            "the step with donate=False to keep old states (e.g. to reuse "
+            "the params you created the state from).")
+    return compiled(state, *args, **kwargs)
+
+  for attr in ("lower", "trace", "eval_shape", "_cache_size", "clear_cache"):
+    if hasattr(compiled, attr):
+      setattr(call, attr, getattr(compiled, attr))
+  call.compiled = compiled
+  return call
+
+
+def jit_train_step(objective: Union[str, Callable] = "kd", *,
+                   donate: bool = True, **kwargs):
+  """``jax.jit`` of :func:`make_train_step`.
+
+  Args:
+    objective, **kwargs: see :func:`make_train_step`.
+    donate: reuse the buffers of the ``state`` argument for the new state
+      (the default; saves a copy of params and optimizer state per step).
+      The state given is then deleted: pass each call the state the
+      previous one returned. A deleted state raises
+      :class:`DonatedStateError`.
+  """
+  compiled = jax.jit(make_train_step(objective, **kwargs),
+                     donate_argnums=(0,) if donate else ())
+  return _guard_donated(compiled, "jit_train_step") if donate else compiled
+
+
+def pmap_train_step(objective: Union[str, Callable] = "kd", *,
+                    axis_name: str = "batch", donate: bool = True, **kwargs):
   """The classic TPU form: ``jax.pmap`` over local devices.
 
   ``state`` must be replicated (:func:`replicate`) and ``batch`` split into a
   leading device axis (:func:`shard_batch` with ``mesh=None``); the teacher
-  and ``rng`` are broadcast (``in_axes=None``).
+  and ``rng`` are broadcast (``in_axes=None``). ``donate``: as for
+  :func:`jit_train_step`.
   """
   step = make_train_step(objective, axis_name=axis_name, **kwargs)
-  return jax.pmap(step, axis_name=axis_name, in_axes=(0, None, 0, None),
-                  donate_argnums=(0,))
+  compiled = jax.pmap(step, axis_name=axis_name, in_axes=(0, None, 0, None),
+                      donate_argnums=(0,) if donate else ())
+  return _guard_donated(compiled, "pmap_train_step") if donate else compiled
 
 
 def data_mesh(devices=None, axis: str = "data") -> Mesh:
@@ -316,13 +609,15 @@ def data_mesh(devices=None, axis: str = "data") -> Mesh:
   return Mesh(devices.reshape(-1), (axis,))
 
 
-def sharded_train_step(mesh: Mesh, objective: str = "kd", *,
-                       data_axis: str = "data", **kwargs):
+def sharded_train_step(mesh: Mesh, objective: Union[str, Callable] = "kd", *,
+                       data_axis: str = "data", donate: bool = True,
+                       **kwargs):
   """The modern form: jit over a ``Mesh``, batch sharded along ``data_axis``.
 
   The state, the teacher and the rng are replicated; the batch's leading
-  axis is split over ``data_axis``. Under GSPMD the mean over the global
-  batch becomes a local mean plus an all-reduce, exactly as ``pmean``.
+  axis is split over ``data_axis``. Under GSPMD the sums over the global
+  batch become local sums plus an all-reduce. ``donate``: as for
+  :func:`jit_train_step`.
 
   Tip: place the initial state with
   ``jax.device_put(state, NamedSharding(mesh, P()))`` before the first call;
@@ -332,11 +627,12 @@ def sharded_train_step(mesh: Mesh, objective: str = "kd", *,
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(data_axis))
   step = make_train_step(objective, **kwargs)
-  return jax.jit(step,
-                 in_shardings=(replicated, replicated, batch_sharding,
-                               replicated),
-                 out_shardings=(replicated, replicated),
-                 donate_argnums=(0,))
+  compiled = jax.jit(step,
+                     in_shardings=(replicated, replicated, batch_sharding,
+                                   replicated),
+                     out_shardings=(replicated, replicated),
+                     donate_argnums=(0,) if donate else ())
+  return _guard_donated(compiled, "sharded_train_step") if donate else compiled
 
 
 def shard_batch(batch: PyTree, mesh: Optional[Mesh] = None,

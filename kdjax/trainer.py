@@ -45,19 +45,22 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
-from kdjax import loops, sweep, train, validate
+from kdjax import fields as fields_lib
+from kdjax import loops, objectives, sweep, train, validate
+from kdjax.fields import Fields
 from kdjax.checkpoint import Checkpointer, key_data, leaf_specs, write_atomic
 from kdjax.progress import MetricWriter, Progress
 
-__all__ = ["fit", "check_run_config", "check_inputs"]
+__all__ = ["fit", "check_run_config", "check_inputs", "choose_loop"]
 
 PyTree = Any
 ON_NONFINITE = ("skip", "raise")
+LOOPS = ("auto", "scan", "steps")
 # The order in which non-finite metrics are named (then the rest, sorted).
 _METRIC_ORDER = ("loss", "hard_loss", "soft_loss", "grad_norm")
 
@@ -87,30 +90,37 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
 
 
 def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
-        rng: jax.Array, objective: str = "kd",
+        rng: jax.Array, objective: Union[str, Callable] = "kd",
+        fields: Optional[Fields] = None,
         augment_fn: Optional[Callable] = None,
+        input_transform: Optional[Callable] = None,
+        compute_dtype=None, keep_float32: Optional[Sequence[str]] = None,
         workdir: Optional[str | pathlib.Path] = None,
         checkpoint_every: int = 1, run_config: Optional[dict] = None,
         eval_fn: Optional[Callable[[PyTree], dict]] = None,
         eval_every: int = 0, vmapped: bool = False, desc: str = "train",
         progress: Optional[bool] = None,
         skip_nonfinite: bool = True,
-        on_nonfinite: str = "skip") -> tuple[PyTree, list[dict]]:
+        on_nonfinite: str = "skip",
+        loop: str = "auto") -> tuple[PyTree, list[dict]]:
   """Trains ``state`` for ``epochs`` epochs on device-resident ``data``.
 
   Args:
     state: a :class:`kdjax.train.TrainState` (or a stacked sweep state with
       ``vmapped=True``).
     teacher: the frozen :class:`kdjax.teacher.Teacher`, or None for
-      ``objective="hard"`` or when ``data`` holds ``'teacher_logits'``.
-    data: dict of arrays with a shared leading axis (``'image'``, ``'label'``,
-      optionally ``'teacher_logits'``); moved to the device once.
+      ``objective="hard"`` or when ``data`` holds cached teacher logits.
+    data: a dict pytree of arrays with a shared leading axis, read through
+      ``fields`` (default ``'image'``, ``'label'``, optionally
+      ``'teacher_logits'``); moved to the device once. Never modified or
+      donated.
     epochs: total number of epochs (a resumed run continues up to it).
     batch_size: examples per step (the remainder of each epoch is dropped).
     rng: the run's key (a stacked key per member when ``vmapped``).
-    objective, augment_fn, skip_nonfinite: see
-      :func:`kdjax.train.make_train_step`. ``skip_nonfinite=False`` (apply
-      non-finite updates) is only allowed with ``on_nonfinite="skip"``.
+    objective, fields, augment_fn, input_transform, compute_dtype,
+      keep_float32, skip_nonfinite: see :func:`kdjax.train.make_train_step`.
+      ``skip_nonfinite=False`` (apply non-finite updates) is only allowed
+      with ``on_nonfinite="skip"``.
     workdir: where checkpoints, ``metrics.jsonl``, ``fit.json`` and
       ``run_config.json`` go; None trains in memory only.
     checkpoint_every: checkpoint period in epochs (the last epoch is always
@@ -128,10 +138,17 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     on_nonfinite: ``"skip"`` (skip non-finite steps and go on) or
       ``"raise"`` (skip them, then raise ``FloatingPointError`` at the end
       of the epoch, before it is checkpointed).
+    loop: how an epoch runs: ``"scan"`` (the whole epoch in one
+      ``lax.scan``), ``"steps"`` (a Python loop of one jitted step per
+      batch, :func:`kdjax.loops.make_stepwise_epoch_fn`), or ``"auto"``
+      (:func:`choose_loop`). Both compute the same thing (the same batches
+      and keys; the same params to float32 rounding).
 
   Returns:
     ``(state, history)``: the final state and one metrics dict per epoch run
-    in this call.
+    in this call. ``state`` is new: the arrays of the ``state`` passed in
+    are copied before training (the compiled epochs donate their input), so
+    the caller's params stay usable.
 
   Raises:
     FloatingPointError: with ``on_nonfinite="raise"``, after an epoch with a
@@ -149,26 +166,48 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     raise ValueError("on_nonfinite='raise' keeps the non-finite update out "
                      "of the state; it cannot be combined with "
                      "skip_nonfinite=False.")
-  check_inputs(state, teacher, data, objective=objective,
-               augment_fn=augment_fn, vmapped=vmapped)
-  num_examples = int(data["label"].shape[0])
-  step = train.make_train_step(objective, augment_fn=augment_fn,
-                               skip_nonfinite=skip_nonfinite)
-  epoch_fn = loops.make_epoch_fn(step, batch_size=batch_size,
-                                 num_examples=num_examples,
-                                 nonfinite_diagnostics=True)
-  steps_per_epoch = epoch_fn.steps_per_epoch
-  if vmapped:
-    epoch_fn = sweep.vmap_epoch(epoch_fn)
-  run_epoch = jax.jit(epoch_fn, donate_argnums=(0,))
+  fields = Fields() if fields is None else fields
+  obj = objectives.get(objective)
+  num_examples = check_inputs(
+      state, teacher, data, objective=obj, fields=fields,
+      augment_fn=augment_fn, input_transform=input_transform,
+      vmapped=vmapped)
+  if loop not in LOOPS:
+    raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}.")
+  if loop == "auto":
+    loop = choose_loop(state, data, fields=fields,
+                       input_transform=input_transform, vmapped=vmapped)
+  step = train.make_train_step(
+      obj, fields=fields, augment_fn=augment_fn,
+      input_transform=input_transform, compute_dtype=compute_dtype,
+      keep_float32=keep_float32, skip_nonfinite=skip_nonfinite)
+  if loop == "steps":
+    run_epoch = loops.make_stepwise_epoch_fn(
+        step, batch_size=batch_size, num_examples=num_examples,
+        vmapped=vmapped, nonfinite_diagnostics=True)
+    steps_per_epoch = run_epoch.steps_per_epoch
+  else:
+    epoch_fn = loops.make_epoch_fn(step, batch_size=batch_size,
+                                   num_examples=num_examples,
+                                   nonfinite_diagnostics=True)
+    steps_per_epoch = epoch_fn.steps_per_epoch
+    if vmapped:
+      epoch_fn = sweep.vmap_epoch(epoch_fn)
+    run_epoch = jax.jit(epoch_fn, donate_argnums=(0,))
 
+  # The compiled epochs donate the state they are given: train a copy, so
+  # that no array the caller holds (the params it created the state from,
+  # say) is deleted.
+  state = _copy_arrays(state)
   start, ckpt, writer = 0, None, None
   if workdir is not None:
     workdir = pathlib.Path(workdir)
     check_run_config(workdir, _fit_record(
-        state, objective=objective, batch_size=batch_size,
+        state, objective=obj, batch_size=batch_size,
         num_examples=num_examples, augment_fn=augment_fn, vmapped=vmapped,
-        skip_nonfinite=skip_nonfinite), filename="fit.json")
+        skip_nonfinite=skip_nonfinite, fields=fields,
+        input_transform=input_transform, compute_dtype=compute_dtype,
+        keep_float32=keep_float32, loop=loop), filename="fit.json")
     if run_config is not None:
       check_run_config(workdir, run_config)
     ckpt = Checkpointer(workdir / "checkpoints")
@@ -224,61 +263,182 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
   return state, history
 
 
-def _fit_record(state: PyTree, *, objective: str, batch_size: int,
+def _copy_arrays(tree: PyTree) -> PyTree:
+  """A copy of every ``jax.Array`` leaf (same sharding); others as they are."""
+  return jax.tree.map(
+      lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+def _name(fn: Optional[Callable]) -> Optional[str]:
+  if fn is None:
+    return None
+  return getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _fit_record(state: PyTree, *, objective, batch_size: int,
                 num_examples: int, augment_fn: Optional[Callable],
-                vmapped: bool, skip_nonfinite: bool) -> dict:
-  """What ``fit`` sees of a run, for ``<workdir>/fit.json`` (not ``epochs``)."""
-  if augment_fn is None:
-    augment = None
-  else:
-    augment = getattr(augment_fn, "__qualname__", type(augment_fn).__name__)
-  return {"objective": objective, "batch_size": int(batch_size),
-          "num_examples": int(num_examples), "augment": augment,
-          "vmapped": bool(vmapped), "skip_nonfinite": bool(skip_nonfinite),
-          "temperature": np.asarray(jax.device_get(state.temperature)).tolist(),
-          "alpha": np.asarray(jax.device_get(state.alpha)).tolist(),
-          "state": leaf_specs(state)}
+                vmapped: bool, skip_nonfinite: bool,
+                fields: Optional[Fields] = None,
+                input_transform: Optional[Callable] = None,
+                compute_dtype=None,
+                keep_float32: Optional[Sequence[str]] = None,
+                loop: str = "scan") -> dict:
+  """What ``fit`` sees of a run, for ``<workdir>/fit.json`` (not ``epochs``).
+
+  Settings added to ``fit`` later (fields, input transform, precision,
+  schedules) are recorded only when they differ from their defaults, so
+  that the records of earlier runs still match and resume.
+  """
+  name = objective.name if isinstance(objective, objectives.Objective) \
+      else objective
+  record = {"objective": name, "batch_size": int(batch_size),
+            "num_examples": int(num_examples), "augment": _name(augment_fn),
+            "vmapped": bool(vmapped), "skip_nonfinite": bool(skip_nonfinite),
+            "temperature": np.asarray(
+                jax.device_get(state.temperature)).tolist(),
+            "alpha": np.asarray(jax.device_get(state.alpha)).tolist(),
+            "state": leaf_specs(state)}
+  if fields is not None and fields != Fields():
+    record["fields"] = fields.describe()
+  if input_transform is not None:
+    record["input_transform"] = _name(input_transform)
+  if compute_dtype is not None:
+    record["compute_dtype"] = str(np.dtype(compute_dtype))
+    record["keep_float32"] = sorted(keep_float32 or ())
+  if loop != "scan":
+    record["loop"] = loop  # A resumed run replays the same form.
+  for k in ("temperature_fn", "alpha_fn"):
+    fn = getattr(state, k, None)
+    if fn is not None:
+      record[k] = _name(fn)
+  return record
 
 
-def check_inputs(state: PyTree, teacher, data: dict, *, objective: str = "kd",
+def _has_convolution(jaxpr) -> bool:
+  """Whether a (closed) jaxpr or any jaxpr nested in it has a convolution."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      return True
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+          if _has_convolution(sub):
+            return True
+  return False
+
+
+def choose_loop(state: PyTree, data: dict, *, fields: Optional[Fields] = None,
+                input_transform: Optional[Callable] = None,
+                vmapped: bool = False) -> str:
+  """The epoch form :func:`fit` uses with ``loop="auto"``.
+
+  The rule, from measurements on XLA:CPU (``benchmarks/train_step.py``):
+  a step with a convolution runs several times slower inside a
+  ``lax.scan`` than as a jitted program of its own (a two-layer CNN at
+  batch 128: about 15x), while an MLP's step runs faster in the scan (no
+  dispatch per step). So: on the CPU, ``"steps"`` for a student whose
+  forward pass has a convolution, else ``"scan"``; on GPU and TPU always
+  ``"scan"``. The rule looks only at the student's traced forward pass
+  (``jax.make_jaxpr``, nothing is compiled), so it is deterministic and a
+  resumed run makes the same choice.
+  """
+  if jax.default_backend() != "cpu":
+    return "scan"
+  fields = Fields() if fields is None else fields
+  apply_fn = getattr(state, "apply_fn", None)
+  if apply_fn is None:
+    return "scan"
+  member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
+      else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      (1,) + tuple(np.shape(a)[1:]), a.dtype), data)
+
+  def forward(params, model_state, batch):
+    xs = [batch[n] for n in fields.input_names]
+    if input_transform is not None:
+      xs = [input_transform(x) for x in xs]
+    return apply_fn(params, model_state, *xs, train=True,
+                    rng=jax.random.key(0))[0]
+
+  jaxpr = jax.make_jaxpr(forward)(jax.tree.map(member, state.params),
+                                  jax.tree.map(member, state.model_state), one)
+  return "steps" if _has_convolution(jaxpr) else "scan"
+
+
+def check_inputs(state: PyTree, teacher, data: dict, *,
+                 objective: Union[str, Callable] = "kd",
+                 fields: Optional[Fields] = None,
                  augment_fn: Optional[Callable] = None,
-                 vmapped: bool = False) -> None:
+                 input_transform: Optional[Callable] = None,
+                 vmapped: bool = False) -> int:
   """Host-side checks of :func:`fit`'s inputs; nothing is compiled.
 
   The student's (and teacher's) logits shapes come from ``jax.eval_shape``
   on one example, which traces the models abstractly without compiling.
 
+  Returns:
+    The number of examples (the data's leading axis).
+
   Raises:
+    kdjax.fields.BatchError: the data does not match ``fields`` (leaves
+      with different leading axes, a missing or unknown field, weights of
+      the wrong shape).
     ValueError: teacher and student predict different numbers of classes,
-      or a label lies outside ``[0, num_classes)``.
-    TypeError: the labels are not integers.
+      a label (of positive weight) lies outside ``[0, num_classes)``, or a
+      stateful student came without its model state.
+    TypeError: the labels are not integers, or the objective has the wrong
+      signature.
   """
-  for k in ("image", "label"):
-    if k not in data:
-      raise ValueError(f"data must be a dict with 'image' and 'label' keys, "
-                       f"got keys {sorted(data)}.")
+  obj = objectives.get(objective)
+  fields = Fields() if fields is None else fields
+  num_examples = fields_lib.check_batch(data, fields,
+                                        needs_labels=obj.needs_labels,
+                                        what="data")
   apply_fn = getattr(state, "apply_fn", None)
   params = getattr(state, "params", None)
   if apply_fn is None or params is None:
-    return
-  image = data["image"]
-  x = jax.eval_shape(train.prepare_images, jax.ShapeDtypeStruct(
-      (1,) + tuple(image.shape[1:]), image.dtype))
+    return num_examples
+  one = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct((1,) + tuple(np.shape(a)[1:]),
+                                     np.asarray(a).dtype if not hasattr(
+                                         a, "dtype") else a.dtype), data)
+  key = jax.eval_shape(lambda: jax.random.key(0))
   member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
       else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  if augment_fn is not None:
-    x = jax.eval_shape(augment_fn, key, x)
-  student = jax.eval_shape(lambda p, x, k: apply_fn(p, x, True, k),
-                           jax.tree.map(member, params), x, key).shape
+
+  def model_inputs(names, batch):
+    xs = [batch[n] for n in names]
+    if input_transform is not None:
+      xs = [input_transform(x) for x in xs]
+    if augment_fn is not None:
+      xs[0] = augment_fn(jax.random.key(0), xs[0])
+    return xs
+
+  model_state = getattr(state, "model_state", {})
+  student = train.abstract_student_logits(
+      apply_fn, jax.tree.map(member, params),
+      jax.tree.map(member, model_state),
+      lambda b: model_inputs(fields.input_names, b), one)
+  if fields.weights is not None:
+    fields_lib.check_weights(np.shape(data[fields.weights]),
+                             (num_examples,) + tuple(student[1:]),
+                             fields.weights)
   teacher_shape = None
-  if objective != "hard":
-    if "teacher_logits" in data:
-      teacher_shape = (1,) + tuple(data["teacher_logits"].shape[1:])
+  if obj.needs_teacher:
+    if fields.teacher_logits in data:
+      teacher_shape = (1,) + tuple(np.shape(data[fields.teacher_logits])[1:])
     elif teacher is not None:
-      teacher_shape = jax.eval_shape(teacher, x).shape
+      teacher_shape = jax.eval_shape(
+          lambda t, b: t(*model_inputs(fields.teacher_input_names, b)),
+          teacher, one).shape
   validate.validate_models(teacher_shape, student)
-  validate.validate_labels(np.asarray(data["label"]), student[-1])
+  if fields.labels is not None:
+    labels = np.asarray(data[fields.labels])
+    if fields.weights is not None:
+      labels = labels[np.asarray(data[fields.weights]) > 0]
+    validate.validate_labels(labels, student[-1])
+  return num_examples
 
 
 def _nonfinite_message(epoch: int, epochs: int, first_bad: np.ndarray,

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from kdjax import distributed, train  # noqa: E402
+from kdjax import distributed, preprocess, train  # noqa: E402
 from kdjax.teacher import Teacher  # noqa: E402
 
 NUM_EXAMPLES = 64
@@ -52,6 +52,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    x = preprocess.scale_pixels(x)
     x = nn.relu(nn.Dense(self.width)(x.reshape(x.shape[0], -1)))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(NUM_CLASSES)(x)

@@ -16,6 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from kdjax import preprocess  # noqa: E402
 from kdjax import trainer as fit_lib  # noqa: E402
 from kdjax.provenance import params_sha256  # noqa: E402
 from kdjax.teacher import Teacher  # noqa: E402
@@ -28,7 +29,7 @@ class Net(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train=False):
-    x = x.reshape(x.shape[0], -1)
+    x = preprocess.scale_pixels(x).reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.width)(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(10, name="logits")(x)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 
+import kdjax
 from kdjax import checkpoint as ckpt_lib
 from kdjax import trainer as fit_lib
 
@@ -214,7 +215,9 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
   params = net.init(jax.random.key(2), jnp.zeros((1, 8, 8)))["params"]
   wider = state.replace(
       params=params, opt_state=state.tx.init(params),
-      apply_fn=lambda p, x, train, rng: net.apply({"params": p}, x))
+      apply_fn=kdjax.Student.from_logits_fn(
+          lambda p, x, train, rng: net.apply({"params": p}, x),
+          params).apply_fn)
   with pytest.raises(ValueError, match=r"fit.json: keys differing: \['state'\]"):
     _fit(wider, teacher, data, tmp_path, epochs=2)
   assert not (tmp_path / "checkpoints.corrupt").exists()

@@ -281,15 +281,19 @@ def test_from_linen_custom_eval_kwargs():
 @pytest.fixture(scope="module")
 def nnx_teacher():
   model = NnxMLP(nnx.Rngs(0, dropout=1), width=32)
-  model.train()  # from_nnx must switch it to eval mode.
+  model.train()  # from_nnx takes an eval-mode snapshot of it...
   teacher = Teacher.from_nnx(model)
+  # ... without switching the caller's module; switch it here to compare.
+  assert all(not m.deterministic for _, m in nnx.iter_graph(model)
+             if isinstance(m, nnx.Dropout))
+  model.eval()
   return model, teacher
 
 
 def test_from_nnx_matches_model_in_eval_mode(nnx_teacher):
   model, teacher = nnx_teacher
   x = _images(4)
-  expected = model(x)  # from_nnx switched the model to eval mode.
+  expected = model(x)  # The fixture switched the model to eval mode.
   np.testing.assert_array_equal(model(x), expected)
   np.testing.assert_allclose(teacher(x), expected, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(jax.jit(lambda t, x: t(x))(teacher, x), expected,

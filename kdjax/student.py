@@ -1,0 +1,252 @@
+"""The student: the counterpart of :class:`kdjax.Teacher`, with model state.
+
+A :class:`Student` holds
+
+* ``apply_fn(params, model_state, *inputs, train, rng) -> (logits,
+  new_model_state)``: a pure forward function. In training
+  (``train=True``) it may update ``model_state`` (BatchNorm's running
+  statistics, say) and draw dropout masks from ``rng``; in evaluation
+  (``train=False``) it reads ``model_state`` and returns it unchanged;
+* ``params``: what the optimizer trains;
+* ``model_state``: every other collection (``{}`` for a stateless model).
+  It lives in :class:`kdjax.train.TrainState` beside the params, is
+  checkpointed with them, never enters the optimizer, and is left unchanged
+  by a skipped (non-finite) step.
+
+Constructors:
+
+* :meth:`Student.from_linen`: a ``flax.linen`` module and its variables;
+  every collection but ``params`` (e.g. ``batch_stats``) is mutable in
+  training and read in evaluation, as in the Flax ImageNet example;
+* :meth:`Student.from_nnx`: an ``nnx.Module`` (``nnx.BatchNorm``,
+  ``nnx.Dropout``, ``nnx.Rngs``...), split into graph and state once, merged
+  inside the compiled step (the NNX training examples' functional pattern).
+  The caller's module is never modified; :meth:`Student.export` gives the
+  trained one back;
+* :meth:`Student.from_fn`: a pure forward function of the signature above;
+* :meth:`Student.from_logits_fn`: a stateless ``(params, *inputs, train,
+  rng) -> logits`` (kdjax's models through
+  :func:`kdjax.models.linen_student_apply`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+import zlib
+from typing import Any, Callable, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+
+__all__ = ["Student"]
+
+PyTree = Any
+Forward = Callable[..., tuple[jax.Array, PyTree]]
+
+
+def _copy(tree: PyTree) -> PyTree:
+  """A copy of every array leaf (a snapshot no later update can reach)."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True)
+                      if isinstance(x, jax.Array) else x, tree)
+
+
+# One forward per wrapped function: states built from the same function then
+# share their static metadata, so jit reuses compilations and two such states
+# (sweep members, a resumed run) have the same pytree structure.
+_LOGITS_FORWARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _logits_forward(fn: Callable[..., jax.Array]) -> Forward:
+  try:
+    return _LOGITS_FORWARDS[fn]
+  except (KeyError, TypeError):
+    pass
+
+  def forward(params, model_state, *inputs, train, rng):
+    return fn(params, *inputs, train, rng), model_state
+
+  forward.logits_fn = fn
+  try:
+    _LOGITS_FORWARDS[fn] = forward
+  except TypeError:  # Not weak-referenceable: no sharing.
+    pass
+  return forward
+
+
+@flax.struct.dataclass
+class Student:
+  """A student model: a pure forward function, its params and model state.
+
+  Attributes:
+    apply_fn: ``(params, model_state, *inputs, train, rng) ->
+      (logits, new_model_state)`` (static).
+    params: the trainable parameters.
+    model_state: the non-trainable collections (``{}`` if none).
+    export_fn: ``(params, model_state) -> model`` giving back a usable
+      model (linen: the variables dict; NNX: the module), or None (static).
+  """
+  apply_fn: Forward = flax.struct.field(pytree_node=False)
+  params: PyTree
+  model_state: PyTree = dataclasses.field(default_factory=dict)
+  export_fn: Optional[Callable] = flax.struct.field(pytree_node=False,
+                                                    default=None)
+
+  def __call__(self, *inputs, train: bool = False,
+               rng: Optional[jax.Array] = None):
+    """``(logits, new_model_state)`` for ``inputs``."""
+    return self.apply_fn(self.params, self.model_state, *inputs, train=train,
+                         rng=rng)
+
+  def export(self, params: Optional[PyTree] = None,
+             model_state: Optional[PyTree] = None):
+    """The model with ``params`` and ``model_state`` (default: its own).
+
+    Pass a trained :class:`kdjax.train.TrainState`'s ``params`` and
+    ``model_state``. linen: the variables dict ``{'params': ...,
+    'batch_stats': ...}`` for ``module.apply``; NNX: a new ``nnx.Module``
+    in eval mode (call ``.train()`` on it to train on); a plain function:
+    ``(params, model_state)``.
+    """
+    params = self.params if params is None else params
+    model_state = self.model_state if model_state is None else model_state
+    if self.export_fn is None:
+      return params, model_state
+    return self.export_fn(params, model_state)
+
+  # -- constructors ----------------------------------------------------------
+
+  @classmethod
+  def from_fn(cls, fn: Forward, params: PyTree,
+              model_state: Optional[PyTree] = None) -> "Student":
+    """A student from a pure forward function (the signature above)."""
+    return cls(apply_fn=fn, params=params,
+               model_state={} if model_state is None else model_state)
+
+  @classmethod
+  def from_logits_fn(cls, fn: Callable[..., jax.Array],
+                     params: PyTree) -> "Student":
+    """A stateless student from ``fn(params, *inputs, train, rng) -> logits``.
+
+    ``train`` and ``rng`` are passed positionally after the inputs, as
+    :func:`kdjax.models.linen_student_apply` takes them.
+    """
+
+    return cls(apply_fn=_logits_forward(fn), params=params, model_state={})
+
+  @classmethod
+  def from_linen(cls, module, variables: PyTree, *,
+                 train_kwargs: Optional[dict] = None,
+                 eval_kwargs: Optional[dict] = None,
+                 mutable: Optional[Sequence[str]] = None,
+                 rng_collections: Sequence[str] = ("dropout",)) -> "Student":
+    """A student from a ``flax.linen`` module and its variables.
+
+    Args:
+      module: the ``nn.Module``.
+      variables: ``module.init``'s result: ``{'params': ..., <collections>}``.
+        Pass all of it: a BatchNorm student given only its params fails with
+        an error naming the missing collection.
+      train_kwargs: keywords that put the module in training mode; default
+        ``{'train': True}`` (kdjax's and the Flax examples' convention).
+      eval_kwargs: keywords for evaluation; default ``{'train': False}``.
+      mutable: collections updated in training; default every collection
+        of ``variables`` except ``params``.
+      rng_collections: rng streams given a key in training (the step's key
+        for ``'dropout'``, keys folded from it for the others).
+
+    Returns:
+      A :class:`Student`; :meth:`export` gives back the variables dict.
+    """
+    train_kwargs = {"train": True} if train_kwargs is None else dict(
+        train_kwargs)
+    eval_kwargs = {"train": False} if eval_kwargs is None else dict(
+        eval_kwargs)
+    variables = dict(variables)
+    if "params" not in variables:
+      raise ValueError(
+          "Student.from_linen expects the variables returned by module.init, "
+          f"with a 'params' collection; got keys {sorted(variables)}.")
+    params = variables.pop("params")
+    model_state = {k: v for k, v in variables.items()}
+    mutable = tuple(model_state) if mutable is None else tuple(mutable)
+    rng_collections = tuple(rng_collections)
+
+    def rngs_for(rng):
+      if rng is None:
+        return {}
+      return {name: (rng if i == 0 else jax.random.fold_in(rng, i))
+              for i, name in enumerate(rng_collections)}
+
+    def forward(params, model_state, *inputs, train, rng):
+      variables = {"params": params, **model_state}
+      if train and mutable:
+        logits, updates = module.apply(variables, *inputs, rngs=rngs_for(rng),
+                                       mutable=list(mutable), **train_kwargs)
+        return logits, {**model_state, **dict(updates)}
+      kwargs = train_kwargs if train else eval_kwargs
+      rngs = rngs_for(rng) if train else {}
+      return module.apply(variables, *inputs, rngs=rngs, **kwargs), model_state
+
+    def export(params, model_state):
+      return {"params": params, **model_state}
+
+    return cls(apply_fn=forward, params=params, model_state=model_state,
+               export_fn=export)
+
+  @classmethod
+  def from_nnx(cls, model) -> "Student":
+    """A student from a Flax NNX module; the module itself is not modified.
+
+    The module is cloned and split into a graph definition, its
+    ``nnx.Param`` variables (the params), its rng state and everything else
+    (the model state: ``nnx.BatchStat``, ...). Inside the step the graph is
+    merged with the current params and state, run in training mode
+    (``.train()``) or evaluation mode (``.eval()``), and split again; the
+    updated batch statistics become the new model state.
+
+    Randomness: before each training forward every rng stream of the module
+    is reseeded (``nnx.reseed``) from the step's key, so dropout follows the
+    step's key like a linen student's (a resumed run replays it, and the
+    sharded step draws one mask over the global batch). The rng state is not
+    part of the model state.
+
+    :meth:`export` returns a new module in eval mode holding the trained
+    params and statistics.
+    """
+    from flax import nnx  # Local import: NNX is optional for linen users.
+
+    model = nnx.clone(model)
+    model.train()
+    graph_train, params, rng_state, model_state = nnx.split(
+        model, nnx.Param, nnx.RngState, ...)
+    model.eval()
+    graph_eval = nnx.graphdef(model)
+    params, rng_state, model_state = _copy((params, rng_state, model_state))
+    streams = sorted({getattr(v, "tag", None) for v in jax.tree.leaves(
+        rng_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+                      if isinstance(v, nnx.RngKey)} - {None})
+
+    def forward(params, model_state, *inputs, train, rng):
+      # Fresh Variables at this trace level (NNX refuses to update ones made
+      # at another: the captured rng state, or a model state closed over by
+      # the step's value_and_grad).
+      fresh = lambda tree: jax.tree.map(lambda x: x, tree)
+      module = nnx.merge(graph_train if train else graph_eval, fresh(params),
+                         fresh(rng_state), fresh(model_state))
+      if train and rng is not None and streams:
+        nnx.reseed(module, **{s: jax.random.fold_in(
+            rng, zlib.crc32(s.encode())) for s in streams})
+      logits = module(*inputs)
+      if not train:
+        return logits, model_state
+      _, _, _, new_state = nnx.split(module, nnx.Param, nnx.RngState, ...)
+      return logits, new_state
+
+    def export(params, model_state):
+      return nnx.merge(graph_eval, params, _copy(rng_state),
+                       _copy(model_state))
+
+    return cls(apply_fn=forward, params=params, model_state=model_state,
+               export_fn=export)
