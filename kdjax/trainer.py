@@ -51,6 +51,7 @@ import jax
 import numpy as np
 
 from kdjax import loops, sweep, train, validate
+from kdjax import augment as augment_lib
 from kdjax.checkpoint import Checkpointer, key_data, leaf_specs, write_atomic
 from kdjax.progress import MetricWriter, Progress
 
@@ -75,10 +76,10 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
   canonical = json.loads(json.dumps(run_config, sort_keys=True, default=str))
   if path.exists():
     old = json.loads(path.read_text())
-    if old != canonical:
+    if old != canonical and not augment_lib.same_fit_record(old, canonical):
       diff = sorted(k for k in set(old) | set(canonical)
                     if old.get(k) != canonical.get(k))
-      raise ValueError(
+      raise validate.WorkdirMismatchError(
           f"workdir {workdir} holds a run with a different configuration "
           f"({path.name}: keys differing: {diff}). Use a new --workdir, or "
           f"delete {workdir} to start over.")
@@ -231,7 +232,7 @@ def _fit_record(state: PyTree, *, objective: str, batch_size: int,
   if augment_fn is None:
     augment = None
   else:
-    augment = getattr(augment_fn, "__qualname__", type(augment_fn).__name__)
+    augment = augment_lib.describe(augment_fn)
   return {"objective": objective, "batch_size": int(batch_size),
           "num_examples": int(num_examples), "augment": augment,
           "vmapped": bool(vmapped), "skip_nonfinite": bool(skip_nonfinite),

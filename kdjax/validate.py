@@ -29,7 +29,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ConfigError", "ConfigTypeError", "validate_config",
+__all__ = ["ConfigError", "ConfigTypeError", "WorkdirMismatchError",
+           "validate_config",
            "validate_choices", "validate_batch", "validate_models",
            "validate_labels"]
 
@@ -45,6 +46,14 @@ class ConfigError(ValueError):
 
 class ConfigTypeError(ConfigError, TypeError):
   """A config value of the wrong type."""
+
+
+class WorkdirMismatchError(ValueError):
+  """The workdir holds a run of another configuration.
+
+  Raised by :func:`kdjax.trainer.check_run_config` (so by :func:`kdjax.fit`
+  and the MNIST pipeline) instead of mixing two runs in one workdir.
+  """
 
 
 # ----------------------------------------------------------------------------
