@@ -20,7 +20,7 @@ import json
 import pathlib
 import sys
 
-from kdjax import checkpoint
+from kdjax import checkpoint, cli
 
 
 def collect(workdirs, note: str = "") -> dict:
@@ -29,8 +29,9 @@ def collect(workdirs, note: str = "") -> dict:
     w = pathlib.Path(w)
     path = w / "results.json"
     if not path.exists():
-      raise FileNotFoundError(f"{path} does not exist: is {w} a finished run "
-                              "of experiments/mnist/main.py?")
+      raise cli.InputNotFoundError(
+          f"{path} does not exist: is {w} a finished run of "
+          "experiments/mnist/main.py?")
     r = json.loads(path.read_text())
     run = {"workdir": w.name, "command": r.get("command"),
            "git_commit": r["git_commit"], "device": r["device"],
@@ -69,7 +70,8 @@ def merge(old: dict, new: dict) -> dict:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                   epilog=cli.HELP_EPILOG)
   parser.add_argument("workdirs", nargs="+")
   parser.add_argument("--out", required=True)
   parser.add_argument("--note", default="")
@@ -88,4 +90,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main)

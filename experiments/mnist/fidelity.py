@@ -30,14 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from experiments.mnist import pipeline
-from kdjax import checkpoint, losses, provenance, sweep
+from kdjax import checkpoint, cli, losses, provenance, sweep
 
 
 def _stats(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> dict:
@@ -57,7 +56,7 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
   folder = workdir / "students" / row
   for needed in (workdir / "run_config.json", folder / "run_config.json"):
     if not needed.exists():
-      raise FileNotFoundError(
+      raise cli.InputNotFoundError(
           f"{needed} does not exist: WORKDIR must be a run of "
           "experiments.mnist.main and ROW one of the folders in "
           f"{workdir / 'students'}.")
@@ -75,16 +74,16 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
   finally:
     ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {folder / 'checkpoints'}.")
+    raise cli.InputNotFoundError(f"no checkpoint in {folder / 'checkpoints'}.")
   state, meta = restored
   if int(meta["epoch"]) != rc["epochs"]:
-    raise ValueError(f"{row} stopped at epoch {meta['epoch']} of "
-                     f"{rc['epochs']}: not a finished row.")
+    raise cli.InputError(f"{row} stopped at epoch {meta['epoch']} of "
+                         f"{rc['epochs']}: not a finished row.")
 
   if not config.teacher.path:  # Trained in the run: load what it saved.
     saved = workdir / config.teacher.get("save_to", "")
     if not config.teacher.get("save_to", "") or not saved.exists():
-      raise FileNotFoundError(
+      raise cli.InputNotFoundError(
           f"the run in {workdir} trained its teacher without saving it "
           "(config.teacher.save_to); its students cannot be compared with it.")
     config.teacher.path = str(saved.absolute())
@@ -119,7 +118,8 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   epilog=cli.HELP_EPILOG)
   parser.add_argument("workdir")
   parser.add_argument("row")
   parser.add_argument("--out", help="write the JSON here (atomically)")
@@ -137,4 +137,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_main(main)

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from kdjax import checkpoint
+from kdjax import checkpoint, cli
 
 
 def _fmt(values) -> str:
@@ -190,7 +190,8 @@ def write_all(results: dict, workdir: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
-      description="Redraws results.md and the plots of a finished run.")
+      description="Redraws results.md and the plots of a finished run.",
+      epilog=cli.HELP_EPILOG)
   parser.add_argument("workdir", help="a run's workdir (holds results.json)")
   parser.add_argument("--partial", action="store_true",
                       help=f"draw an unfinished run's rows from {PARTIAL}")
@@ -210,4 +211,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main)
