@@ -7,7 +7,8 @@ uniformly from :math:`\{-m, \dots, m\}^2` (:math:`m` = ``max_shift``) and
 
 .. math::
   \tilde x_b[i, j] = \begin{cases}
-    x_b[i - \delta_y,\ j - \delta_x] & \text{if that pixel is inside the image,} \\
+    x_b[i - \delta_y,\ j - \delta_x]
+      & \text{if that pixel is inside the image,} \\
     0 & \text{otherwise,}
   \end{cases}
 

@@ -73,7 +73,7 @@ def leaf_specs(tree: PyTree) -> dict[str, str]:
 
 
 def key_data(rng: jax.Array) -> np.ndarray:
-  """The raw uint32 data of a PRNG key (typed or legacy), as saved in ``meta``."""
+  """The raw uint32 data of a PRNG key (typed or legacy), saved in ``meta``."""
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     return np.asarray(jax.random.key_data(rng))
   return np.asarray(rng)

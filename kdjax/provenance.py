@@ -37,16 +37,19 @@ def git_commit(cwd: str | None = None) -> str | None:
   try:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, check=True,
                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=cwd, check=True, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        check=True, capture_output=True, text=True).stdout.strip()
     return sha + ("-dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return None
 
 
 def device_description() -> str:
-  """E.g. ``'cpu: 8 x cpu (x86_64, 2 host cores)'`` or ``'gpu: 1 x NVIDIA H100'``."""
+  """The devices in one line, e.g. ``'gpu: 1 x NVIDIA H100'``.
+
+  On the CPU: ``'cpu: 8 x cpu (x86_64, 2 host cores)'``.
+  """
   import os
   devs = jax.devices()
   kind = devs[0].device_kind

@@ -89,8 +89,8 @@ def _expected(ref) -> tuple[str, Any]:
     return "a list", lambda v: isinstance(v, (list, tuple))
   if _is_mapping(ref):
     return "a ConfigDict (a group of keys)", _is_mapping
-  return (f"a {type(ref).__name__}",
-          lambda v, t=type(ref): isinstance(v, t))
+  ref_type = type(ref)
+  return f"a {ref_type.__name__}", lambda v: isinstance(v, ref_type)
 
 
 def _element_reference(ref: Sequence):

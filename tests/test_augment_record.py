@@ -1,4 +1,4 @@
-"""fit.json names the augmentation (kdjax.augment.describe), old records resume."""
+"""fit.json names the augmentation (augment.describe); old records resume."""
 import functools
 import json
 import pathlib

@@ -1,6 +1,7 @@
 """Gathers several runs' results.json into one record (e.g. a tuning study).
 
-  python -m experiments.mnist.collect --out experiments/mnist/results/tuning_cpu.json \\
+  python -m experiments.mnist.collect \\
+      --out experiments/mnist/results/tuning_cpu.json \\
       --note "why these runs" runs/tune/*/
 
 ``--append`` adds the runs to an existing record instead (a run whose
@@ -38,8 +39,8 @@ def collect(workdirs, note: str = "") -> dict:
            "total_seconds": r["total_seconds"],
            "rows": [{k: row[k] for k in ("name", "val_errors", "test_errors",
                                          "epochs", "alpha", "temperature",
-                                         "jitter", "dropout", "num_train", "width",
-                                         "source") if k in row}
+                                         "jitter", "dropout", "num_train",
+                                         "width", "source") if k in row}
                     for row in r["rows"]]}
     curve = w / "teacher" / "metrics.jsonl"
     if curve.exists():
@@ -54,7 +55,8 @@ def collect(workdirs, note: str = "") -> dict:
 
 
 def merge(old: dict, new: dict) -> dict:
-  """``old`` with ``new``'s runs added (same workdir name: replaced in place)."""
+  """``old`` with ``new``'s runs added (a workdir name already there: replaced
+  in place)."""
   runs = list(old["runs"])
   index = {r["workdir"]: i for i, r in enumerate(runs)}
   for r in new["runs"]:

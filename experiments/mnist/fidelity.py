@@ -1,4 +1,4 @@
-"""How closely a run's distilled students match their teacher, on and off the transfer set.
+"""How well a run's students match their teacher, on and off the transfer set.
 
   python -m experiments.mnist.fidelity WORKDIR ROW [--out FILE.json]
 
@@ -39,12 +39,15 @@ from experiments.mnist import pipeline
 from kdjax import checkpoint, cli, losses, provenance, sweep
 
 
-def _stats(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> dict:
+def _stats(student: np.ndarray, teacher: np.ndarray,
+           labels: np.ndarray) -> dict:
   zs = student - student.mean(-1, keepdims=True)
   zt = teacher - teacher.mean(-1, keepdims=True)
-  kl = losses.distillation_loss(jnp.asarray(student), jnp.asarray(teacher), 20.0)
+  kl = losses.distillation_loss(jnp.asarray(student), jnp.asarray(teacher),
+                                20.0)
+  disagreements = int(np.sum(student.argmax(-1) != teacher.argmax(-1)))
   return {"errors": pipeline.errors(student, labels),
-          "disagreements": int(np.sum(student.argmax(-1) != teacher.argmax(-1))),
+          "disagreements": disagreements,
           "kl_T20": round(float(np.mean(np.asarray(kl, np.float64))), 4),
           "logit_rmse": round(float(np.sqrt(np.mean(np.square(
               zs.astype(np.float64) - zt)))), 4)}
@@ -110,7 +113,8 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
   return {"workdir": workdir.name, "row": row, "epochs": rc["epochs"],
           "width": rc["width"], "objective": rc["objective"],
           "command": pipeline.command_line(),
-          "git_commit": provenance.git_commit(str(pathlib.Path(__file__).parent)),
+          "git_commit": provenance.git_commit(
+              str(pathlib.Path(__file__).parent)),
           "device": env["device"], "jax_version": env["jax_version"],
           "teacher": {k: {"errors": pipeline.errors(t_logits[k], sets[k][1])}
                       for k in sets},

@@ -1,7 +1,8 @@
 """Runs the paper's MNIST experiments: flags only, the logic is in pipeline.py.
 
-  python -m experiments.mnist.main --config=experiments/mnist/configs/quick.py \
-      --workdir=runs/demo [--config.seeds=[0] --config.student.distill.epochs=5]
+  python -m experiments.mnist.main \\
+      --config=experiments/mnist/configs/quick.py --workdir=runs/demo \\
+      [--config.seeds=[0] --config.student.distill.epochs=5]
 
 ``--config`` is an ml_collections config file; any field can be overridden
 from the command line. Results go to WORKDIR/results.json (+ .md, plots).

@@ -49,7 +49,8 @@ def markdown(results: dict) -> str:
   for r in results["rows"]:
     extra = []
     if "errors_on_3" in r:
-      extra.append(f"on 3s: {_fmt(r['errors_on_3'])} / {r.get('num_test_3s', 1010)} "
+      extra.append(f"on 3s: {_fmt(r['errors_on_3'])} / "
+                   f"{r.get('num_test_3s', 1010)} "
                    f"(paper {r.get('paper_errors_on_3')})")
     if "test_error_rate" in r:
       extra.append(f"error rate {_fmt_rate(r['test_error_rate'])} "
