@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax._types import PyTree
+
 Array = jax.Array
-PyTree = Any
 KeyPath = Sequence[Any]
 Predicate = Callable[[KeyPath, Array], bool]
 
@@ -53,21 +54,14 @@ _MISSING_PARAMS = ("max_norm needs params; call tx.update(grads, opt_state, "
                    "params)")
 
 
-def _key_name(entry: Any) -> str:
-  """Name of one ``jax.tree_util`` key-path entry (dict key, attr or index)."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def default_predicate(path: KeyPath, leaf: Array) -> bool:
   """Selects weight kernels: leaves of rank >= 2 whose path ends in 'kernel'.
 
   This picks flax ``Dense`` kernels ``[fan_in, fan_out]`` and ``Conv`` kernels
   ``[kh, kw, c_in, c_out]`` and skips biases (and any other 1-D leaf).
   """
-  return bool(path) and _key_name(path[-1]) == "kernel" and jnp.ndim(leaf) >= 2
+  return (bool(path) and jnp.ndim(leaf) >= 2
+          and jax.tree_util.keystr(tuple(path[-1:]), simple=True) == "kernel")
 
 
 def _check_max_sq_norm(max_sq_norm) -> None:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import platform
 import subprocess
-from typing import Any
 
 import jax
 import numpy as np
 
+from kdjax._types import PyTree
+
 __all__ = ["params_sha256", "git_commit", "device_description", "environment"]
 
 
-def params_sha256(params: Any) -> str:
+def params_sha256(params: PyTree) -> str:
   """SHA-256 of a pytree's leaves (shapes, dtypes and bytes, in tree order).
 
   Two runs with bit-identical parameters have equal hashes; any difference
