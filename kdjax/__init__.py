@@ -18,6 +18,8 @@ Modules, one concern each:
 * :mod:`kdjax.data`: MNIST from IDX files or TFDS, splits, transfer sets.
 * :mod:`kdjax.validate`: fail-fast checks of configs, batch sizes, models
   and labels (before anything compiles).
+* :mod:`kdjax.cli`: command-line entry points (a user's mistake is one line
+  and exit status 2).
 """
 
 from kdjax import (augment, cache, constraints, losses, loops, models, sweep,
