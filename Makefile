@@ -9,11 +9,13 @@ export KDJAX_DATA_DIR
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help venv test test-lowest demo bench gpu-carry clean
+.PHONY: help venv test lint docs test-lowest demo bench gpu-carry clean
 
 help:
 	@echo "make venv   - create $(VENV) and install kdjax[test] (done by every target)"
 	@echo "make test   - run the test suite (pytest, 2 workers)"
+	@echo "make lint   - ruff check the whole tree (the rules are in pyproject.toml)"
+	@echo "make docs   - the API reference (Sphinx, warnings are errors) in docs/_build/html"
 	@echo "make test-lowest - the test suite against the lowest versions pyproject.toml allows (.venv-lowest)"
 	@echo "make demo   - distill an MNIST student from a teacher (quick config, CPU)"
 	@echo "make bench  - loss and train-step micro-benchmarks (JSON under benchmarks/results/)"
@@ -30,6 +32,18 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests kdjax
+
+# Lint only: `ruff format` is configured (pyproject.toml) but not enforced.
+lint: venv
+	$(PY) -m ruff check .
+
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
+
+# A fresh build (-E) every time, so that every docstring warning is shown.
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 
 # The lower bounds in pyproject.toml are tested, not guessed: uv resolves
 # every direct dependency to the lowest version they allow.
@@ -58,4 +72,4 @@ gpu-carry: venv
 	cp "$(KDJAX_DATA_DIR)"/*-ubyte* .mnist/
 
 clean:
-	rm -rf $(VENV) .venv-lowest runs .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-lowest runs .pytest_cache .hypothesis docs/_build

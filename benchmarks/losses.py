@@ -164,7 +164,9 @@ def _peak(mem: Optional[dict[str, Optional[int]]]) -> Optional[int]:
   if mem is None:
     return None
   peak = mem.get("peak_memory_in_bytes")
-  return mem.get("argument_plus_output_plus_temp_minus_alias") if peak is None else peak
+  if peak is None:
+    return mem.get("argument_plus_output_plus_temp_minus_alias")
+  return peak
 
 
 def _fmt_bytes(b: Optional[int]) -> str:

@@ -17,13 +17,16 @@ Modules, one concern each:
 * :mod:`kdjax.loops`: on-device ``lax.scan`` epochs and the host-batch loop.
 * :mod:`kdjax.cache`: the teacher-logit cache.
 * :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
-* :mod:`kdjax.trainer`: :func:`kdjax.fit`, the resumable outer loop (progress, metrics, checkpoints).
+* :mod:`kdjax.trainer`: :func:`kdjax.fit`, the resumable outer loop
+  (progress, metrics, checkpoints).
 * :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
 * :mod:`kdjax.models`, :mod:`kdjax.constraints`, :mod:`kdjax.augment`: the
   paper's MLPs, the max-norm constraint, ±2-pixel jitter.
 * :mod:`kdjax.data`: MNIST from IDX files or TFDS, splits, transfer sets.
 * :mod:`kdjax.validate`: fail-fast checks of configs, batch sizes, models
   and labels (before anything compiles).
+* :mod:`kdjax.cli`: command-line entry points (a user's mistake is one line
+  and exit status 2).
 """
 
 from kdjax import (augment, cache, constraints, fields, losses, loops, models,
@@ -42,5 +45,17 @@ from kdjax.losses import (
 from kdjax.student import Student
 from kdjax.teacher import Teacher, ensemble
 from kdjax.train import TrainState, make_train_step
+
+__all__ = [
+    # Modules.
+    "augment", "cache", "constraints", "losses", "loops", "models", "sweep",
+    "train", "validate",
+    # The losses.
+    "distillation_loss", "hard_label_loss", "kd_objective",
+    "logit_matching_loss", "soft_target_cross_entropy", "tempered_log_softmax",
+    "tempered_softmax",
+    # Teacher, train state and step, the outer loop.
+    "Teacher", "ensemble", "TrainState", "make_train_step", "fit",
+]
 
 __version__ = "0.1.0"

@@ -27,18 +27,19 @@ import logging
 import pathlib
 import time
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kdjax._types import PyTree
+
 __all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError",
            "key_data",
            "save_params", "load_params", "write_atomic"]
 
-PyTree = Any
 log = logging.getLogger(__name__)
 
 
@@ -54,26 +55,20 @@ class CheckpointMismatchError(ValueError):
   """
 
 
-def _key_name(key) -> str:
-  for attr in ("name", "key", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def leaf_specs(tree: PyTree) -> dict[str, str]:
   """``{'params.Dense_0.kernel': '(784, 800) float32', ...}`` for a pytree.
 
   Names are the leaves' key paths joined by dots, as orbax names the arrays
-  it saves.
+  it saves (``jax.tree_util.keystr(path, simple=True, separator=".")``:
+  dict keys, attribute names and sequence indices).
   """
-  return {".".join(_key_name(k) for k in path):
+  return {jax.tree_util.keystr(path, simple=True, separator="."):
           f"{tuple(np.shape(leaf))} {np.dtype(leaf.dtype).name}"
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def key_data(rng: jax.Array) -> np.ndarray:
-  """The raw uint32 data of a PRNG key (typed or legacy), as saved in ``meta``."""
+  """The raw uint32 data of a PRNG key (typed or legacy), saved in ``meta``."""
   if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
     return np.asarray(jax.random.key_data(rng))
   return np.asarray(rng)

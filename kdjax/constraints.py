@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax._types import PyTree
+
 Array = jax.Array
-PyTree = Any
 KeyPath = Sequence[Any]
 Predicate = Callable[[KeyPath, Array], bool]
 
@@ -53,26 +54,20 @@ _MISSING_PARAMS = ("max_norm needs params; call tx.update(grads, opt_state, "
                    "params)")
 
 
-def _key_name(entry: Any) -> str:
-  """Name of one ``jax.tree_util`` key-path entry (dict key, attr or index)."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def default_predicate(path: KeyPath, leaf: Array) -> bool:
-  """Selects weight kernels: leaves of rank >= 2 whose path ends in ``'kernel'``.
+  """Selects weight kernels: leaves of rank >= 2 whose path ends in 'kernel'.
 
   This picks flax ``Dense`` kernels ``[fan_in, fan_out]`` and ``Conv`` kernels
   ``[kh, kw, c_in, c_out]`` and skips biases (and any other 1-D leaf).
   """
-  return bool(path) and _key_name(path[-1]) == "kernel" and jnp.ndim(leaf) >= 2
+  return (bool(path) and jnp.ndim(leaf) >= 2
+          and jax.tree_util.keystr(tuple(path[-1:]), simple=True) == "kernel")
 
 
 def _check_max_sq_norm(max_sq_norm) -> None:
   if isinstance(max_sq_norm, bool):
-    raise TypeError(f"max_sq_norm must be a positive number, got {max_sq_norm!r}.")
+    raise TypeError(
+        f"max_sq_norm must be a positive number, got {max_sq_norm!r}.")
   if isinstance(max_sq_norm, numbers.Real) and not max_sq_norm > 0:
     raise ValueError(
         f"max_sq_norm must be > 0, got {max_sq_norm!r} (a *squared* norm; the "
@@ -120,7 +115,8 @@ def project_max_norm(params: PyTree, max_sq_norm: float = 15.0,
   Example:
     >>> import jax.numpy as jnp
     >>> from kdjax import constraints
-    >>> p = {'kernel': jnp.array([[3.0, 1.0], [4.0, 0.0]]), 'bias': jnp.array([9.0, 9.0])}
+    >>> p = {'kernel': jnp.array([[3.0, 1.0], [4.0, 0.0]]),
+    ...      'bias': jnp.array([9.0, 9.0])}
     >>> out = constraints.project_max_norm(p, max_sq_norm=1.0)
     >>> out['kernel']  # column 0 had norm 5 -> rescaled to norm 1
     Array([[0.6, 1. ],
@@ -175,7 +171,8 @@ def max_norm(max_sq_norm: float = 15.0,
     >>> params = {'kernel': jnp.zeros((2, 1)), 'bias': jnp.zeros(1)}
     >>> tx = optax.chain(optax.sgd(1.0), constraints.max_norm(1.0))
     >>> state = tx.init(params)
-    >>> grads = {'kernel': jnp.array([[-3.0], [-4.0]]), 'bias': jnp.array([-5.0])}
+    >>> grads = {'kernel': jnp.array([[-3.0], [-4.0]]),
+    ...          'bias': jnp.array([-5.0])}
     >>> updates, state = jax.jit(tx.update)(grads, state, params)
     >>> new = optax.apply_updates(params, updates)
     >>> new['kernel'].ravel(), new['bias']
@@ -198,7 +195,8 @@ def max_norm(max_sq_norm: float = 15.0,
       new = jnp.asarray(p + u).astype(p.dtype)
       projected, outside = _project_leaf(new, max_sq_norm)
       constrained = (projected - p).astype(u.dtype)
-      return jnp.where(outside, constrained, u)  # `outside` broadcasts on fan_out.
+      # `outside` broadcasts on fan_out.
+      return jnp.where(outside, constrained, u)
 
     updates = jax.tree_util.tree_map_with_path(f, updates, params)
     return updates, state

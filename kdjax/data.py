@@ -201,10 +201,12 @@ def find_mnist_file(data_dir: PathLike, name: str) -> pathlib.Path:
 def _check_dir(d: pathlib.Path) -> None:
   if not d.is_dir():
     what = "is not a directory" if d.exists() else "does not exist"
-    raise DataNotFoundError(f"MNIST data directory {d} {what}. {_HOW_TO_SUPPLY}")
+    raise DataNotFoundError(
+        f"MNIST data directory {d} {what}. {_HOW_TO_SUPPLY}")
 
 
-def _find_split_files(d: pathlib.Path, split: str) -> tuple[pathlib.Path, pathlib.Path]:
+def _find_split_files(d: pathlib.Path,
+                      split: str) -> tuple[pathlib.Path, pathlib.Path]:
   _check_dir(d)
   found, missing = [], []
   for name in MNIST_FILES[split]:
@@ -232,7 +234,8 @@ def _read_bytes(path: pathlib.Path) -> bytes:
   try:
     raw = path.read_bytes()
   except FileNotFoundError:
-    raise DataNotFoundError(f"IDX file {path} does not exist. {_HOW_TO_SUPPLY}") from None
+    raise DataNotFoundError(
+        f"IDX file {path} does not exist. {_HOW_TO_SUPPLY}") from None
   except OSError as e:
     raise DataError(f"could not read {path}: {e}") from e
   if raw[:2] != _GZIP_MAGIC:
@@ -270,7 +273,8 @@ def _parse_idx(data: bytes, path: PathLike) -> np.ndarray:
     raise IdxFormatError(
         f"{path} is truncated: the header declares {ndim} dimensions "
         f"({header} header bytes), found only {len(data)} bytes.")
-  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big")
+               for i in range(ndim))
   dtype = _IDX_DTYPES[code]
   expected = math.prod(dims) * dtype.itemsize
   found = len(data) - header
@@ -357,13 +361,15 @@ def write_idx(path: PathLike, array: np.ndarray) -> pathlib.Path:
 
 def _check_split(split: str) -> None:
   if split not in MNIST_FILES:
-    raise ValueError(f"split must be one of {sorted(MNIST_FILES)}, got {split!r}.")
+    raise ValueError(
+        f"split must be one of {sorted(MNIST_FILES)}, got {split!r}.")
 
 
 def _finish(images: np.ndarray, labels: np.ndarray, as_float: bool,
             images_name, labels_name) -> tuple[np.ndarray, np.ndarray]:
   """Shared checks and casts of both sources: uint8/f32 images, int32 labels."""
-  if images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
+  if (images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE
+      or images.dtype != np.uint8):
     raise IdxFormatError(
         f"{images_name} holds {images.dtype} {_fmt_dims(images.shape)}, "
         f"expected uint8 Nx28x28 MNIST images (magic 0x00000803).")
@@ -442,7 +448,8 @@ def load_mnist(split: str, data_dir: Optional[PathLike] = None, *,
   """
   _check_split(split)
   if source == "idx":
-    images_path, labels_path = _find_split_files(resolve_data_dir(data_dir), split)
+    images_path, labels_path = _find_split_files(resolve_data_dir(data_dir),
+                                                 split)
     images, labels = read_idx(images_path), read_idx(labels_path)
     names = (images_path, labels_path)
   elif source == "tfds":
@@ -490,7 +497,8 @@ def train_val_split(images: np.ndarray, labels: np.ndarray,
   Example:
     >>> import numpy as np
     >>> (xt, yt), (xv, yv) = train_val_split(np.arange(10), np.arange(10), 3)
-    >>> len(xt), len(xv), sorted(np.concatenate([xt, xv]).tolist()) == list(range(10))
+    >>> len(xt), len(xv), sorted(np.concatenate([xt, xv]).tolist()) == list(
+    ...     range(10))
     (7, 3, True)
   """
   _check_pair(images, labels)
@@ -516,8 +524,8 @@ class MnistSplits:
 
   def __repr__(self) -> str:
     fields = ", ".join(
-        f"{f.name}={getattr(self, f.name).dtype}{list(getattr(self, f.name).shape)}"
-        for f in dataclasses.fields(self))
+        f"{f.name}={a.dtype}{list(a.shape)}"
+        for f in dataclasses.fields(self) for a in [getattr(self, f.name)])
     return f"MnistSplits({fields})"
 
 
@@ -581,7 +589,8 @@ def transfer_set(images: np.ndarray, labels: np.ndarray, variant: str, *,
   Example:
     >>> import numpy as np
     >>> y = np.array([3, 7, 8, 1, 3])
-    >>> transfer_set(y, y, "no3")[1].tolist(), transfer_set(y, y, "only78")[1].tolist()
+    >>> (transfer_set(y, y, "no3")[1].tolist(),
+    ...  transfer_set(y, y, "only78")[1].tolist())
     ([7, 8, 1], [7, 8])
   """
   _check_pair(images, labels)

@@ -49,12 +49,13 @@ array is replicated (same checkpoint, same seed): this is not checked.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kdjax._types import PyTree
 from kdjax.teacher import Teacher
 
 __all__ = [
@@ -65,9 +66,6 @@ __all__ = [
     "replicate",
     "replicate_teacher",
 ]
-
-PyTree = Any
-
 
 def initialize(coordinator_address: Optional[str] = None,
                num_processes: Optional[int] = None,

@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import platform
 import subprocess
-from typing import Any
 
 import jax
 import numpy as np
 
+from kdjax._types import PyTree
+
 __all__ = ["params_sha256", "git_commit", "device_description", "environment"]
 
 
-def params_sha256(params: Any) -> str:
+def params_sha256(params: PyTree) -> str:
   """SHA-256 of a pytree's leaves (shapes, dtypes and bytes, in tree order).
 
   Two runs with bit-identical parameters have equal hashes; any difference
@@ -37,16 +38,19 @@ def git_commit(cwd: str | None = None) -> str | None:
   try:
     sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, check=True,
                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           cwd=cwd, check=True, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+        check=True, capture_output=True, text=True).stdout.strip()
     return sha + ("-dirty" if dirty else "")
   except (OSError, subprocess.CalledProcessError):
     return None
 
 
 def device_description() -> str:
-  """E.g. ``'cpu: 8 x cpu (x86_64, 2 host cores)'`` or ``'gpu: 1 x NVIDIA H100'``."""
+  """The devices in one line, e.g. ``'gpu: 1 x NVIDIA H100'``.
+
+  On the CPU: ``'cpu: 8 x cpu (x86_64, 2 host cores)'``.
+  """
   import os
   devs = jax.devices()
   kind = devs[0].device_kind

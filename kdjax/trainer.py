@@ -50,6 +50,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import numpy as np
 
+from kdjax import augment as augment_lib
 from kdjax import fields as fields_lib
 from kdjax import loops, objectives, sweep, train, validate
 from kdjax.fields import Fields
@@ -78,10 +79,10 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
   canonical = json.loads(json.dumps(run_config, sort_keys=True, default=str))
   if path.exists():
     old = json.loads(path.read_text())
-    if old != canonical:
+    if old != canonical and not augment_lib.same_fit_record(old, canonical):
       diff = sorted(k for k in set(old) | set(canonical)
                     if old.get(k) != canonical.get(k))
-      raise ValueError(
+      raise validate.WorkdirMismatchError(
           f"workdir {workdir} holds a run with a different configuration "
           f"({path.name}: keys differing: {diff}). Use a new --workdir, or "
           f"delete {workdir} to start over.")
@@ -292,7 +293,7 @@ def _fit_record(state: PyTree, *, objective, batch_size: int,
   name = objective.name if isinstance(objective, objectives.Objective) \
       else objective
   record = {"objective": name, "batch_size": int(batch_size),
-            "num_examples": int(num_examples), "augment": _name(augment_fn),
+            "num_examples": int(num_examples), "augment": augment_lib.describe(augment_fn),
             "vmapped": bool(vmapped), "skip_nonfinite": bool(skip_nonfinite),
             "temperature": np.asarray(
                 jax.device_get(state.temperature)).tolist(),

@@ -29,7 +29,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["ConfigError", "ConfigTypeError", "validate_config",
+__all__ = ["ConfigError", "ConfigTypeError", "WorkdirMismatchError",
+           "validate_config",
            "validate_choices", "validate_batch", "validate_models",
            "validate_labels"]
 
@@ -45,6 +46,14 @@ class ConfigError(ValueError):
 
 class ConfigTypeError(ConfigError, TypeError):
   """A config value of the wrong type."""
+
+
+class WorkdirMismatchError(ValueError):
+  """The workdir holds a run of another configuration.
+
+  Raised by :func:`kdjax.trainer.check_run_config` (so by :func:`kdjax.fit`
+  and the MNIST pipeline) instead of mixing two runs in one workdir.
+  """
 
 
 # ----------------------------------------------------------------------------
@@ -80,8 +89,8 @@ def _expected(ref) -> tuple[str, Any]:
     return "a list", lambda v: isinstance(v, (list, tuple))
   if _is_mapping(ref):
     return "a ConfigDict (a group of keys)", _is_mapping
-  return (f"a {type(ref).__name__}",
-          lambda v, t=type(ref): isinstance(v, t))
+  ref_type = type(ref)
+  return f"a {ref_type.__name__}", lambda v: isinstance(v, ref_type)
 
 
 def _element_reference(ref: Sequence):

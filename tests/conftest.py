@@ -1,17 +1,19 @@
-"""Shared fixtures (the XLA device-count flag is set in the root conftest.py)."""
+"""Shared fixtures (the root conftest.py sets the XLA device-count flag)."""
 import os
 import pathlib
 
 import pytest
 
-_DEFAULT_MNIST = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+_DEFAULT_MNIST = (pathlib.Path(__file__).resolve().parents[2] / "shared" /
+                  "data" / "mnist")
 
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> pathlib.Path:
   """Directory of the real MNIST IDX files (KDJAX_DATA_DIR or ../shared)."""
   d = pathlib.Path(os.environ.get("KDJAX_DATA_DIR", _DEFAULT_MNIST))
-  if not (d / "train-images-idx3-ubyte.gz").exists() and not (d / "train-images-idx3-ubyte").exists():
+  if not any((d / name).exists() for name in ("train-images-idx3-ubyte.gz",
+                                               "train-images-idx3-ubyte")):
     pytest.skip(f"real MNIST not found in {d}; set KDJAX_DATA_DIR")
   return d
 

@@ -112,7 +112,8 @@ def test_load_mnist_splits(mnist_dir, train, test_split):
 
 def _val_indices(n, num_val, seed):
   """Recovers which indices went to validation, using an arange as images."""
-  (it, _), (iv, _) = data.train_val_split(np.arange(n), np.zeros(n), num_val, seed)
+  (it, _), (iv, _) = data.train_val_split(np.arange(n), np.zeros(n), num_val,
+                                          seed)
   return it, iv
 
 
@@ -200,7 +201,8 @@ def test_bad_magic(tiny_dir):
   b[0:4] = b"\x12\x34\x56\x78"
   p.write_bytes(gzip.compress(bytes(b)))
   with pytest.raises(data.IdxFormatError,
-                     match=r"bad magic number 0x12345678 in .*t10k-labels.*0x00000801"):
+                     match=r"bad magic number 0x12345678 in "
+                     r".*t10k-labels.*0x00000801"):
     data.load_mnist("test", tiny_dir)
 
 
@@ -208,7 +210,8 @@ def test_labels_file_in_place_of_images(tiny_dir):
   labels = tiny_dir / (TEST_LABELS + ".gz")
   images = tiny_dir / (TEST_IMAGES + ".gz")
   images.write_bytes(labels.read_bytes())
-  with pytest.raises(data.IdxFormatError, match=r"t10k-images.*expected uint8 Nx28x28"):
+  with pytest.raises(data.IdxFormatError,
+                     match=r"t10k-images.*expected uint8 Nx28x28"):
     data.load_mnist("test", tiny_dir)
 
 
@@ -216,8 +219,9 @@ def test_truncated_payload(tiny_dir):
   p = tiny_dir / (TEST_IMAGES + ".gz")
   p.write_bytes(gzip.compress(_raw_bytes(p)[:-5]))
   with pytest.raises(data.IdxFormatError,
-                     match=r"t10k-images-idx3-ubyte\.gz is truncated: header says "
-                     r"100x28x28 = 78400 bytes of data, found 78395"):
+                     match=r"t10k-images-idx3-ubyte\.gz is truncated: "
+                     r"header says 100x28x28 = 78400 bytes of data, "
+                     r"found 78395"):
     data.load_mnist("test", tiny_dir)
 
 
@@ -236,8 +240,9 @@ def test_extra_bytes(tiny_dir):
   p = tiny_dir / (TEST_LABELS + ".gz")
   p.write_bytes(gzip.compress(_raw_bytes(p) + b"\x00\x01\x02"))
   with pytest.raises(data.IdxFormatError,
-                     match=r"t10k-labels-idx1-ubyte\.gz has trailing bytes: header says "
-                     r"100 = 100 bytes of data, found 103 \(3 extra\)"):
+                     match=r"t10k-labels-idx1-ubyte\.gz has trailing bytes: "
+                     r"header says 100 = 100 bytes of data, "
+                     r"found 103 \(3 extra\)"):
     data.load_mnist("test", tiny_dir)
 
 
@@ -246,7 +251,8 @@ def test_truncated_gzip_stream(tiny_dir):
   b = p.read_bytes()
   p.write_bytes(b[: len(b) // 2])
   with pytest.raises(data.IdxFormatError,
-                     match=r"t10k-images-idx3-ubyte\.gz is a corrupt or truncated gzip"):
+                     match=r"t10k-images-idx3-ubyte\.gz is a corrupt or "
+                     r"truncated gzip"):
     data.load_mnist("test", tiny_dir)
 
 
@@ -256,12 +262,14 @@ def test_corrupt_gzip_stream(tiny_dir):
   b[20:40] = bytes(20)  # garbage in the deflate stream (or a CRC mismatch)
   p.write_bytes(bytes(b))
   with pytest.raises(data.IdxFormatError,
-                     match=r"t10k-labels-idx1-ubyte\.gz is a corrupt or truncated gzip"):
+                     match=r"t10k-labels-idx1-ubyte\.gz is a corrupt or "
+                     r"truncated gzip"):
     data.load_mnist("test", tiny_dir)
 
 
 def test_count_mismatch(tiny_dir, test_split):
-  data.write_idx(tiny_dir / (TEST_LABELS + ".gz"), test_split[1][:99].astype(np.uint8))
+  data.write_idx(tiny_dir / (TEST_LABELS + ".gz"),
+                 test_split[1][:99].astype(np.uint8))
   with pytest.raises(data.IdxFormatError,
                      match=r"100 images but .*t10k-labels.* 99 labels"):
     data.load_mnist("test", tiny_dir)
@@ -281,15 +289,18 @@ def test_missing_file(tiny_dir):
     data.load_mnist("test", tiny_dir)
   with pytest.raises(FileNotFoundError, match=r"t10k-labels-idx1-ubyte"):
     data.find_mnist_file(tiny_dir, TEST_LABELS)
-  with pytest.raises(FileNotFoundError, match=r"nope-idx1-ubyte\.gz does not exist"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"nope-idx1-ubyte\.gz does not exist"):
     data.read_idx(tiny_dir / "nope-idx1-ubyte.gz")
 
 
 def test_empty_dir(tmp_path):
   with pytest.raises(data.DataNotFoundError,
                      match=rf"missing train-images-idx3-ubyte\(\.gz\), "
-                     rf"train-labels-idx1-ubyte\(\.gz\) in {re.escape(str(tmp_path))} "
-                     r"\(directory contains: nothing\).*data_dir=.*KDJAX_DATA_DIR"):
+                     rf"train-labels-idx1-ubyte\(\.gz\) in "
+                     rf"{re.escape(str(tmp_path))} "
+                     r"\(directory contains: nothing\)"
+                     r".*data_dir=.*KDJAX_DATA_DIR"):
     data.load_mnist("train", tmp_path)
 
 
@@ -360,7 +371,8 @@ def test_transfer_no3(train):
   assert len(y3) == 60000 - TRAIN_COUNTS[3]
   counts = np.bincount(y3, minlength=10).tolist()
   assert counts == [c if d != 3 else 0 for d, c in enumerate(TRAIN_COUNTS)]
-  np.testing.assert_array_equal(x3, x[y != 3])  # order kept, images follow labels
+  # The order is kept, and the images follow their labels.
+  np.testing.assert_array_equal(x3, x[y != 3])
 
 
 def test_transfer_only78(train):
@@ -377,7 +389,8 @@ def test_transfer_subset(train):
   assert len(ys) == round(0.03 * 60000) == 1800
   assert xs.shape == (1800, 28, 28)
   n = 60000
-  idx = lambda **kw: data.transfer_set(np.arange(n), np.zeros(n), "subset", **kw)[0]
+  idx = lambda **kw: data.transfer_set(np.arange(n), np.zeros(n), "subset",
+                                       **kw)[0]
   a, b, c = idx(seed=0), idx(seed=0), idx(seed=1)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
@@ -416,7 +429,8 @@ def test_import_does_not_import_tensorflow():
 
 def test_tfds_without_tensorflow(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow", None)  # import -> ImportError
-  with pytest.raises(ImportError, match=r"pip install 'kdjax\[tf\]'.*KDJAX_DATA_DIR"):
+  with pytest.raises(ImportError,
+                     match=r"pip install 'kdjax\[tf\]'.*KDJAX_DATA_DIR"):
     data.load_mnist("test", source="tfds")
 
 
@@ -437,7 +451,8 @@ def test_tfds_path_matches_idx(monkeypatch, test_split):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake_tfds)
 
   for as_float in (False, True):
-    xt, yt = data.load_mnist("test", "/some/tfds_dir", source="tfds", as_float=as_float)
+    xt, yt = data.load_mnist("test", "/some/tfds_dir", source="tfds",
+                             as_float=as_float)
     xi, yi = data._finish(x, y, as_float, "i", "l")  # pylint: disable=protected-access
     assert xt.dtype == xi.dtype and yt.dtype == np.int32
     np.testing.assert_array_equal(xt, xi)

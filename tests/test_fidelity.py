@@ -1,4 +1,4 @@
-"""experiments/mnist/fidelity.py: students restored from a run, compared with its teacher."""
+"""experiments/mnist/fidelity.py: a run's students compared with its teacher."""
 import json
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""fit(): resumption after a real kill, determinism, workdir and checkpoint safety."""
+"""fit(): resuming after a real kill, determinism, workdir and checkpoints."""
 import gc
 import json
 import os
@@ -142,7 +142,8 @@ def test_checkpointer_restore_and_all_corrupt(tmp_path):
   c = ckpt_lib.Checkpointer(tmp_path)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    with pytest.raises(ckpt_lib.CheckpointCorruptError, match="Delete the directory"):
+    with pytest.raises(ckpt_lib.CheckpointCorruptError,
+                       match="Delete the directory"):
       c.restore_latest(like)
 
 
@@ -218,7 +219,8 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
       apply_fn=kdjax.Student.from_logits_fn(
           lambda p, x, train, rng: net.apply({"params": p}, x),
           params).apply_fn)
-  with pytest.raises(ValueError, match=r"fit.json: keys differing: \['state'\]"):
+  with pytest.raises(ValueError,
+                     match=r"fit.json: keys differing: \['state'\]"):
     _fit(wider, teacher, data, tmp_path, epochs=2)
   assert not (tmp_path / "checkpoints.corrupt").exists()
   # Only epochs may change: the run is extended by one epoch.

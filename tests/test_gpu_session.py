@@ -53,7 +53,8 @@ def test_rehearsal_collects_results_into_out(tmp_path, mnist_dir):
 def test_missing_data_is_named_before_anything_runs(tmp_path):
   proc = _run(tmp_path, tmp_path / "nowhere")
   assert proc.returncode == 3
-  assert "no MNIST IDX files in" in proc.stderr and "make gpu-carry" in proc.stderr
+  assert "no MNIST IDX files in" in proc.stderr
+  assert "make gpu-carry" in proc.stderr
   assert not (tmp_path / "out" / "paper.log").exists()
 
 
@@ -66,8 +67,9 @@ def test_an_earlier_runs_results_are_not_passed_off_as_this_runs(tmp_path,
   # A different config in the same WORK: the paper run refuses to start.
   (work / "run_config.json").write_text('{"seeds": [9]}')
   proc = _run(tmp_path, mnist_dir, BENCH_S="1")
-  assert proc.returncode == 1, proc.stdout + proc.stderr
-  assert "paper config exit status 1" in proc.stdout
+  # A user error (kdjax.cli): one line in paper.log and exit status 2.
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert "paper config exit status 2" in proc.stdout
   assert "holds a run with a different configuration" in (
       tmp_path / "out" / "paper.log").read_text()
   assert not (tmp_path / "out" / "paper_gpu.json").exists()

@@ -354,7 +354,8 @@ def test_regression_masked_teacher_logits_finite_values_and_gradients(
   ):
     value = fn(s, t)
     assert np.all(np.isfinite(value))
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t).sum(), argnums=(0, 1))(s, t)
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t).sum(),
+                        argnums=(0, 1))(s, t)
     assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t))
     # The masked teacher classes carry no gradient.
     np.testing.assert_array_equal(np.asarray(g_t)[np.isinf(t)], 0.0)
@@ -384,7 +385,8 @@ def test_regression_masked_in_both_student_and_teacher(temperature):
                                        temperature=temperature, alpha=0.5),
   ):
     value = fn(s, t)
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t).sum(), argnums=(0, 1))(s, t)
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t).sum(),
+                        argnums=(0, 1))(s, t)
     assert np.all(np.isfinite(value))
     assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t))
   chex.assert_trees_all_close(
@@ -404,7 +406,8 @@ def test_regression_one_hot_teacher_at_low_temperature():
     chex.assert_trees_all_close(value, ref_distillation(s, t, temperature),
                                 rtol=1e-5, atol=_kl_atol(temperature, 4, 80))
     g_s, g_t = jax.grad(
-        lambda s, t: losses.distillation_loss(s, t, temperature).sum(),
+        lambda s, t, temp=temperature: losses.distillation_loss(
+            s, t, temp).sum(),
         argnums=(0, 1))(s, t)
     assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t))
     chex.assert_trees_all_close(
@@ -466,9 +469,9 @@ def test_regression_where_mask_equals_dropping_the_classes():
                                                        where=w),
       lambda s, t, w: losses.logit_matching_loss(s, t, where=w),
   ):
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t, where).sum(),
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t, where).sum(),
                         argnums=(0, 1))(s, t)
-    gk_s, gk_t = jax.grad(lambda s, t: fn(s, t, None).sum(),
+    gk_s, gk_t = jax.grad(lambda s, t, fn=fn: fn(s, t, None).sum(),
                           argnums=(0, 1))(sk, tk)
     for g, gk in ((g_s, gk_s), (g_t, gk_t)):
       assert np.all(np.isfinite(g))
@@ -913,7 +916,8 @@ def test_extreme_inputs_give_finite_values_and_gradients(temperature, dtype):
     assert value.dtype == jnp.float32, name
     assert np.all(np.isfinite(value)), name
     assert np.all(np.asarray(value) >= 0.0), name
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t).sum(), argnums=(0, 1))(s, t)
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t).sum(),
+                        argnums=(0, 1))(s, t)
     assert np.all(np.isfinite(_f64(g_s))), name
     assert np.all(np.isfinite(_f64(g_t))), name
   chex.assert_trees_all_close(

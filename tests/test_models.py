@@ -1,5 +1,6 @@
 """Tests for kdjax.models, kdjax.constraints and kdjax.augment."""
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,7 +53,8 @@ def test_paper_student_param_count(student):
 
 def test_paper_student_width():
   params = models.init_params(models.paper_student(width=30), jax.random.key(0))
-  assert models.count_params(params) == 784 * 30 + 30 + 30 * 30 + 30 + 30 * 10 + 10
+  assert models.count_params(params) == (784 * 30 + 30 + 30 * 30 + 30
+                                         + 30 * 10 + 10)
 
 
 @pytest.mark.parametrize("shape", [(5, 28, 28), (5, 784), (5, 28, 28, 1)])
@@ -101,7 +103,7 @@ def test_mlp_dropout_active_in_train_mode(teacher):
 
 def test_mlp_train_mode_needs_dropout_rng(teacher):
   net, params = teacher
-  with pytest.raises(Exception):
+  with pytest.raises(flax.errors.InvalidRngError):
     net.apply({"params": params}, jnp.zeros((1, 784)), train=True)
 
 
@@ -115,7 +117,8 @@ def test_student_without_dropout_train_equals_eval(student):
 
 def test_uint8_input_equals_float_over_255(student):
   net, params = student
-  raw = jax.random.randint(jax.random.key(5), (3, 28, 28), 0, 256).astype(jnp.uint8)
+  raw = jax.random.randint(jax.random.key(5), (3, 28, 28), 0,
+                           256).astype(jnp.uint8)
   out_u8 = net.apply({"params": params}, raw)
   out_f = net.apply({"params": params}, raw.astype(jnp.float32) / 255.0)
   np.testing.assert_allclose(out_u8, out_f, rtol=1e-6, atol=1e-6)
@@ -151,7 +154,8 @@ def test_logits_bias_shift_changes_logits(student):
   x = jnp.zeros((1, 784))
   shift = jnp.arange(10.0)
   shifted = jax.tree.map(lambda p: p, params)
-  shifted["logits"] = dict(params["logits"], bias=params["logits"]["bias"] + shift)
+  shifted["logits"] = dict(params["logits"],
+                           bias=params["logits"]["bias"] + shift)
   np.testing.assert_allclose(
       net.apply({"params": shifted}, x) - net.apply({"params": params}, x),
       shift[None], rtol=1e-6, atol=1e-5)
@@ -165,7 +169,8 @@ def test_cnn_shapes_and_params():
   assert models.count_params(params) == 421_642
   apply = jax.jit(net.apply, static_argnames="train")
   x = jax.random.uniform(jax.random.key(1), (3, 28, 28))
-  out = apply({"params": params}, x, train=True)  # train accepted, no rng needed
+  # train=True is accepted, and no rng is needed.
+  out = apply({"params": params}, x, train=True)
   assert out.shape == (3, 10)
   np.testing.assert_array_equal(out, apply({"params": params}, x))
   np.testing.assert_array_equal(out, apply({"params": params}, x[..., None]))
@@ -207,8 +212,10 @@ def _mixed_params(key):
   """Kernels with some columns far outside the ball and some inside."""
   k1, k2, k3 = jax.random.split(key, 3)
   dense = jax.random.normal(k1, (50, 6))
-  dense = dense * jnp.array([0.1, 0.2, 3.0, 0.3, 2.0, 0.05])  # cols 2, 4 outside
-  conv = jax.random.normal(k2, (3, 3, 4, 5)) * jnp.array([2.0, 0.1, 2.0, 0.2, 0.1])
+  # Columns 2 and 4 are outside.
+  dense = dense * jnp.array([0.1, 0.2, 3.0, 0.3, 2.0, 0.05])
+  conv = jax.random.normal(k2, (3, 3, 4, 5)) * jnp.array(
+      [2.0, 0.1, 2.0, 0.2, 0.1])
   return {
       "hidden_0": {"kernel": dense, "bias": jax.random.normal(k3, (6,)) * 10},
       "conv_0": {"kernel": conv, "bias": jnp.full((5,), 100.0)},
@@ -234,7 +241,8 @@ def test_project_inside_columns_exactly_unchanged_and_direction_kept():
   sq = np.sum(np.asarray(w, np.float64) ** 2, axis=0)
   out_sq = np.sum(np.asarray(out, np.float64) ** 2, axis=0)
   inside = sq <= C
-  np.testing.assert_array_equal(np.asarray(out)[:, inside], np.asarray(w)[:, inside])
+  np.testing.assert_array_equal(np.asarray(out)[:, inside],
+                                np.asarray(w)[:, inside])
   np.testing.assert_allclose(out_sq[~inside], C, rtol=1e-5)
   # Direction: cosine similarity 1, positive scale.
   for j in np.flatnonzero(~inside):
@@ -286,7 +294,8 @@ def test_max_norm_inside_columns_get_exact_optimizer_update():
   params, grads, tx = _sgd_step_setup(lr=1e-3)  # tiny step
   updates, _ = tx.update(grads, tx.init(params), params)
   sgd_updates, _ = optax.sgd(1e-3).update(grads, optax.sgd(1e-3).init(params))
-  k = np.asarray(params["hidden_0"]["kernel"]) + np.asarray(sgd_updates["hidden_0"]["kernel"])
+  k = (np.asarray(params["hidden_0"]["kernel"])
+       + np.asarray(sgd_updates["hidden_0"]["kernel"]))
   inside = np.sum(k.astype(np.float64) ** 2, 0) <= C
   assert inside.any() and (~inside).any()
   np.testing.assert_array_equal(
@@ -316,8 +325,10 @@ def test_max_norm_on_mlp_params_and_custom_predicate():
   pred = lambda path, leaf: (constraints.default_predicate(path, leaf)
                              and path[0].key.startswith("hidden"))
   out2 = constraints.project_max_norm(params, 1.0, predicate=pred)
-  np.testing.assert_array_equal(out2["logits"]["kernel"], params["logits"]["kernel"])
-  np.testing.assert_array_equal(out2["hidden_0"]["kernel"], out["hidden_0"]["kernel"])
+  np.testing.assert_array_equal(out2["logits"]["kernel"],
+                                params["logits"]["kernel"])
+  np.testing.assert_array_equal(out2["hidden_0"]["kernel"],
+                                out["hidden_0"]["kernel"])
 
 
 def test_max_norm_missing_params_raises():
@@ -422,7 +433,8 @@ def test_jitter_jit_and_vmap():
   for g in range(3):
     np.testing.assert_array_equal(vm[g], fn(keys[g], x[g]))
   # Jitting with max_shift static also works.
-  y = jax.jit(augment.jitter, static_argnames="max_shift")(keys[0], x[0], max_shift=1)
+  y = jax.jit(augment.jitter, static_argnames="max_shift")(keys[0], x[0],
+                                                           max_shift=1)
   assert y.shape == x[0].shape
 
 

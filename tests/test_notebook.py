@@ -22,7 +22,8 @@ from jupyter_client.manager import AsyncKernelManager  # pylint: disable=g-impor
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "colab_tpu.ipynb"
 STEPS = 150
-MAX_STUDENT_ERRORS = 2000  # Chance is ~9000; a student that learned is far below.
+# Chance is ~9000 errors; a student that learned is far below.
+MAX_STUDENT_ERRORS = 2000
 
 
 def _kernel_manager() -> AsyncKernelManager:

@@ -36,8 +36,9 @@ def test_jitter_rows_use_the_online_teacher(quick_config, tmp_path):
   metrics = [json.loads(l) for l in (pathlib.Path(tmp_path) / "students" /
              "distilled_T20_jitter" / "metrics.jsonl").read_text().splitlines()]
   assert metrics[-1]["agreement"][0] > 0.5
-  recorded = json.loads((pathlib.Path(tmp_path) / "students" /
-                         "distilled_T20_jitter" / "run_config.json").read_text())
+  recorded = json.loads(
+      (pathlib.Path(tmp_path) / "students" / "distilled_T20_jitter" /
+       "run_config.json").read_text())
   assert recorded["jitter"] == 2 and recorded["objective"] == "kd"
 
 
@@ -113,7 +114,8 @@ def test_paper_config_runs_end_to_end_with_the_issue_schema(mnist_dir, tmp_path,
     assert len(r["test_errors"]) == n, r["name"]
     assert len(r["val_errors"]) == n, r["name"]  # what choices are made on
     assert all(0 <= e <= 10_000 for e in r["test_errors"])
-  assert [rows[k]["paper_test_errors"] for k in _TABLE_ROWS[:3]] == [67, 146, 74]
+  assert [rows[k]["paper_test_errors"]
+          for k in _TABLE_ROWS[:3]] == [67, 146, 74]
   assert rows["sweep_w800_T20"]["paper_test_errors"] is None
   trained = [n for n in names if n != "teacher" and not n.endswith(
       "_after_shift")]

@@ -9,7 +9,8 @@ committed ``quick_cpu.json`` records must be equal in it: the README's
 import json
 import pathlib
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "mnist" / "results"
+RESULTS = (pathlib.Path(__file__).resolve().parents[1] / "experiments" /
+           "mnist" / "results")
 
 
 def _known_keys(config: dict, ref: dict) -> dict:

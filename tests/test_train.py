@@ -371,7 +371,8 @@ def test_skip_implementations_agree_on_finite_steps():
     step = _jit_step("kd", skip_impl=impl)
     state = _state(ADAM)
     for i in range(3):
-      state, _ = step(state, _teacher(), _float_batch(10 + i), jax.random.key(1))
+      state, _ = step(state, _teacher(), _float_batch(10 + i),
+                      jax.random.key(1))
     states.append(jax.device_get((state.params, state.opt_state)))
   _assert_trees_equal(states[0], states[1])
   with pytest.raises(ValueError, match="skip_impl"):

@@ -1,4 +1,4 @@
-"""Numeric guards (fit's on_nonfinite) and fail-fast validation (kdjax.validate).
+"""Numeric guards (fit's on_nonfinite), fail-fast validation (kdjax.validate).
 
 Tiny flax MLPs on 8x8 inputs. The validation errors must come before
 anything compiles: every test of an invalid input patches ``jax.jit`` to
@@ -282,8 +282,8 @@ def test_pipeline_run_records_config_and_rejects_another(tmp_path, no_data):
     pipeline.run(quick.get_config(), str(workdir))
   other = quick.get_config()
   other.student.distill.epochs = 7
-  with pytest.raises(ValueError, match=r"different configuration \(run_config.json: keys "
-                                       r"differing: \['student'\]\)"):
+  with pytest.raises(ValueError, match=r"different configuration "
+                     r"\(run_config.json: keys differing: \['student'\]\)"):
     pipeline.run(other, str(workdir))
 
 

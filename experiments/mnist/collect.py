@@ -1,6 +1,7 @@
 """Gathers several runs' results.json into one record (e.g. a tuning study).
 
-  python -m experiments.mnist.collect --out experiments/mnist/results/tuning_cpu.json \\
+  python -m experiments.mnist.collect \\
+      --out experiments/mnist/results/tuning_cpu.json \\
       --note "why these runs" runs/tune/*/
 
 ``--append`` adds the runs to an existing record instead (a run whose
@@ -20,7 +21,7 @@ import json
 import pathlib
 import sys
 
-from kdjax import checkpoint
+from kdjax import checkpoint, cli
 
 
 def collect(workdirs, note: str = "") -> dict:
@@ -29,16 +30,17 @@ def collect(workdirs, note: str = "") -> dict:
     w = pathlib.Path(w)
     path = w / "results.json"
     if not path.exists():
-      raise FileNotFoundError(f"{path} does not exist: is {w} a finished run "
-                              "of experiments/mnist/main.py?")
+      raise cli.InputNotFoundError(
+          f"{path} does not exist: is {w} a finished run of "
+          "experiments/mnist/main.py?")
     r = json.loads(path.read_text())
     run = {"workdir": w.name, "command": r.get("command"),
            "git_commit": r["git_commit"], "device": r["device"],
            "total_seconds": r["total_seconds"],
            "rows": [{k: row[k] for k in ("name", "val_errors", "test_errors",
                                          "epochs", "alpha", "temperature",
-                                         "jitter", "dropout", "num_train", "width",
-                                         "source") if k in row}
+                                         "jitter", "dropout", "num_train",
+                                         "width", "source") if k in row}
                     for row in r["rows"]]}
     curve = w / "teacher" / "metrics.jsonl"
     if curve.exists():
@@ -53,7 +55,8 @@ def collect(workdirs, note: str = "") -> dict:
 
 
 def merge(old: dict, new: dict) -> dict:
-  """``old`` with ``new``'s runs added (same workdir name: replaced in place)."""
+  """``old`` with ``new``'s runs added (a workdir name already there: replaced
+  in place)."""
   runs = list(old["runs"])
   index = {r["workdir"]: i for i, r in enumerate(runs)}
   for r in new["runs"]:
@@ -69,7 +72,8 @@ def merge(old: dict, new: dict) -> dict:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                   epilog=cli.HELP_EPILOG)
   parser.add_argument("workdirs", nargs="+")
   parser.add_argument("--out", required=True)
   parser.add_argument("--note", default="")
@@ -88,4 +92,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main)

@@ -1,4 +1,4 @@
-"""How closely a run's distilled students match their teacher, on and off the transfer set.
+"""How well a run's students match their teacher, on and off the transfer set.
 
   python -m experiments.mnist.fidelity WORKDIR ROW [--out FILE.json]
 
@@ -30,22 +30,24 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from experiments.mnist import pipeline
-from kdjax import checkpoint, losses, provenance, sweep
+from kdjax import checkpoint, cli, losses, provenance, sweep
 
 
-def _stats(student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> dict:
+def _stats(student: np.ndarray, teacher: np.ndarray,
+           labels: np.ndarray) -> dict:
   zs = student - student.mean(-1, keepdims=True)
   zt = teacher - teacher.mean(-1, keepdims=True)
-  kl = losses.distillation_loss(jnp.asarray(student), jnp.asarray(teacher), 20.0)
+  kl = losses.distillation_loss(jnp.asarray(student), jnp.asarray(teacher),
+                                20.0)
+  disagreements = int(np.sum(student.argmax(-1) != teacher.argmax(-1)))
   return {"errors": pipeline.errors(student, labels),
-          "disagreements": int(np.sum(student.argmax(-1) != teacher.argmax(-1))),
+          "disagreements": disagreements,
           "kl_T20": round(float(np.mean(np.asarray(kl, np.float64))), 4),
           "logit_rmse": round(float(np.sqrt(np.mean(np.square(
               zs.astype(np.float64) - zt)))), 4)}
@@ -57,7 +59,7 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
   folder = workdir / "students" / row
   for needed in (workdir / "run_config.json", folder / "run_config.json"):
     if not needed.exists():
-      raise FileNotFoundError(
+      raise cli.InputNotFoundError(
           f"{needed} does not exist: WORKDIR must be a run of "
           "experiments.mnist.main and ROW one of the folders in "
           f"{workdir / 'students'}.")
@@ -75,16 +77,16 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
   finally:
     ckpt.close()
   if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {folder / 'checkpoints'}.")
+    raise cli.InputNotFoundError(f"no checkpoint in {folder / 'checkpoints'}.")
   state, meta = restored
   if int(meta["epoch"]) != rc["epochs"]:
-    raise ValueError(f"{row} stopped at epoch {meta['epoch']} of "
-                     f"{rc['epochs']}: not a finished row.")
+    raise cli.InputError(f"{row} stopped at epoch {meta['epoch']} of "
+                         f"{rc['epochs']}: not a finished row.")
 
   if not config.teacher.path:  # Trained in the run: load what it saved.
     saved = workdir / config.teacher.get("save_to", "")
     if not config.teacher.get("save_to", "") or not saved.exists():
-      raise FileNotFoundError(
+      raise cli.InputNotFoundError(
           f"the run in {workdir} trained its teacher without saving it "
           "(config.teacher.save_to); its students cannot be compared with it.")
     config.teacher.path = str(saved.absolute())
@@ -111,7 +113,8 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
   return {"workdir": workdir.name, "row": row, "epochs": rc["epochs"],
           "width": rc["width"], "objective": rc["objective"],
           "command": pipeline.command_line(),
-          "git_commit": provenance.git_commit(str(pathlib.Path(__file__).parent)),
+          "git_commit": provenance.git_commit(
+              str(pathlib.Path(__file__).parent)),
           "device": env["device"], "jax_version": env["jax_version"],
           "teacher": {k: {"errors": pipeline.errors(t_logits[k], sets[k][1])}
                       for k in sets},
@@ -119,7 +122,8 @@ def fidelity(workdir: str | pathlib.Path, row: str) -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   epilog=cli.HELP_EPILOG)
   parser.add_argument("workdir")
   parser.add_argument("row")
   parser.add_argument("--out", help="write the JSON here (atomically)")
@@ -137,4 +141,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run_main(main)

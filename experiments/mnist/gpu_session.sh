@@ -25,7 +25,8 @@
 # rerun with the same config resumes from them. Results left in $WORK by an
 # earlier run are deleted first, so $OUT only ever holds this run's. The
 # files are collected on exit, also when the script itself is terminated.
-# Exit status: the paper run's (124: PAPER_S ran out; 3: set-up failed).
+# Exit status: the paper run's (124: PAPER_S ran out; 2: a mistake such as
+# a WORK holding another run, named in paper.log; 3: set-up failed).
 # Time limits in seconds: BENCH_S (default 120), PAPER_S (default 420, the
 # issue's 8-minute budget less start-up). BACKEND=cpu (with BENCH_ARGS such
 # as "--epochs-steps 20 --repeats 1") rehearses it on the CPU machine.

@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from kdjax import checkpoint
+from kdjax import checkpoint, cli
 
 
 def _fmt(values) -> str:
@@ -49,7 +49,8 @@ def markdown(results: dict) -> str:
   for r in results["rows"]:
     extra = []
     if "errors_on_3" in r:
-      extra.append(f"on 3s: {_fmt(r['errors_on_3'])} / {r.get('num_test_3s', 1010)} "
+      extra.append(f"on 3s: {_fmt(r['errors_on_3'])} / "
+                   f"{r.get('num_test_3s', 1010)} "
                    f"(paper {r.get('paper_errors_on_3')})")
     if "test_error_rate" in r:
       extra.append(f"error rate {_fmt_rate(r['test_error_rate'])} "
@@ -190,7 +191,8 @@ def write_all(results: dict, workdir: pathlib.Path) -> None:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
-      description="Redraws results.md and the plots of a finished run.")
+      description="Redraws results.md and the plots of a finished run.",
+      epilog=cli.HELP_EPILOG)
   parser.add_argument("workdir", help="a run's workdir (holds results.json)")
   parser.add_argument("--partial", action="store_true",
                       help=f"draw an unfinished run's rows from {PARTIAL}")
@@ -210,4 +212,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run_main(main)

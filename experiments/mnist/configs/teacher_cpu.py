@@ -1,7 +1,8 @@
-"""Trains the shipped MNIST teacher on CPU (the paper's recipe, lighter dropout).
+"""Trains the shipped MNIST teacher on CPU (the paper's recipe, less dropout).
 
-  python -m experiments.mnist.main \
-      --config=experiments/mnist/configs/teacher_cpu.py --workdir=runs/teacher_cpu
+  python -m experiments.mnist.main \\
+      --config=experiments/mnist/configs/teacher_cpu.py \\
+      --workdir=runs/teacher_cpu
 
 784-1200-1200-10 with max-norm (squared length <= 15), ±2-pixel jitter and
 dropout 0.1 on the input, 0.25 hidden; Nesterov SGD 0.1 with cosine decay,

@@ -1,0 +1,120 @@
+"""fit.json names the augmentation (augment.describe); old records resume."""
+import functools
+import json
+import pathlib
+import sys
+
+import jax
+import pytest
+
+from kdjax import augment, trainer, validate
+
+SCRIPT_DIR = pathlib.Path(__file__).parent
+
+
+def _tiny_run():
+  sys.path.insert(0, str(SCRIPT_DIR))
+  try:
+    import fit_script  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return fit_script.make_run()
+
+
+def _record(state, augment_fn):
+  return trainer._fit_record(  # pylint: disable=protected-access
+      state, objective="kd", batch_size=32, num_examples=256,
+      augment_fn=augment_fn, vmapped=False, skip_nonfinite=True)
+
+
+def _jitter_kw(rng, images, *, max_shift):  # a module-level plain function
+  return augment.jitter(rng, images, max_shift)
+
+
+def test_describe():
+  assert augment.describe(None) is None
+  assert augment.describe(augment.make_jitter(2)) == "jitter(max_shift=2)"
+  assert augment.describe(augment.make_jitter(0)) == "jitter(max_shift=0)"
+  # A plain function keeps the name fit.json always recorded for it.
+  assert augment.describe(_jitter_kw) == "_jitter_kw"
+  assert augment.describe(lambda r, x: x) == "test_describe.<locals>.<lambda>"
+  # Any functools.partial: name(args, kw=value), nested partials included.
+  assert (augment.describe(functools.partial(_jitter_kw, max_shift=3))
+          == "_jitter_kw(max_shift=3)")
+  assert (augment.describe(functools.partial(augment.translate, max_shift=1))
+          == "translate(max_shift=1)")
+  assert augment.describe(functools.partial(max, 2, key=abs)) == (
+      "max(2, key=<built-in function abs>)")
+
+  class Flip:
+    def __call__(self, rng, images):
+      return images[:, :, ::-1]
+  assert augment.describe(Flip()) == "Flip"
+
+
+def test_make_jitter_still_jits_and_matches_jitter():
+  x = jax.numpy.ones((4, 8, 8))
+  key = jax.random.key(0)
+  fn = augment.make_jitter(2)
+  assert (jax.jit(fn)(key, x) == augment.jitter(key, x, 2)).all()
+
+
+def test_record_names_the_shift():
+  state, _, _ = _tiny_run()
+  assert _record(state, None)["augment"] is None
+  assert _record(state, augment.make_jitter(2))["augment"] == (
+      "jitter(max_shift=2)")
+  assert _record(state, augment.make_jitter(1)) != _record(
+      state, augment.make_jitter(2))
+
+
+def test_a_different_shift_is_refused(tmp_path):
+  state, _, _ = _tiny_run()
+  trainer.check_run_config(tmp_path, _record(state, augment.make_jitter(2)),
+                           filename="fit.json")
+  assert json.loads((tmp_path / "fit.json").read_text())["augment"] == (
+      "jitter(max_shift=2)")
+  trainer.check_run_config(tmp_path, _record(state, augment.make_jitter(2)),
+                           filename="fit.json")  # the same run resumes
+  with pytest.raises(validate.WorkdirMismatchError,
+                     match=r"fit.json: keys differing: \['augment'\]"):
+    trainer.check_run_config(tmp_path, _record(state, augment.make_jitter(1)),
+                             filename="fit.json")
+  with pytest.raises(ValueError):  # still a ValueError, as before
+    trainer.check_run_config(tmp_path, _record(state, None),
+                             filename="fit.json")
+
+
+def test_same_fit_record_legacy_rule():
+  old = {"augment": "partial", "batch_size": 32}
+  assert augment.same_fit_record(old, {"augment": "jitter(max_shift=2)",
+                                       "batch_size": 32})
+  assert augment.same_fit_record(old, {"augment": "jitter(max_shift=1)",
+                                       "batch_size": 32})
+  assert not augment.same_fit_record(old, {"augment": "jitter(max_shift=2)",
+                                           "batch_size": 64})
+  assert not augment.same_fit_record(old, {"augment": None, "batch_size": 32})
+  assert not augment.same_fit_record(old, {"augment": "translate(max_shift=1)",
+                                           "batch_size": 32})
+  assert not augment.same_fit_record(old, {"augment": "jitter(max_shift=2)"})
+  # Only "partial" in the old record is legacy; the other way round is not.
+  assert not augment.same_fit_record(
+      {"augment": "jitter(max_shift=2)"}, {"augment": "partial"})
+
+
+def test_old_partial_workdir_resumes(tmp_path):
+  """A workdir written when fit.json said "partial" for make_jitter resumes."""
+  kw = {"batch_size": 32, "rng": jax.random.key(0), "progress": False,
+        "workdir": tmp_path, "augment_fn": augment.make_jitter(2)}
+  trainer.fit(*_tiny_run(), epochs=1, **kw)
+  path = tmp_path / "fit.json"
+  record = json.loads(path.read_text())
+  assert record["augment"] == "jitter(max_shift=2)"
+  path.write_text(json.dumps({**record, "augment": "partial"}))  # the old form
+  _, history = trainer.fit(*_tiny_run(), epochs=2, **kw)
+  assert len(history) == 1  # resumed after epoch 1, ran epoch 2 only
+  epochs = [json.loads(line)["epoch"] for line in
+            (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert epochs == [1, 2]
+  # The old record is kept as it was (nothing rewritten on resume).
+  assert json.loads(path.read_text())["augment"] == "partial"
