@@ -97,7 +97,8 @@ def run(args: argparse.Namespace, *, framework: str,
     seeds, epochs, teacher_epochs = seeds[:1], 1, 1
     splits = data.MnistSplits(
         train_images=train_x, train_labels=train_y,
-        val_images=splits.val_images[:1000], val_labels=splits.val_labels[:1000],
+        val_images=splits.val_images[:1000],
+        val_labels=splits.val_labels[:1000],
         test_images=splits.test_images[:1000],
         test_labels=splits.test_labels[:1000])
   train_data = {"image": train_x, "label": train_y}

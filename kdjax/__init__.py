@@ -58,4 +58,13 @@ __all__ = [
     "Teacher", "ensemble", "TrainState", "make_train_step", "fit",
 ]
 
+__all__ = [
+    "Fields", "Student", "Teacher", "TrainState", "augment", "cache",
+    "constraints", "distillation_loss", "ensemble", "fields", "fit",
+    "hard_label_loss", "kd_objective", "logit_matching_loss", "loops",
+    "losses", "make_train_step", "models", "objectives", "precision",
+    "preprocess", "soft_target_cross_entropy", "sweep", "tempered_log_softmax",
+    "tempered_softmax", "train", "validate",
+]
+
 __version__ = "0.1.0"

@@ -126,7 +126,7 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-  r"""Small convolutional net: ``(conv3x3 -> relu -> avgpool2x2) x 2 -> dense -> logits``.
+  r"""A small CNN: ``(conv3x3 -> relu -> avgpool2) x 2 -> dense -> logits``.
 
   ``SAME`` padding, so a ``28 x 28`` input becomes ``7 x 7 x features[-1]``
   before the dense layer. Parameters are named ``conv_0``, ``conv_1``, ...,
@@ -206,15 +206,17 @@ def count_params(params: PyTree) -> int:
   Example:
     >>> import jax.numpy as jnp
     >>> from kdjax import models
-    >>> models.count_params({'a': {'kernel': jnp.zeros((3, 4)), 'bias': jnp.zeros(4)}})
+    >>> models.count_params({'a': {'kernel': jnp.zeros((3, 4)),
+    ...                            'bias': jnp.zeros(4)}})
     16
   """
-  return int(sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree.leaves(params)))
+  return int(sum(int(np.prod(np.shape(leaf)))
+                 for leaf in jax.tree.leaves(params)))
 
 
 def init_params(module: nn.Module, rng: jax.Array,
                 input_shape: Sequence[int] = (1, 28, 28)) -> PyTree:
-  """Initialises ``module`` on a float32 zero input; returns the ``'params'`` collection.
+  """Initialises ``module`` on a float32 zero input; returns its ``'params'``.
 
   Args:
     module: a module following this file's ``__call__(x, *, train)`` convention.
@@ -256,7 +258,8 @@ def linen_student_apply(
   return apply
 
 
-def linen_teacher_apply(module: nn.Module) -> Callable[[PyTree, ArrayLike], Array]:
+def linen_teacher_apply(
+    module: nn.Module) -> Callable[[PyTree, ArrayLike], Array]:
   """Wraps ``module`` as ``apply(variables, x) -> logits``, always in eval mode.
 
   Note the asymmetry with :func:`linen_student_apply`: the teacher takes the

@@ -18,7 +18,7 @@ Built-ins (``alpha`` weights the hard labels, ``T`` is the temperature):
 ====================  ======================================================
 ``"kd"``              :func:`kdjax.losses.kd_objective`:
                       ``alpha CE(y, softmax(z)) + (1 - alpha) T^2 KL(p_T||q_T)``
-``"soft"``            :func:`kdjax.losses.distillation_loss`: ``T^2 KL(p_T||q_T)``
+``"soft"``            :func:`kdjax.losses.distillation_loss`: ``T^2 KL``
 ``"logit_matching"``  :func:`kdjax.losses.logit_matching_loss` (eq. 4)
 ``"hard"``            :func:`kdjax.losses.hard_label_loss` (no teacher)
 ====================  ======================================================

@@ -22,7 +22,8 @@ on a CPU bfloat16 matmuls are emulated and usually slower.
 
 >>> import jax.numpy as jnp
 >>> from kdjax import precision
->>> p = {"hidden": {"kernel": jnp.ones((2, 2))}, "logits": {"kernel": jnp.ones(2)}}
+>>> p = {"hidden": {"kernel": jnp.ones((2, 2))},
+...      "logits": {"kernel": jnp.ones(2)}}
 >>> c = precision.cast_floating(p, jnp.bfloat16, keep_float32=("logits",))
 >>> c["hidden"]["kernel"].dtype, c["logits"]["kernel"].dtype
 (dtype(bfloat16), dtype('float32'))

@@ -131,7 +131,7 @@ class Teacher:
   @classmethod
   def from_fn(cls, fn: Callable[..., jax.Array],
               params: PyTree) -> "Teacher":
-    """A teacher from a plain pure function ``fn(params, *inputs) -> logits``."""
+    """A teacher from a pure function ``fn(params, *inputs) -> logits``."""
     return cls(apply_fn=lambda p, _, *inputs: fn(p, *inputs), params=params,
                state={})
 

@@ -310,7 +310,7 @@ def make_train_step(objective: Union[str, Callable] = "kd", *,
                     skip_impl: str = "auto",
                     compute_dtype=None,
                     keep_float32: Optional[Sequence[str]] = None):
-  """Builds the pure train step ``(state, teacher, batch, rng) -> (state, metrics)``.
+  """The pure train step ``(state, teacher, batch, rng) -> (state, metrics)``.
 
   Args:
     objective: a registered name (``"kd"``, ``"soft"``, ``"logit_matching"``,

@@ -293,7 +293,8 @@ def _fit_record(state: PyTree, *, objective, batch_size: int,
   name = objective.name if isinstance(objective, objectives.Objective) \
       else objective
   record = {"objective": name, "batch_size": int(batch_size),
-            "num_examples": int(num_examples), "augment": augment_lib.describe(augment_fn),
+            "num_examples": int(num_examples),
+            "augment": augment_lib.describe(augment_fn),
             "vmapped": bool(vmapped), "skip_nonfinite": bool(skip_nonfinite),
             "temperature": np.asarray(
                 jax.device_get(state.temperature)).tolist(),
@@ -404,7 +405,6 @@ def check_inputs(state: PyTree, teacher, data: dict, *,
       lambda a: jax.ShapeDtypeStruct((1,) + tuple(np.shape(a)[1:]),
                                      np.asarray(a).dtype if not hasattr(
                                          a, "dtype") else a.dtype), data)
-  key = jax.eval_shape(lambda: jax.random.key(0))
   member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
       else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
 

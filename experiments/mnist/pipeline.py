@@ -112,7 +112,8 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
   elif opt.name == "adam":
     base = optax.adam(schedule)
   else:
-    raise ValueError(f"optimizer name must be 'sgd' or 'adam', got {opt.name!r}.")
+    raise ValueError(
+        f"optimizer name must be 'sgd' or 'adam', got {opt.name!r}.")
   parts = []
   if opt.get("clip_norm", 0.0):
     parts.append(optax.clip_by_global_norm(opt.clip_norm))
@@ -187,7 +188,8 @@ def teacher_module(config):
 def save_teacher(path: pathlib.Path, params, info: dict) -> None:
   checkpoint.save_params(path, params)
   meta = path.with_suffix(".json")
-  meta.write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+  meta.write_text(
+      json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def load_teacher_params(path: pathlib.Path, module):
@@ -252,7 +254,8 @@ def get_teacher(config, splits, workdir: pathlib.Path):
 def student_dropout(config) -> tuple[float, float]:
   """The students' (input, hidden) dropout rates (0, 0 in the paper)."""
   s = config.student
-  return (float(s.get("input_dropout", 0.0)), float(s.get("hidden_dropout", 0.0)))
+  return (float(s.get("input_dropout", 0.0)),
+          float(s.get("hidden_dropout", 0.0)))
 
 
 def initial_students(width: int, opt_cfg, total_steps: int, *, seeds,
@@ -576,7 +579,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          val_errors=[errors(val_logits[i], val_y)
                                      for i in idx]))
       print(f"{name}: " + ", ".join(
-          f"T={t:g}: {np.mean([errors(logits[i], test_y) for i, g in enumerate(grid) if g[0] == t]):.1f}"
+          f"T={t:g}: " + format(np.mean(
+              [errors(logits[i], test_y) for i, g in enumerate(grid)
+               if g[0] == t]), ".1f")
           for t in c.temperatures), flush=True)
       save_partial()
 
@@ -584,7 +589,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     c = config.logit_matching
     if all_data is None:
       all_data = transfer_data("all")
-    student_row("logit_matching_caruana", transfer=all_data, objective="logit_matching",
+    student_row("logit_matching_caruana", transfer=all_data,
+                objective="logit_matching",
                 temperature=1.0, alpha=0.0, epochs=c.epochs,
                 opt_cfg=c.optimizer)
     for temp in c.temperatures:
