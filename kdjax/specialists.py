@@ -478,6 +478,9 @@ def init_from_generalist(generalist_params: PyTree, subset: Sequence[int], *,
   """
   logits_key = tuple(logits_key)
   layer = _get(generalist_params, logits_key)
+  if not hasattr(layer, "keys") or not {"kernel", "bias"} <= set(layer.keys()):
+    raise ValueError(f"the output layer at {logits_key} must be a Dense "
+                     "layer's params, a dict with 'kernel' and 'bias'.")
   kernel, bias = jnp.asarray(layer["kernel"]), jnp.asarray(layer["bias"])
   if kernel.ndim != 2 or bias.shape != kernel.shape[-1:]:
     raise ValueError(f"the output layer at {logits_key} must be a Dense kernel "
@@ -855,7 +858,9 @@ def _solve(p_g, p_sub, p_dust, active, idx, valid, dust, *, num_steps,
                              length=num_steps)
     return jax.nn.softmax(z)
 
-  return jax.vmap(solve_one)(p_g, p_sub, p_dust, active)
+  q = jax.vmap(solve_one)(p_g, p_sub, p_dust, active)
+  # Without an active specialist the minimiser is p_g itself, exactly.
+  return jnp.where(jnp.any(active, axis=-1, keepdims=True), q, p_g)
 
 
 def combine(p_g: ArrayLike, specialist_probs: Sequence[ArrayLike],
@@ -887,7 +892,9 @@ def combine(p_g: ArrayLike, specialist_probs: Sequence[ArrayLike],
   keeps oscillating; with the defaults (1000 steps from 1.0) the result is
   within a few ``1e-6`` of the exact minimiser on the tests' inputs. With no active specialist, or specialists that agree with
   :math:`p^g`, the gradient at the start is zero and :math:`q = p^g`.
-  When every model covers all classes (empty dustbins) the minimiser is
+  Rows without an active specialist are returned as :math:`p^g` exactly
+  (Adam would otherwise amplify the rounding-level gradient there). When
+  every model covers all classes (empty dustbins) the minimiser is
   the arithmetic mean of the models' distributions.
 
   Args:
