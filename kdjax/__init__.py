@@ -10,6 +10,9 @@ Modules, one concern each:
 * :mod:`kdjax.loops`: on-device ``lax.scan`` epochs and the host-batch loop.
 * :mod:`kdjax.cache`: the teacher-logit cache.
 * :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
+* :mod:`kdjax.specialists`: the paper's specialist models (Section 5):
+  confusable clusters, specialist data and initialisation, vmapped
+  training, the dustbin correction and the eq. 5 combination.
 * :mod:`kdjax.trainer`: :func:`kdjax.fit`, the resumable outer loop (progress, metrics, checkpoints).
 * :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
 * :mod:`kdjax.models`, :mod:`kdjax.constraints`, :mod:`kdjax.augment`: the
@@ -19,8 +22,8 @@ Modules, one concern each:
   and labels (before anything compiles).
 """
 
-from kdjax import (augment, cache, constraints, losses, loops, models, sweep,
-                   train, validate)
+from kdjax import (augment, cache, constraints, losses, loops, models,
+                   specialists, sweep, train, validate)
 from kdjax.trainer import fit
 from kdjax.losses import (
     distillation_loss,
