@@ -168,7 +168,7 @@ def run_seed(config, pairs, seed: int) -> dict:
   s = config.specialists
   subsets = list(sp.confusable_clusters(p_val, s.num_clusters,
                                         seed=s.cluster_seed))
-  subsets += [list(x) for x in s.get("extra_subsets", ())]
+  subsets += [list(x) for x in s.extra_subsets]
   subsets = sp.as_subsets(subsets, NUM_CLASSES)
   trained, sdata, loss_hist = train_all_specialists(config, params, subsets,
                                                     pairs["train"], seed)

@@ -35,6 +35,9 @@ def get_config():
   c.specialists = ml_collections.ConfigDict()
   c.specialists.num_clusters = 10
   c.specialists.cluster_seed = 0
+  # Hand-given subsets added to the clusters (they may overlap them), e.g.
+  # ((3, 13, 23),): one more specialist per subset.
+  c.specialists.extra_subsets = ()
   c.specialists.fraction_in_subset = 0.5
   c.specialists.num_examples = 8_000  # per specialist (cycled if needed)
   c.specialists.epochs = 5
