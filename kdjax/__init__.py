@@ -17,6 +17,9 @@ Modules, one concern each:
 * :mod:`kdjax.loops`: on-device ``lax.scan`` epochs and the host-batch loop.
 * :mod:`kdjax.cache`: the teacher-logit cache.
 * :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
+* :mod:`kdjax.specialists`: the paper's specialist models (Section 5):
+  confusable clusters, specialist data and initialisation, vmapped
+  training, the dustbin correction and the eq. 5 combination.
 * :mod:`kdjax.trainer`: :func:`kdjax.fit`, the resumable outer loop
   (progress, metrics, checkpoints).
 * :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
@@ -30,7 +33,8 @@ Modules, one concern each:
 """
 
 from kdjax import (augment, cache, constraints, fields, losses, loops, models,
-                   objectives, precision, preprocess, sweep, train, validate)
+                   objectives, precision, preprocess, specialists, sweep,
+                   train, validate)
 from kdjax.fields import Fields
 from kdjax.trainer import fit
 from kdjax.losses import (
@@ -63,7 +67,7 @@ __all__ = [
     "constraints", "distillation_loss", "ensemble", "fields", "fit",
     "hard_label_loss", "kd_objective", "logit_matching_loss", "loops",
     "losses", "make_train_step", "models", "objectives", "precision",
-    "preprocess", "soft_target_cross_entropy", "sweep", "tempered_log_softmax",
+    "preprocess", "soft_target_cross_entropy", "specialists", "sweep", "tempered_log_softmax",
     "tempered_softmax", "train", "validate",
 ]
 

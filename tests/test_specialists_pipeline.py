@@ -1,0 +1,83 @@
+"""A tiny end-to-end run of experiments/specialists on real MNIST (< 60 s).
+
+Checks the wiring and the bookkeeping, not the accuracy: results.json has
+both rows with one entry per seed, the subsets are the validation clusters
+(a partition) plus the hand-given overlapping one, the dustbin shifts are
+log((1 - s) / s) for the balanced classes (s = k / 100, s' = 1/2), and the
+by-covering table adds up to the test set and to the errors.
+"""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments.specialists import pipeline
+from experiments.specialists.configs import quick
+
+
+@pytest.fixture
+def tiny_config(mnist_dir):
+  c = quick.get_config()
+  c.data_dir = str(mnist_dir)
+  c.train_pairs, c.val_pairs, c.test_pairs = 2000, 1000, 1000
+  c.generalist.hidden = (32,)
+  c.generalist.epochs = 2
+  c.specialists.num_clusters = 4
+  c.specialists.extra_subsets = ((3, 13, 23),)
+  c.specialists.num_examples = 512
+  c.specialists.epochs = 1
+  c.specialists.batch_size = 64
+  c.combine.top_n = 2
+  c.combine.num_steps = 100
+  return c
+
+
+def test_tiny_run_writes_consistent_results(tiny_config, tmp_path):
+  results = pipeline.run(tiny_config, tmp_path)
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
+  names = [r["name"] for r in results["rows"]]
+  assert names == ["generalist", "generalist_plus_specialists"]
+  for row in results["rows"]:
+    assert len(row["test_errors"]) == 1 and 0 <= row["test_errors"][0] <= 1000
+  (seed,) = results["seeds"]
+  subsets = seed["subsets"]
+  clusters, extra = subsets[:4], subsets[4:]
+  assert sorted(sum(clusters, [])) == list(range(100))
+  assert extra == [[3, 13, 23]]
+  for sub, shift in zip(subsets, seed["dustbin_shifts"]):
+    s = len(sub) / 100
+    assert shift == pytest.approx(math.log((1 - s) / s), rel=1e-5, abs=1e-5)
+  table = seed["by_covering"]
+  assert sum(r["num_test"] for r in table) == 1000
+  delta = sum(r["delta_correct"] for r in table)
+  assert delta == seed["generalist_errors"] - seed["combined_errors"]
+  assert all(np.isfinite(l).all() for l in seed["specialist_losses"])
+
+
+def test_evaluate_matches_loop_reference():
+  rng = np.random.default_rng(0)
+  n = 300
+  labels = rng.integers(0, 100, size=n)
+  p_g = rng.dirichlet(np.ones(100), size=n)
+  q = rng.dirichlet(np.ones(100), size=n)
+  subsets = [np.arange(0, 50), np.arange(40, 60), np.array([7, 99])]
+  active = rng.random((n, 3)) < 0.5
+  out = pipeline.evaluate(p_g, q, labels, subsets, active)
+  cover = [sum(bool(active[i, m]) and labels[i] in subsets[m]
+               for m in range(3)) for i in range(n)]
+  g_ok = [int(np.argmax(p_g[i]) == labels[i]) for i in range(n)]
+  c_ok = [int(np.argmax(q[i]) == labels[i]) for i in range(n)]
+  assert out["generalist_errors"] == n - sum(g_ok)
+  assert out["combined_errors"] == n - sum(c_ok)
+  cond = [i for i in range(n) if cover[i] > 0]
+  assert out["num_conditional"] == len(cond)
+  assert out["combined_conditional_accuracy"] == pytest.approx(
+      np.mean([c_ok[i] for i in cond]), rel=1e-12)
+  for row in out["by_covering"]:
+    rows = [i for i in range(n) if cover[i] == row["num_covering"]]
+    assert row["num_test"] == len(rows)
+    assert row["generalist_correct"] == sum(g_ok[i] for i in rows)
+    assert row["combined_correct"] == sum(c_ok[i] for i in rows)
+  assert {r["num_covering"] for r in out["by_covering"]} == set(cover)
