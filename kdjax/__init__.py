@@ -67,8 +67,8 @@ __all__ = [
     "constraints", "distillation_loss", "ensemble", "fields", "fit",
     "hard_label_loss", "kd_objective", "logit_matching_loss", "loops",
     "losses", "make_train_step", "models", "objectives", "precision",
-    "preprocess", "soft_target_cross_entropy", "specialists", "sweep", "tempered_log_softmax",
-    "tempered_softmax", "train", "validate",
+    "preprocess", "soft_target_cross_entropy", "specialists", "sweep",
+    "tempered_log_softmax", "tempered_softmax", "train", "validate",
 ]
 
 __version__ = "0.1.0"

@@ -11,10 +11,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _api_block() -> str:
+def _api_block(index: int = 0) -> str:
   text = (ROOT / "README.md").read_text()
-  section = text.split("## The API in a few lines", 1)[1]
-  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  section = text.split("## The API in a few lines", 1)[1].split("## Results")[0]
+  return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   assert "epochs=2" in code and '"runs/readme"' in code
   code = code.replace("epochs=2", "epochs=1").replace(
       '"runs/readme"', repr(str(tmp_path / "readme")))
-  monkeypatch.chdir(ROOT)
+  monkeypatch.chdir(tmp_path)  # The shipped teacher is found from anywhere.
   monkeypatch.setenv("KDJAX_PROGRESS", "0")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -32,6 +32,16 @@ def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   # One epoch of distillation from the shipped teacher: a working student.
   assert errors < 400, out.getvalue()
   assert (tmp_path / "readme" / "metrics.jsonl").exists()
+
+
+def test_readme_any_model_example_runs(monkeypatch):
+  """The BatchNorm student and the masked sequence batch, as written."""
+  monkeypatch.setenv("KDJAX_PROGRESS", "0")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(_api_block(1), "README.md", "exec"), {})  # pylint: disable=exec-used
+  lines = out.getvalue().strip().splitlines()
+  assert len(lines) == 2 and float(lines[-1]) > 0
 
 
 RESULTS = ROOT / "experiments" / "mnist" / "results"
