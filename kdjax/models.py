@@ -27,6 +27,7 @@ turn a module into the pure functions the train step expects.
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -276,7 +277,7 @@ def linen_teacher_apply(
   return apply
 
 
-def shipped_teacher_path(name: str = "teacher_cpu") -> "pathlib.Path":
+def shipped_teacher_path(name: str = "teacher_cpu") -> pathlib.Path:
   """Where the shipped MNIST teacher ``<name>.msgpack`` is, from any cwd.
 
   Looked up beside the package (``kdjax/_assets/``, for an installed wheel
@@ -287,7 +288,6 @@ def shipped_teacher_path(name: str = "teacher_cpu") -> "pathlib.Path":
   Raises:
     FileNotFoundError: naming every place looked in.
   """
-  import pathlib  # pylint: disable=g-import-not-at-top
   here = pathlib.Path(__file__).resolve().parent
   places = [here / "_assets", here.parent / "experiments" / "mnist" /
             "teacher"]

@@ -1,4 +1,4 @@
-"""A host-data distillation run for the SIGKILL resume test (tests/test_host_fit.py).
+"""A host-data distillation run for the SIGKILL test (tests/test_host_fit.py).
 
   python tests/host_fit_script.py WORKDIR KIND EPOCHS SLEEP
 

@@ -1,0 +1,27 @@
+"""The worked examples run end to end at a tiny size (real MNIST)."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bn_cnn_linen", "bn_cnn_nnx"])
+def test_batchnorm_example_tiny(name, mnist_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv("KDJAX_PROGRESS", "0")
+  module = __import__(f"examples.{name}", fromlist=["main"])
+  out = tmp_path / "results.json"
+  results = module.main(["--tiny", "--data-dir", str(mnist_dir),
+                         "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+  rows = {r["name"]: r for r in results["rows"]}
+  assert set(rows) == {"teacher", "student_alone", "student_distilled"}
+  for row in rows.values():
+    assert all(0 <= e <= 1000 for e in row["test_errors"])
+  stats = rows["student_distilled"]["batch_stats"]
+  # The statistics moved in training, and evaluation reads them: the
+  # initial ones give other predictions.
+  assert min(stats["rms_change_in_training"]) > 0
+  assert stats["test_errors_with_initial_stats"] != rows[
+      "student_distilled"]["test_errors"]
+  assert results["tuning"]["chosen_on"] == "validation"
