@@ -4,26 +4,19 @@
 moved to the device once) or on batches that come from the host, one at a
 time. A host source is one of:
 
-=====================================  ======================================
-``grain.MapDataset`` of batches        batch ``i`` of epoch ``e`` is
-                                       ``ds[e * len(ds) + i]``: grain shuffles
-                                       each epoch anew at indices past its
-                                       length (``ds.shuffle(seed).batch(B)``).
-                                       Random access: a resumed run jumps to
-                                       its batch, nothing is replayed.
-a function ``epoch -> batches``        ``batches`` is a ``MapDataset`` or a
-                                       sequence (indexed from the resumed
-                                       position), a grain iterable (its
-                                       iterator's ``get_state`` is saved in
-                                       the checkpoint and restored), or any
-                                       re-iterable (a resumed epoch calls the
-                                       function again and skips the batches
-                                       already trained on: the function must
-                                       be deterministic in ``epoch``).
-``grain.IterDataset`` / ``DataLoader`` one iterator for the whole run, cut
-                                       into epochs of ``steps_per_epoch``
-                                       batches; its state is checkpointed.
-=====================================  ======================================
+* a ``grain.MapDataset`` of batches: batch ``i`` of epoch ``e`` is
+  ``ds[e * len(ds) + i]``, and grain shuffles each epoch anew at indices past
+  its length (``ds.shuffle(seed).batch(B)``). Random access: a resumed run
+  jumps to its batch, nothing is replayed;
+* a function ``epoch -> batches``, where ``batches`` is a ``MapDataset`` or
+  a sequence (indexed from the resumed position), a grain iterable (its
+  iterator's ``get_state`` is saved in the checkpoint and restored), or any
+  re-iterable (a resumed epoch calls the function again and skips the
+  batches already trained on: the function must be deterministic in
+  ``epoch``);
+* a grain ``IterDataset`` or ``DataLoader``: one iterator for the whole
+  run, cut into epochs of ``steps_per_epoch`` batches; its state is
+  checkpointed.
 
 An iterator (a generator object, say) is refused before anything is read
 from it: it can be neither re-iterated each epoch nor resumed. A batch is a

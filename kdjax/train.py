@@ -576,7 +576,8 @@ def jit_train_step(objective: Union[str, Callable] = "kd", *,
   """``jax.jit`` of :func:`make_train_step`.
 
   Args:
-    objective, **kwargs: see :func:`make_train_step`.
+    objective: see :func:`make_train_step`.
+    **kwargs: the other arguments of :func:`make_train_step`.
     donate: reuse the buffers of the ``state`` argument for the new state
       (the default; saves a copy of params and optimizer state per step).
       The state given is then deleted: pass each call the state the

@@ -110,24 +110,32 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
         loop: str = "auto", steps_per_epoch: Optional[int] = None,
         block_steps: int = 16,
         checkpoint_every_steps: int = 0) -> tuple[PyTree, list[dict]]:
-  """Trains ``state`` for ``epochs`` epochs on device-resident ``data``.
+  """Trains ``state`` until it has trained ``epochs`` epochs.
 
   Args:
     state: a :class:`kdjax.train.TrainState` (or a stacked sweep state with
-      ``vmapped=True``).
+      ``vmapped=True``). A state that has already trained ``k`` epochs (an
+      earlier call) continues from epoch ``k``.
     teacher: the frozen :class:`kdjax.teacher.Teacher`, or None for
       ``objective="hard"`` or when ``data`` holds cached teacher logits.
-    data: a dict pytree of arrays with a shared leading axis, read through
-      ``fields`` (default ``'image'``, ``'label'``, optionally
-      ``'teacher_logits'``); moved to the device once. Never modified or
-      donated.
-    epochs: total number of epochs (a resumed run continues up to it).
-    batch_size: examples per step (the remainder of each epoch is dropped).
+    data: device-resident data, a dict pytree of arrays with a shared
+      leading axis, read through ``fields`` (default ``'image'``,
+      ``'label'``, optionally ``'teacher_logits'``), moved to the device
+      once; or a host source of batches (:mod:`kdjax.hostdata`): a
+      ``grain.MapDataset`` of batches, a grain ``IterDataset`` /
+      ``DataLoader``, or a function ``epoch -> batches``. Never modified
+      or donated.
+    epochs: the run's total number of epochs (a resumed run continues up
+      to it).
     rng: the run's key (a stacked key per member when ``vmapped``).
-    objective, fields, augment_fn, input_transform, compute_dtype,
-      keep_float32, skip_nonfinite: see :func:`kdjax.train.make_train_step`.
-      ``skip_nonfinite=False`` (apply non-finite updates) is only allowed
-      with ``on_nonfinite="skip"``.
+    batch_size: examples per step for device-resident data (the remainder
+      of each epoch is dropped); host batches bring their own.
+    objective: see :func:`kdjax.train.make_train_step`.
+    fields: see :func:`kdjax.train.make_train_step`.
+    augment_fn: see :func:`kdjax.train.make_train_step`.
+    input_transform: see :func:`kdjax.train.make_train_step`.
+    compute_dtype: see :func:`kdjax.train.make_train_step`.
+    keep_float32: see :func:`kdjax.train.make_train_step`.
     workdir: where checkpoints, ``metrics.jsonl``, ``fit.json`` and
       ``run_config.json`` go; None trains in memory only.
     checkpoint_every: checkpoint period in epochs (the last epoch is always
@@ -142,6 +150,9 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
     vmapped: ``state`` is a stacked sweep; epochs run under ``jax.vmap``.
     desc: label of the progress bar.
     progress: show the progress bar (default: unless ``KDJAX_PROGRESS=0``).
+    skip_nonfinite: see :func:`kdjax.train.make_train_step`;
+      ``skip_nonfinite=False`` (apply non-finite updates) is only allowed
+      with ``on_nonfinite="skip"``.
     on_nonfinite: ``"skip"`` (skip non-finite steps and go on) or
       ``"raise"`` (skip them, then raise ``FloatingPointError`` at the end
       of the epoch, before it is checkpointed).
@@ -149,7 +160,16 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
       ``lax.scan``), ``"steps"`` (a Python loop of one jitted step per
       batch, :func:`kdjax.loops.make_stepwise_epoch_fn`), or ``"auto"``
       (:func:`choose_loop`). Both compute the same thing (the same batches
-      and keys; the same params to float32 rounding).
+      and keys; the same params to float32 rounding). For host data,
+      ``"steps"`` runs one jitted step per batch and ``"scan"`` jitted
+      blocks of ``block_steps`` steps.
+    steps_per_epoch: batches per epoch of a host source whose length is
+      unknown (a grain ``IterDataset``); otherwise taken from the source.
+    block_steps: steps per jitted block on the host path (the batches of a
+      block are stacked into one transfer).
+    checkpoint_every_steps: on the host path, also checkpoint every this
+      many steps within an epoch (0: at epoch ends only), with the data
+      position, so that a killed run resumes where it was.
 
   Returns:
     ``(state, history)``: the final state and one metrics dict per epoch run
