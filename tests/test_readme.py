@@ -65,3 +65,8 @@ def test_readme_teacher_figures_match_its_record():
   readme = (ROOT / "README.md").read_text()
   assert (f"**{info['test_errors']} test errors** ({info['val_errors']} on "
           "validation") in readme
+
+
+def test_readme_example_tables_come_from_the_committed_jsons():
+  from examples import report  # pylint: disable=g-import-not-at-top
+  assert report.batchnorm_table() in (ROOT / "README.md").read_text()
