@@ -32,9 +32,9 @@ Modules, one concern each:
   and exit status 2).
 """
 
-from kdjax import (augment, cache, constraints, fields, losses, loops, models,
-                   objectives, precision, preprocess, specialists, sweep,
-                   train, validate)
+from kdjax import (augment, cache, constraints, evaluate, fields, losses,
+                   loops, models, objectives, optim, precision, preprocess,
+                   specialists, sweep, train, validate)
 from kdjax.fields import Fields
 from kdjax.trainer import fit
 from kdjax.losses import (
@@ -64,9 +64,10 @@ __all__ = [
 
 __all__ = [
     "Fields", "Student", "Teacher", "TrainState", "augment", "cache",
-    "constraints", "distillation_loss", "ensemble", "fields", "fit",
+    "constraints", "distillation_loss", "ensemble", "evaluate", "fields",
+    "fit",
     "hard_label_loss", "kd_objective", "logit_matching_loss", "loops",
-    "losses", "make_train_step", "models", "objectives", "precision",
+    "losses", "make_train_step", "models", "objectives", "optim", "precision",
     "preprocess", "soft_target_cross_entropy", "specialists", "sweep",
     "tempered_log_softmax", "tempered_softmax", "train", "validate",
 ]

@@ -50,15 +50,13 @@ import json
 import pathlib
 import sys
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from kdjax import (augment, cache, checkpoint, constraints, data, models,
+from kdjax import (augment, cache, checkpoint, data, evaluate, models, optim,
                    provenance, sweep, validate)
 from kdjax.trainer import check_run_config, fit
 from kdjax.teacher import Teacher
@@ -100,27 +98,7 @@ def to_device(images, labels) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
-                   *, max_sq_norm: Optional[float] = None):
-  """Nesterov SGD or Adam with linear warm-up and cosine decay."""
-  warmup = int(opt.get("warmup_fraction", 0.0) * total_steps)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0 if warmup else opt.lr, opt.lr, max(warmup, 1), max(total_steps, 2),
-      end_value=opt.lr * opt.get("final_lr_fraction", 0.0))
-  if opt.name == "sgd":
-    base = optax.sgd(schedule, momentum=opt.momentum, nesterov=True)
-  elif opt.name == "adam":
-    base = optax.adam(schedule)
-  else:
-    raise ValueError(
-        f"optimizer name must be 'sgd' or 'adam', got {opt.name!r}.")
-  parts = []
-  if opt.get("clip_norm", 0.0):
-    parts.append(optax.clip_by_global_norm(opt.clip_norm))
-  parts.append(base)
-  if max_sq_norm:
-    parts.append(constraints.max_norm(max_sq_norm))
-  return optax.chain(*parts)
+make_optimizer = optim.make_optimizer
 
 
 # ----------------------------------------------------------------------------
@@ -128,27 +106,19 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _predict_logits(apply, params, images):
-  def one(x):
-    return apply(params, x, False, None)
-  chunks = images.reshape((-1, 1000) + images.shape[1:])
-  out = jax.lax.map(one, chunks)
-  return out.reshape((-1,) + out.shape[2:])
+@functools.lru_cache(maxsize=None)
+def _eval_fn(apply):
+  """One eval function per apply (a static argument: reused compilations)."""
+  return lambda params, x: apply(params, x, False, None)
 
 
 def predict_logits(apply, params, images) -> np.ndarray:
-  """Eval-mode logits, ``[N, C]`` (N must be a multiple of 1000)."""
-  return np.array(_predict_logits(apply, params, jnp.asarray(images)))
+  """Eval-mode logits, ``[N, C]``, in chunks of 1000 (kdjax.evaluate)."""
+  return np.array(evaluate.predict_logits(_eval_fn(apply), params, images,
+                                          batch_size=1000))
 
 
-def errors(logits: np.ndarray, labels: np.ndarray, *,
-           on_class: Optional[int] = None) -> int:
-  """Misclassified examples (only those labelled ``on_class`` if given)."""
-  wrong = np.argmax(logits, -1) != labels
-  if on_class is not None:
-    wrong &= labels == on_class
-  return int(np.sum(wrong))
+errors = evaluate.errors
 
 
 def shifted(logits: np.ndarray, classes, amount: float) -> np.ndarray:
