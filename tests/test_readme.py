@@ -47,22 +47,25 @@ def test_readme_any_model_example_runs(monkeypatch):
 RESULTS = ROOT / "experiments" / "mnist" / "results"
 
 
-@pytest.mark.parametrize("name", ["quick_cpu", "table_cpu"])
-def test_readme_tables_are_generated_from_committed_results(name):
+@pytest.mark.parametrize("name, page, prefix", [
+    ("quick_cpu", "README.md", "experiments/mnist/results/"),
+    ("table_cpu", "experiments/mnist/README.md", "experiments/mnist/results/")])
+def test_readme_tables_are_generated_from_committed_results(name, page,
+                                                            prefix):
   from experiments.mnist import report  # pylint: disable=g-import-not-at-top
   results = json.loads((RESULTS / f"{name}.json").read_text())
   table = report.markdown(results).split("\n", 2)[2].strip()
-  readme = (ROOT / "README.md").read_text()
-  assert table in readme, f"README's {name} table differs from {name}.json"
+  readme = (ROOT / page).read_text()
+  assert table in readme, f"{page}'s {name} table differs from {name}.json"
   assert (RESULTS / f"{name}.md").read_text() == report.markdown(results)
-  assert f"Source: [`experiments/mnist/results/{name}.json`]" in readme
+  assert f"Source: [`{prefix}{name}.json`]" in readme
   assert results["git_commit"][:7] in readme
 
 
 def test_readme_teacher_figures_match_its_record():
   info = json.loads((ROOT / "experiments" / "mnist" / "teacher" /
                      "teacher_cpu.json").read_text())
-  readme = (ROOT / "README.md").read_text()
+  readme = (ROOT / "experiments" / "mnist" / "README.md").read_text()
   assert (f"**{info['test_errors']} test errors** ({info['val_errors']} on "
           "validation") in readme
 
@@ -70,3 +73,12 @@ def test_readme_teacher_figures_match_its_record():
 def test_readme_example_tables_come_from_the_committed_jsons():
   from examples import report  # pylint: disable=g-import-not-at-top
   assert report.batchnorm_table() in (ROOT / "README.md").read_text()
+
+
+def test_readme_benchmark_table_comes_from_the_committed_json():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "bench_report", ROOT / "benchmarks" / "report.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.headline() in (ROOT / "README.md").read_text()
