@@ -46,7 +46,6 @@ import pathlib
 import sys
 import time
 
-import jax
 import ml_collections
 import numpy as np
 

@@ -122,7 +122,7 @@ def train_generalist(config, train: pair_data.Pairs, seed: int):
 
 
 def train_all_specialists(config, generalist_params, subsets, train, seed):
-  """Every specialist, vmapped per subset size; returns a list of (apply, params)."""
+  """Every specialist, vmapped per subset size: a list of (apply, params)."""
   s = config.specialists
   hidden = tuple(config.generalist.hidden)
   idx, lab, sdata = sp.specialist_datasets(
@@ -421,8 +421,9 @@ def run_seed(config, pairs, seed: int, choice=None) -> dict:
       seed=int(seed), subsets=[x.tolist() for x in subsets],
       choice=choice, selection=selection,
       generalist_val_errors=_errors(p_val, val.labels),
-      combined_val_errors=(_errors(val_q, val.labels) if val_q is not None
-                           else min(g["val_errors"] for g in selection["grid"])),
+      combined_val_errors=(
+          _errors(val_q, val.labels) if val_q is not None
+          else min(g["val_errors"] for g in selection["grid"])),
       soft_val_errors=_errors(soft_combined(p_val, val.images)[0],
                               val.labels),
       dustbin_shifts=[float(d.dustbin_shift) for d in sdata],
@@ -502,5 +503,6 @@ def _command_line() -> str:
   import sys  # pylint: disable=g-import-not-at-top
   argv = list(sys.argv)
   if argv and pathlib.PurePath(argv[0]).parent.name == "specialists":
-    argv[0] = f"python -m experiments.specialists.{pathlib.PurePath(argv[0]).stem}"
+    stem = pathlib.PurePath(argv[0]).stem
+    argv[0] = f"python -m experiments.specialists.{stem}"
   return " ".join(argv)
