@@ -25,6 +25,7 @@ def tiny_config(mnist_dir):
   c.generalist.epochs = 2
   c.seeds = (0,)
   c.specialists.num_clusters = (4,)
+  c.specialists.normalize_columns = (False,)
   c.specialists.extra_subsets = ((3, 13, 23),)
   c.specialists.num_examples = 512
   c.specialists.epochs = 1
@@ -90,8 +91,9 @@ def test_tiny_run_chooses_on_validation(tiny_config, tmp_path):
   results = pipeline.run(tiny_config, tmp_path)
   (seed,) = results["seeds"]
   sel = seed["selection"]
-  assert [(g["num_clusters"], g["top_n"], g["num_steps"]) for g in sel["grid"]
-          ] == [(4, 1, 100), (4, 2, 100)]
+  assert [(g["normalize_columns"], g["num_clusters"], g["top_n"],
+           g["num_steps"]) for g in sel["grid"]] == [(False, 4, 1, 100),
+                                                     (False, 4, 2, 100)]
   best = min(sel["grid"], key=lambda g: g["val_errors"])
   assert results["choice"]["top_n"] == best["top_n"]
   soft_best = min(sel["soft_grid"], key=lambda g: g["val_errors"])

@@ -26,10 +26,13 @@
    specialists, its closed form (the arithmetic mean of the active full
    distributions, :func:`combine_full`) for the soft ones.
 
-**Choices on validation.** ``specialists.num_clusters``,
-``combine.top_n`` and ``combine.num_steps`` are grids: the first seed
-trains the specialists for every number of clusters and keeps the
-(num_clusters, top_n, num_steps) whose combination makes the fewest errors
+**Choices on validation.** ``specialists.normalize_columns`` (k-means on
+the raw or the unit-normalised covariance columns, which sets the
+clusters' sizes: raw columns put most classes in one large cluster),
+``specialists.num_clusters``, ``combine.top_n`` and ``combine.num_steps``
+are grids: the first seed trains the specialists for every (normalize,
+number of clusters) and keeps the (normalize, num_clusters, top_n,
+num_steps) whose combination makes the fewest errors
 on the validation pairs (ties: the first in grid order); then the soft
 specialists' ``T`` (``soft.temperatures``) and their ``top_n`` likewise, on
 the chosen clusters. The other seeds reuse the choice (their clusters are
@@ -64,6 +67,7 @@ predictions from the generalist to the combination.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import pathlib
 import time
@@ -311,10 +315,11 @@ def _errors(q, labels) -> int:
   return int(np.sum(np.argmax(q, -1) != np.asarray(labels)))
 
 
-def _subsets(config, p_val, num_clusters):
+def _subsets(config, p_val, num_clusters, normalize):
   s = config.specialists
   subsets = list(sp.confusable_clusters(p_val, int(num_clusters),
-                                        seed=s.cluster_seed))
+                                        seed=s.cluster_seed,
+                                        normalize=bool(normalize)))
   subsets += [list(x) for x in s.extra_subsets]
   return sp.as_subsets(subsets, NUM_CLASSES)
 
@@ -343,27 +348,33 @@ def run_seed(config, pairs, seed: int, choice=None) -> dict:
   selection = None
   if choice is None:
     grid, cache = [], {}
-    for nc in config.specialists.num_clusters:
-      subsets = _subsets(config, p_val, nc)
+    for norm, nc in itertools.product(config.specialists.normalize_columns,
+                                      config.specialists.num_clusters):
+      subsets = _subsets(config, p_val, nc, norm)
       trained, sdata, loss_hist = train_all_specialists(
           config, params, subsets, train, seed)
-      cache[int(nc)] = (subsets, trained, sdata, loss_hist)
+      cache[(bool(norm), int(nc))] = (subsets, trained, sdata, loss_hist)
       v_probs = _hard_probs(trained, sdata, val.images)
       for top_n in c.top_n:
         act = np.asarray(sp.active_specialists(p_val, subsets, top_n=top_n))
         for steps in c.num_steps:
           q = sp.combine(p_val, v_probs, subsets, active=act,
                          num_steps=int(steps), learning_rate=c.learning_rate)
-          grid.append({"num_clusters": int(nc), "top_n": int(top_n),
+          grid.append({"normalize_columns": bool(norm),
+                       "num_clusters": int(nc), "top_n": int(top_n),
                        "num_steps": int(steps),
                        "val_errors": _errors(q, val.labels)})
-    # Ties go to the first (fewer clusters, smaller top_n, fewer steps).
+    # Ties go to the first in grid order (plain covariance, fewer clusters,
+    # smaller top_n, fewer steps).
     best = min(grid, key=lambda g: g["val_errors"])
-    choice = {k: best[k] for k in ("num_clusters", "top_n", "num_steps")}
-    subsets, trained, sdata, loss_hist = cache[choice["num_clusters"]]
+    choice = {k: best[k] for k in ("normalize_columns", "num_clusters",
+                                   "top_n", "num_steps")}
+    subsets, trained, sdata, loss_hist = cache[
+        (choice["normalize_columns"], choice["num_clusters"])]
     selection = {"seed": int(seed), "grid": grid}
   else:
-    subsets = _subsets(config, p_val, choice["num_clusters"])
+    subsets = _subsets(config, p_val, choice["num_clusters"],
+                       choice["normalize_columns"])
     trained, sdata, loss_hist = train_all_specialists(config, params, subsets,
                                                       train, seed)
   t_hard = time.time() - t0

@@ -60,7 +60,9 @@ def markdown(results: dict) -> str:
       f"command `{results.get('command')}`.",
       "",
       f"Chosen on {results['chosen_on']} (test never used): "
-      f"{ch['num_clusters']} clusters, top_n={ch['top_n']}, "
+      f"{ch['num_clusters']} clusters (k-means on "
+      f"{'unit-normalised' if ch['normalize_columns'] else 'raw'} "
+      f"covariance columns), top_n={ch['top_n']}, "
       f"{ch['num_steps']} eq.-5 steps; soft specialists T={ch['temperature']:g}"
       f", top_n={ch['soft_top_n']}.",
       "",
@@ -115,10 +117,11 @@ def markdown(results: dict) -> str:
     lines += ["", "**Validation grid** (seed "
               f"{sel['seed']}; errors of the combination on the validation "
               "pairs):", "",
-              "| num_clusters | top_n | num_steps | val errors |",
-              "| --- | --- | --- | --- |"]
+              "| normalised columns | num_clusters | top_n | num_steps | "
+              "val errors |", "| --- | --- | --- | --- | --- |"]
     for g in sel["grid"]:
-      lines.append(f"| {g['num_clusters']} | {g['top_n']} | "
+      lines.append(f"| {g['normalize_columns']} | {g['num_clusters']} | "
+                   f"{g['top_n']} | "
                    f"{g['num_steps']} | {g['val_errors']} |")
     lines += ["", "| soft T | top_n | val errors |", "| --- | --- | --- |"]
     for g in sel["soft_grid"]:
