@@ -15,8 +15,8 @@ budget; the distilled seeds start from the same initialisations).
 
 Measured wall time: 1700 s (28 min) on the project's 2-core CPU while it
 was shared with other runs (load average 10-13; this job got 32% of the
-CPU, 549 s of user time: results/ensemble_cpu.json); expect well under 10
-minutes on an idle machine (not measured). 17 net-trainings of 12 epochs:
+CPU, 549 s of user time: results/ensemble_cpu.json); on an idle machine
+that is roughly 5-10 minutes (not measured). 17 net-trainings of 12 epochs:
 10 members, 4 grid points, 3 distilled seeds.
 """
 
