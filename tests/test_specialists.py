@@ -128,6 +128,29 @@ def test_clusters_partition_and_lloyd_fixed_point(seed):
   assert all(np.array_equal(a, b) for a, b in zip(clusters, again))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clusters_normalize_is_kmeans_on_unit_columns(seed):
+  """normalize=True: a Lloyd fixed point on the unit-normalised columns."""
+  rng = np.random.default_rng(20 + seed)
+  p = rng.dirichlet(0.3 * np.ones(12), size=200)
+  clusters = sp.confusable_clusters(p, 4, seed=seed, num_iters=1000,
+                                    normalize=True)
+  assert sorted(np.concatenate(clusters).tolist()) == list(range(12))
+  points = _ref_cov_columns(p)
+  unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+  centres = np.stack([unit[c].mean(axis=0) for c in clusters])
+  d2 = np.sum((unit[:, None] - centres[None])**2, axis=-1)
+  owner = np.empty(12, int)
+  for j, c in enumerate(clusters):
+    owner[c] = j
+  assert np.all(d2[np.arange(12), owner] <= d2.min(axis=1) * (1 + 1e-12))
+  # Scaling every probability's spread (hence every column) changes nothing.
+  q = 0.5 * p + 0.5 / 12
+  again = sp.confusable_clusters(q, 4, seed=seed, num_iters=1000,
+                                 normalize=True)
+  assert all(np.array_equal(x, y) for x, y in zip(clusters, again))
+
+
 def test_clusters_edge_cases():
   p = np.random.default_rng(0).dirichlet(np.ones(5), size=20)
   assert [c.tolist() for c in sp.confusable_clusters(p, 1)] == [[0, 1, 2, 3, 4]]
