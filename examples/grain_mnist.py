@@ -78,9 +78,19 @@ def make_state(seed: int, total_steps: int):
                                  alpha=0.7)
 
 
+def _splits(args):
+  splits = data.load_mnist_splits(args.data_dir, as_float=False)
+  if args.train_limit:
+    splits = data.MnistSplits(
+        splits.train_images[:args.train_limit],
+        splits.train_labels[:args.train_limit], splits.val_images,
+        splits.val_labels, splits.test_images, splits.test_labels)
+  return splits
+
+
 def train(args) -> dict:
   """The training run itself (the child process)."""
-  splits = data.load_mnist_splits(args.data_dir, as_float=False)
+  splits = _splits(args)
   ds = pipeline(splits.train_images, splits.train_labels,
                 batch_size=args.batch_size, seed=args.seed)
   state = make_state(args.seed, len(ds) * args.epochs)
@@ -107,7 +117,7 @@ def train(args) -> dict:
 
 def device_throughput(args) -> float:
   """Steps/s of the same step on device-resident data (one epoch)."""
-  splits = data.load_mnist_splits(args.data_dir, as_float=False)
+  splits = _splits(args)
   train_data = {"image": splits.train_images, "label": splits.train_labels}
   state = make_state(args.seed, 1000)
   _, history = kdjax.fit(state, models.load_shipped_teacher(), train_data,
@@ -126,6 +136,8 @@ def main(argv=None) -> dict:
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--checkpoint-every-steps", type=int, default=100)
+  p.add_argument("--train-limit", type=int, default=0,
+                 help="train on the first N training images (tests)")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--quiet", action="store_true")
   args = p.parse_args(argv)
@@ -138,7 +150,8 @@ def main(argv=None) -> dict:
   child = [sys.executable, "-m", "examples.grain_mnist", "--child", "--quiet",
            "--workdir", str(work), "--epochs", str(args.epochs),
            "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-           "--checkpoint-every-steps", str(args.checkpoint_every_steps)]
+           "--checkpoint-every-steps", str(args.checkpoint_every_steps),
+           "--train-limit", str(args.train_limit)]
   if args.data_dir:
     child += ["--data-dir", args.data_dir]
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -146,8 +159,7 @@ def main(argv=None) -> dict:
   proc = subprocess.Popen(child, env=env, cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.DEVNULL, text=True)
   ckdir = work / "checkpoints"
-  steps_per_epoch = len(data.load_mnist_splits(
-      args.data_dir, as_float=False).train_labels) // args.batch_size
+  steps_per_epoch = len(_splits(args).train_labels) // args.batch_size
   target = steps_per_epoch + args.checkpoint_every_steps
 
   def saved():

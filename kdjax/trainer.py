@@ -167,9 +167,10 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
       unknown (a grain ``IterDataset``); otherwise taken from the source.
     block_steps: steps per jitted block on the host path (the batches of a
       block are stacked into one transfer).
-    checkpoint_every_steps: on the host path, also checkpoint every this
-      many steps within an epoch (0: at epoch ends only), with the data
-      position, so that a killed run resumes where it was.
+    checkpoint_every_steps: on the host path, also checkpoint within an
+      epoch, at the first block boundary past every multiple of this many
+      steps (0: at epoch ends only), with the data position, so that a
+      killed run resumes where it was.
 
   Returns:
     ``(state, history)``: the final state and one metrics dict per epoch run
@@ -313,10 +314,13 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
       first_step = start_step if epoch == start else 0
       if host:
         def on_block(state_now, position, dstate, _epoch=epoch):
-          bar.update(position - on_block.position)
-          on_block.position = position
+          before, on_block.position = on_block.position, position
+          bar.update(position - before)
+          # Checkpoint at the first block boundary past each multiple of
+          # checkpoint_every_steps (blocks are never split).
           if (ckpt is not None and checkpoint_every_steps and
-              position % checkpoint_every_steps == 0 and
+              position // checkpoint_every_steps >
+              before // checkpoint_every_steps and
               position < steps_per_epoch):
             save(state_now, _epoch, position, dstate)
 
