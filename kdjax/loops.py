@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["make_epoch_fn", "make_stepwise_epoch_fn", "epoch_key",
-           "run_host_batches", "mean_metrics"]
+           "run_host_batches", "mean_metrics", "nonfinite_diagnostics"]
 
 PyTree = Any
 
@@ -95,7 +95,7 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
     state, metrics = jax.lax.scan(body, state, order)
     out = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     if nonfinite_diagnostics:
-      out.update(_nonfinite_diagnostics(metrics, state, steps))
+      out.update(nonfinite_diagnostics(metrics, state, steps))
     return state, out
 
   epoch.steps_per_epoch = steps
@@ -143,9 +143,9 @@ def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
   def summarise(per_step, state):
     out = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_step)
     if nonfinite_diagnostics:
-      diag = _nonfinite_diagnostics
+      diag = nonfinite_diagnostics
       if vmapped:
-        diag = jax.vmap(_nonfinite_diagnostics, in_axes=(1, 0, None))
+        diag = jax.vmap(nonfinite_diagnostics, in_axes=(1, 0, None))
       out.update(diag(per_step, state, steps))
     return out
 
@@ -163,7 +163,7 @@ def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
   return epoch
 
 
-def _nonfinite_diagnostics(per_step: dict, state, steps: int) -> dict:
+def nonfinite_diagnostics(per_step: dict, state, steps: int) -> dict:
   """Where the epoch's first non-finite step was, from ``[steps]`` metrics."""
   if "finite" not in per_step:
     raise ValueError("nonfinite_diagnostics needs a step that reports a "

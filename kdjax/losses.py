@@ -36,8 +36,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from kdjax import precision, validate
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -58,42 +59,9 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
-def _concrete(x) -> Optional[np.ndarray]:
-  """``x`` as a NumPy array, or None for a tracer (its value is unknown)."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return None
-
-
-def _check_temperature(temperature) -> None:
-  """Rejects a non-positive temperature that is known at trace time.
-
-  Python and NumPy numbers and concrete (non-traced) JAX arrays are
-  checked; a traced temperature (a ``TrainState``'s inside ``jit``) cannot
-  be, and is the caller's to validate (``TrainState.create`` does).
-  """
-  if isinstance(temperature, bool):
-    raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
-  t = _concrete(temperature)
-  if t is not None and t.dtype.kind not in "iuf":
-    raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
-  if t is not None and not np.all(t > 0):  # also catches NaN
-    raise ValueError(
-        f"temperature must be > 0, got {temperature!r}. The paper uses "
-        "T in [1, 20]; T=1 is the ordinary softmax.")
-
-
-def _check_alpha(alpha) -> None:
-  """Rejects an alpha outside [0, 1] that is known at trace time."""
-  a = _concrete(alpha)
-  if a is not None and a.dtype.kind not in "iuf":
-    raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}.")
-  if a is not None and not np.all((a >= 0.0) & (a <= 1.0)):
-    raise ValueError(
-        f"alpha must lie in [0, 1], got {alpha!r}. alpha weights the hard-label "
-        "cross-entropy; (1 - alpha) weights the T^2-scaled distillation term.")
+# The temperature and alpha checks have one home, kdjax.validate.
+_check_temperature = validate.check_temperature
+_check_alpha = validate.check_alpha
 
 
 def _check_same_shape(student_logits, teacher_logits) -> None:
@@ -107,10 +75,7 @@ def _check_same_shape(student_logits, teacher_logits) -> None:
                      "got a scalar.")
 
 
-def _as_float(x: ArrayLike) -> Array:
-  """Promotes to at least float32 (bf16/f16 -> f32, f64 stays f64)."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+_as_float = precision.at_least_float32
 
 
 def _apply_where(logits: Array, where: Optional[ArrayLike]) -> Array:

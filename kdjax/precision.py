@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-__all__ = ["cast_floating", "check_compute_dtype"]
+__all__ = ["cast_floating", "check_compute_dtype", "at_least_float32"]
 
 PyTree = Any
 
@@ -83,3 +83,13 @@ def check_compute_dtype(dtype) -> Optional[jnp.dtype]:
     raise ValueError(f"compute_dtype must be a floating dtype such as "
                      f"jnp.bfloat16, got {dtype!r}.")
   return d
+
+
+def at_least_float32(x) -> jax.Array:
+  """Promotes to at least float32 (bf16/f16 -> f32, f64 stays f64).
+
+  The losses' rule: whatever the input dtype, they compute in at least
+  float32, so no softmax ever runs in bfloat16.
+  """
+  x = jnp.asarray(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))

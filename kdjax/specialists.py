@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import losses
+from kdjax import losses, precision
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -710,7 +710,7 @@ def correct_dustbin(logits: ArrayLike, shift: float | ArrayLike) -> Array:
     >>> specialists.correct_dustbin(jnp.zeros(3), 1.5)
     Array([0. , 0. , 1.5], dtype=float32)
   """
-  z = losses._as_float(logits)  # pylint: disable=protected-access
+  z = precision.at_least_float32(logits)
   return z.at[..., -1].add(jnp.asarray(shift, z.dtype))
 
 
@@ -772,7 +772,7 @@ def _pad_probs(specialist_probs, subsets, k_max):
   """Subset probabilities ``[B, M, K]`` (zero padded) and dustbin ``[B, M]``."""
   subs, dusts = [], []
   for m, (p, s) in enumerate(zip(specialist_probs, subsets)):
-    p = losses._as_float(p)  # pylint: disable=protected-access
+    p = precision.at_least_float32(p)
     if p.ndim != 2 or p.shape[-1] != len(s) + 1:
       raise ValueError(f"specialist_probs[{m}] must be [B, {len(s) + 1}] "
                        f"(subset of {len(s)} classes + dustbin), got {p.shape}.")
@@ -831,13 +831,13 @@ def combination_objective(z: ArrayLike, p_g: ArrayLike,
   Returns:
     ``[B]`` objective values.
   """
-  p_g = losses._as_float(p_g)  # pylint: disable=protected-access
+  p_g = precision.at_least_float32(p_g)
   num_classes = p_g.shape[-1]
   subsets = as_subsets(subsets, num_classes)
   idx, valid, dust = _tables(subsets, num_classes)
   p_sub, p_dust = _pad_probs(specialist_probs, subsets, idx.shape[1])
   return jax.vmap(_objective_one, in_axes=(0, 0, 0, 0, 0, None, None, None))(
-      losses._as_float(z), p_g, p_sub, p_dust, jnp.asarray(active, bool),  # pylint: disable=protected-access
+      precision.at_least_float32(z), p_g, p_sub, p_dust, jnp.asarray(active, bool),
       idx, valid, dust)
 
 
@@ -935,7 +935,7 @@ def combine(p_g: ArrayLike, specialist_probs: Sequence[ArrayLike],
     >>> specialists.combine(p_g, [p_m], [[0, 1]]).round(3)
     Array([[0.4, 0.4, 0.2]], dtype=float32)
   """
-  p_g = losses._as_float(p_g)  # pylint: disable=protected-access
+  p_g = precision.at_least_float32(p_g)
   if p_g.ndim != 2:
     raise ValueError(f"p_g must be [B, C], got shape {p_g.shape}.")
   num_classes = p_g.shape[-1]

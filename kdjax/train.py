@@ -81,7 +81,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax import fields as fields_lib
-from kdjax import losses, objectives, precision, validate
+from kdjax import objectives, precision, validate
 from kdjax.student import Student
 from kdjax.teacher import Teacher
 
@@ -185,8 +185,8 @@ class TrainState:
     a_fn = alpha if callable(alpha) else None
     t0 = t_fn(jnp.zeros((), jnp.int32)) if t_fn else temperature
     a0 = a_fn(jnp.zeros((), jnp.int32)) if a_fn else alpha
-    losses._check_temperature(t0)  # pylint: disable=protected-access
-    losses._check_alpha(a0)  # pylint: disable=protected-access
+    validate.check_temperature(t0)
+    validate.check_alpha(a0)
     # The state owns its buffers: the compiled steps donate them, which must
     # not delete the arrays of the student (or params) it was made from.
     params, model_state = _copy_arrays((student.params, student.model_state))

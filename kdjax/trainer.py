@@ -479,7 +479,7 @@ class _HostRunner:
     def summarise(per_step, state):
       steps = jax.tree.leaves(per_step)[0].shape[0]
       out = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_step)
-      diag = loops._nonfinite_diagnostics  # pylint: disable=protected-access
+      diag = loops.nonfinite_diagnostics
       if vmapped:
         diag = jax.vmap(diag, in_axes=(1, 0, None))
       out.update(diag(per_step, state, steps))

@@ -123,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       provenance.params_sha256(sweep.member(m_params, i)) for i in range(k)]
   common = dict(epochs=e.epochs, objective="hard", width=e.width,
                 optimizer=opt_cfg.to_dict())
-  members_row = pipeline._row(  # pylint: disable=protected-access
+  members_row = pipeline.result_row(
       "ensemble_members", errs(m_test, test_y), m_sec, seeds=seeds,
       val_errors=errs(m_val, val_y), **common)
   rows.append(members_row)
@@ -144,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t0 = time.perf_counter()
     test_l = _ensemble_logits(teacher, test_x)
     ens_val[combine] = _ensemble_logits(teacher, val_x)
-    rows.append(pipeline._row(  # pylint: disable=protected-access
+    rows.append(pipeline.result_row(
         f"ensemble_{combine}", [pipeline.errors(test_l, test_y)],
         time.perf_counter() - t0, combine=combine, num_members=k,
         temperature=1.0 if combine == "arithmetic" else None,
@@ -183,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   hashes["ensemble_distilled"] = [
       provenance.params_sha256(sweep.member(d_params, i))
       for i in range(len(ds))]
-  rows.append(pipeline._row(  # pylint: disable=protected-access
+  rows.append(pipeline.result_row(
       "ensemble_distilled", errs(d_test, test_y), d_sec, seeds=ds,
       teacher="ensemble_mean_logits", temperature=best_t, alpha=best_a,
       chosen_on="validation", grid=grid_record,
@@ -195,7 +195,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # 5. The student alone: members alone_members.
   idx = [int(i) for i in e.alone_members]
-  rows.append(pipeline._row(  # pylint: disable=protected-access
+  rows.append(pipeline.result_row(
       "student_alone", [members_row["test_errors"][i] for i in idx], 0.0,
       seeds=idx, source=f"ensemble_members {idx} (same recipe and budget)",
       val_errors=[members_row["val_errors"][i] for i in idx], **common))

@@ -309,7 +309,8 @@ def command_line() -> str:
   return " ".join(argv)
 
 
-def _row(name, test_errors, seconds, **extra):
+def result_row(name, test_errors, seconds, **extra):
+  """One row of results.json (its schema is in the module docstring)."""
   return {"name": name, "test_errors": [int(e) for e in test_errors],
           "paper_test_errors": PAPER.get(name), "seconds": round(seconds, 2),
           **extra}
@@ -367,7 +368,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   teacher, t_params, t_source, t_sec = get_teacher(config, splits, workdir)
   t_apply = lambda p, x, train, rng: teacher.apply_fn(p, {}, x)
   t_test = predict_logits(t_apply, t_params, test_x)
-  rows.append(_row("teacher", [errors(t_test, test_y)], t_sec,
+  rows.append(result_row("teacher", [errors(t_test, test_y)], t_sec,
                    source=t_source,
                    val_errors=[errors(predict_logits(t_apply, t_params, val_x),
                                       val_y)]))
@@ -412,7 +413,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     val_logits = member_logits(apply, params, val_x)
     hashes[name] = [provenance.params_sha256(sweep.member(params, i))
                     for i in range(len(seeds))]
-    row = _row(name, [errors(l, test_y) for l in test_logits], sec,
+    row = result_row(name, [errors(l, test_y) for l in test_logits], sec,
                temperature=temperature, alpha=alpha, epochs=epochs,
                objective=objective, width=width or s.width, jitter=jitter,
                **({"dropout": list(dropout)} if any(dropout) else {}),
@@ -467,7 +468,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                              for tl in test_logits]
     before["num_test_3s"] = int(np.sum(test_y == 3))
     before["paper_errors_on_3"] = paper_before["errors_on_3"]
-    rows.append(_row(
+    rows.append(result_row(
         "omit3_after_shift", [errors(tl, test_y) for tl in test_after],
         time.perf_counter() - t0,
         errors_on_3=[errors(tl, test_y, on_class=3) for tl in test_after],
@@ -500,7 +501,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               for vl in val_logits]
     after = [errors(shifted(tl, [7, 8], b), test_y)
              for tl, b in zip(test_logits, shifts)]
-    rows.append(_row("only78_after_shift", after, time.perf_counter() - t0,
+    rows.append(result_row("only78_after_shift", after, time.perf_counter() - t0,
                      test_error_rate=[e / n_test for e in after],
                      paper_test_error_rate=paper_after["test_error_rate"],
                      bias_shift=shifts,
@@ -542,7 +543,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               sweep.member(params, i)) for i, g in enumerate(grid)}
       for temp in c.temperatures:
         idx = [i for i, g in enumerate(grid) if g[0] == temp]
-        rows.append(_row(f"sweep_w{width}_T{temp:g}",
+        rows.append(result_row(f"sweep_w{width}_T{temp:g}",
                          [errors(logits[i], test_y) for i in idx],
                          sec / len(c.temperatures), width=width,
                          temperature=temp, alpha=c.alpha, epochs=c.epochs,
