@@ -1,4 +1,4 @@
-r"""Specialist models (Hinton, Vinyals & Dean, 2015, Section 5), as pure functions.
+r"""Specialist models (Hinton, Vinyals & Dean, 2015, Section 5): pure functions.
 
 A *generalist* predicts all ``C`` classes. A *specialist* ``m`` predicts
 only a subset :math:`S^m` of confusable classes plus one **dustbin** class
@@ -87,8 +87,9 @@ def _as_subset(subset, num_classes: int, what: str = "subset") -> np.ndarray:
     raise TypeError(f"{what} must hold integer class indices, got dtype "
                     f"{arr.dtype}.")
   if arr.min() < 0 or arr.max() >= num_classes:
+    bad = sorted(set(arr[(arr < 0) | (arr >= num_classes)].tolist()))
     raise ValueError(f"{what} has class indices outside [0, {num_classes}): "
-                     f"{sorted(set(arr[(arr < 0) | (arr >= num_classes)].tolist()))}.")
+                     f"{bad}.")
   out = np.unique(arr).astype(np.int32)
   if out.size != arr.size:
     raise ValueError(f"{what} repeats a class: {arr.tolist()}.")
@@ -273,7 +274,7 @@ class SpecialistData(NamedTuple):
 
   @property
   def dustbin_shift(self) -> float:
-    """The dustbin logit correction :math:`\\log(a / b)` (:func:`dustbin_shift`)."""
+    """The dustbin logit correction :math:`\\log(a / b)` (see dustbin_shift)."""
     return dustbin_shift(self.data_share, self.specialist_share)
 
 
@@ -341,7 +342,8 @@ def specialist_indices(labels: ArrayLike, subset: Sequence[int], *,
   if not len(pool_in) or not len(pool_out):
     raise ValueError(
         f"subset {subset.tolist()} has {len(pool_in)} examples and the rest "
-        f"{len(pool_out)}; a specialist needs both (the dustbin needs examples).")
+        f"{len(pool_out)}; a specialist needs both (the dustbin needs "
+        "examples).")
   if num_examples is None:
     n_in = min(len(pool_in), int(np.floor(len(pool_out) * f / (1.0 - f))))
     n_in = max(n_in, 1)
@@ -396,7 +398,7 @@ def specialist_datasets(labels: ArrayLike, subsets: Sequence[Sequence[int]],
                         *, num_examples: int, seed: int = 0,
                         fraction_in_subset: float = 0.5,
                         num_classes: Optional[int] = None):
-  """Every specialist's indices and labels, stacked for :func:`train_specialists`.
+  """Every specialist's indices and labels, stacked for train_specialists.
 
   Specialist ``m`` draws with seed ``seed + m`` (:func:`specialist_indices`),
   so adding a specialist does not change the others' data.
@@ -496,7 +498,8 @@ def init_from_generalist(generalist_params: PyTree, subset: Sequence[int], *,
   kernel, bias = jnp.asarray(layer["kernel"]), jnp.asarray(layer["bias"])
   if kernel.ndim != 2 or bias.shape != kernel.shape[-1:]:
     raise ValueError(f"the output layer at {logits_key} must be a Dense kernel "
-                     f"[D, C] and bias [C], got {kernel.shape} and {bias.shape}.")
+                     f"[D, C] and bias [C], got {kernel.shape} and "
+                     f"{bias.shape}.")
   num_classes = kernel.shape[-1]
   subset = _as_subset(subset, num_classes)
   rest = np.setdiff1d(np.arange(num_classes), subset)
@@ -517,7 +520,9 @@ def stack_params(params_list: Sequence[PyTree]) -> PyTree:
   Example:
     >>> import jax.numpy as jnp
     >>> from kdjax import specialists
-    >>> specialists.stack_params([{"w": jnp.zeros(3)}, {"w": jnp.ones(3)}])["w"].shape
+    >>> stacked = specialists.stack_params([{"w": jnp.zeros(3)},
+    ...                                     {"w": jnp.ones(3)}])
+    >>> stacked["w"].shape
     (2, 3)
   """
   params_list = list(params_list)
@@ -756,7 +761,7 @@ def active_specialists(p_g: ArrayLike, subsets: Sequence[Sequence[int]], *,
 
 
 def _tables(subsets: tuple[np.ndarray, ...], num_classes: int):
-  """Padded subset indices ``[M, K]``, their mask, and dustbin masks ``[M, C]``."""
+  """Padded subset indices ``[M, K]``, their mask, dustbin masks ``[M, C]``."""
   k_max = max(len(s) for s in subsets)
   idx = np.zeros((len(subsets), k_max), np.int32)
   valid = np.zeros((len(subsets), k_max), bool)
@@ -775,7 +780,8 @@ def _pad_probs(specialist_probs, subsets, k_max):
     p = precision.at_least_float32(p)
     if p.ndim != 2 or p.shape[-1] != len(s) + 1:
       raise ValueError(f"specialist_probs[{m}] must be [B, {len(s) + 1}] "
-                       f"(subset of {len(s)} classes + dustbin), got {p.shape}.")
+                       f"(subset of {len(s)} classes + dustbin), got "
+                       f"{p.shape}.")
     subs.append(jnp.pad(p[:, :-1], ((0, 0), (0, k_max - len(s)))))
     dusts.append(p[:, -1])
   return jnp.stack(subs, axis=1), jnp.stack(dusts, axis=1)
@@ -837,14 +843,15 @@ def combination_objective(z: ArrayLike, p_g: ArrayLike,
   idx, valid, dust = _tables(subsets, num_classes)
   p_sub, p_dust = _pad_probs(specialist_probs, subsets, idx.shape[1])
   return jax.vmap(_objective_one, in_axes=(0, 0, 0, 0, 0, None, None, None))(
-      precision.at_least_float32(z), p_g, p_sub, p_dust, jnp.asarray(active, bool),
+      precision.at_least_float32(z), p_g, p_sub, p_dust,
+      jnp.asarray(active, bool),
       idx, valid, dust)
 
 
 @functools.lru_cache(maxsize=8)
 def _default_optimizer(learning_rate: float,
                        num_steps: int) -> optax.GradientTransformation:
-  """Adam with a cosine decay to 0 (one per setting: ``_solve`` compiles once)."""
+  """Adam with a cosine decay to 0 (one per setting: _solve compiles once)."""
   return optax.adam(optax.cosine_decay_schedule(learning_rate,
                                                 max(num_steps, 1)))
 
@@ -905,8 +912,9 @@ def combine(p_g: ArrayLike, specialist_probs: Sequence[ArrayLike],
   within a few ``1e-6`` of the exact minimiser on the tests' inputs. Cost:
   ``num_steps`` gradient evaluations of ``O(B M (K + C))`` each; 23 s for
   10,000 inputs, 100 classes and 10 specialists of 10 classes on the
-  project's 2-core CPU (after a 6 s compilation). With no active specialist, or specialists that agree with
-  :math:`p^g`, the gradient at the start is zero and :math:`q = p^g`.
+  project's 2-core CPU (after a 6 s compilation). With no active
+  specialist, or specialists that agree with :math:`p^g`, the gradient
+  at the start is zero and :math:`q = p^g`.
   Rows without an active specialist are returned as :math:`p^g` exactly
   (Adam would otherwise amplify the rounding-level gradient there). When
   every model covers all classes (empty dustbins) the minimiser is

@@ -82,10 +82,12 @@ def check_temperature(temperature) -> None:
   the sweeps all call it.
   """
   if isinstance(temperature, bool):
-    raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
+    raise TypeError(
+        f"temperature must be a positive number, got {temperature!r}.")
   t = _concrete(temperature)
   if t is not None and t.dtype.kind not in "iuf":
-    raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
+    raise TypeError(
+        f"temperature must be a positive number, got {temperature!r}.")
   if t is not None and not np.all(t > 0):  # also catches NaN
     raise ValueError(
         f"temperature must be > 0, got {temperature!r}. The paper uses "
@@ -99,7 +101,8 @@ def check_alpha(alpha) -> None:
     raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}.")
   if a is not None and not np.all((a >= 0.0) & (a <= 1.0)):
     raise ValueError(
-        f"alpha must lie in [0, 1], got {alpha!r}. alpha weights the hard-label "
+        f"alpha must lie in [0, 1], got {alpha!r}. alpha weights the "
+        "hard-label "
         "cross-entropy; (1 - alpha) weights the T^2-scaled distillation term.")
 
 

@@ -173,7 +173,8 @@ def test_clusters_edge_cases():
 
 def _labels(seed, n=1000, num_classes=10):
   rng = np.random.default_rng(seed)
-  return rng.choice(num_classes, size=n, p=rng.dirichlet(3 * np.ones(num_classes)))
+  return rng.choice(num_classes, size=n,
+                    p=rng.dirichlet(3 * np.ones(num_classes)))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.3])
@@ -330,7 +331,8 @@ def test_dustbin_correction_calibrates_a_specialist_on_resampled_data():
 
 
 def test_correct_dustbin_touches_only_the_last_logit():
-  z = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.bfloat16)
+  z = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)),
+                  jnp.bfloat16)
   out = sp.correct_dustbin(z, jnp.array([1.0, 2.0, 3.0]))
   assert out.dtype == jnp.float32
   ref = np.asarray(z.astype(jnp.float32), np.float64)
@@ -347,7 +349,8 @@ def _generalist(seed, num_classes=10, width=6, in_dim=5):
   rng = np.random.default_rng(seed)
   f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   return {"hidden_0": {"kernel": f32(in_dim, width), "bias": f32(width)},
-          "logits": {"kernel": f32(width, num_classes), "bias": f32(num_classes)}}
+          "logits": {"kernel": f32(width, num_classes),
+                     "bias": f32(num_classes)}}
 
 
 def test_init_from_generalist_matches_reference():
@@ -377,7 +380,8 @@ def test_init_from_generalist_network_outputs():
   gen = _generalist(1)
   spec = sp.init_from_generalist(gen, [1, 8])
   snet = models.MLP((6,), num_classes=3)
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((16, 5)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((16, 5)),
+                  jnp.float32)
   zg = np.asarray(net.apply({"params": gen}, x), np.float64)
   zs = np.asarray(snet.apply({"params": spec}, x), np.float64)
   tol = 1e-5 * (1 + np.abs(zg).max())
