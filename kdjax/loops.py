@@ -95,7 +95,7 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
     state, metrics = jax.lax.scan(body, state, order)
     out = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     if nonfinite_diagnostics:
-      out.update(nonfinite_diagnostics(metrics, state, steps))
+      out.update(_diagnostics(metrics, state, steps))
     return state, out
 
   epoch.steps_per_epoch = steps
@@ -143,9 +143,9 @@ def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
   def summarise(per_step, state):
     out = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_step)
     if nonfinite_diagnostics:
-      diag = nonfinite_diagnostics
+      diag = _diagnostics
       if vmapped:
-        diag = jax.vmap(nonfinite_diagnostics, in_axes=(1, 0, None))
+        diag = jax.vmap(_diagnostics, in_axes=(1, 0, None))
       out.update(diag(per_step, state, steps))
     return out
 
@@ -184,6 +184,10 @@ def nonfinite_diagnostics(per_step: dict, state, steps: int) -> dict:
   if skipped is not None:
     out["skipped"] = skipped
   return out
+
+
+# (make_epoch_fn's argument of the same name would shadow it.)
+_diagnostics = nonfinite_diagnostics
 
 
 def mean_metrics(metrics: list[dict]) -> dict:
