@@ -2,8 +2,13 @@
 
 Modules, one concern each:
 
-* :mod:`kdjax.losses`: tempered softmax, distillation, logit-matching and the
-  full KD objective (pure functions, per-example values).
+* :mod:`kdjax.losses`: tempered softmax, distillation (forward KL), reverse
+  KL, generalised JSD, logit-matching and the full KD objective (pure
+  functions, per-example values).
+* :mod:`kdjax.topk`: top-k teacher targets (a compact cache for large
+  vocabularies) and the loss trained from them.
+* :mod:`kdjax.chunked`: the distillation loss from hidden states over chunks
+  of positions, without materialising ``[N, V]`` logits.
 * :mod:`kdjax.teacher`: the frozen :class:`Teacher` pytree and ensembles.
 * :mod:`kdjax.train`: :class:`TrainState` and the train step (jit, pmap,
   sharded jit).
@@ -19,14 +24,16 @@ Modules, one concern each:
   and labels (before anything compiles).
 """
 
-from kdjax import (augment, cache, constraints, losses, loops, models, sweep,
-                   train, validate)
+from kdjax import (augment, cache, chunked, constraints, losses, loops, models,
+                   sweep, topk, train, validate)
 from kdjax.trainer import fit
 from kdjax.losses import (
     distillation_loss,
+    generalized_jsd_loss,
     hard_label_loss,
     kd_objective,
     logit_matching_loss,
+    reverse_distillation_loss,
     soft_target_cross_entropy,
     tempered_log_softmax,
     tempered_softmax,
