@@ -39,6 +39,7 @@ unchunked loss with autodiff (the reference, and the benchmark's baseline).
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any, Optional, Sequence
 
 import jax
@@ -92,12 +93,22 @@ def _split(tree, num_chunks: int, chunk_size: int):
 
 @functools.lru_cache(maxsize=None)
 def _make_fused(mode: str, tail: str, has_labels: bool, num_chunks: int,
-                chunk_size: int):
-  """The custom-VJP ``sum_n w_n l_n`` over chunks (see the module doc)."""
+                chunk_size: int, static_temperature: Optional[float],
+                static_alpha: Optional[float]):
+  """The custom-VJP ``sum_n w_n l_n`` over chunks (see the module doc).
+
+  A Python ``temperature`` / ``alpha`` is baked in (``static_*``), as it
+  would be without the custom VJP (whose arguments are always traced): the
+  losses then take their static code paths (e.g. no high-T select).
+  """
   per_position = _make_per_position(mode, tail, has_labels)
 
   def chunk_sum(h_c, w_s, b_s, consts, rows_c, temperature, alpha):
     z = _logits(h_c, w_s, b_s)
+    if static_temperature is not None:
+      temperature = static_temperature
+    if static_alpha is not None:
+      alpha = static_alpha
     ell = per_position(z, consts, rows_c, temperature, alpha)
     w = rows_c["weights"]
     return jnp.sum(jnp.where(w != 0, w * ell, 0.0))
@@ -326,7 +337,10 @@ def chunked_distillation_loss(
           per_position, h_pad, w_s, b_s, consts, padded, temperature, alpha,
           num_chunks, chunk_size)[:n]
     else:
-      fused = _make_fused(mode, tail, has_labels, num_chunks, chunk_size)
+      static = lambda x: (float(x) if isinstance(x, numbers.Real) and
+                          not isinstance(x, bool) else None)
+      fused = _make_fused(mode, tail, has_labels, num_chunks, chunk_size,
+                          static(temperature), static(alpha))
       total = fused(h_pad, w_s, b_s, consts, padded, temperature, alpha)
   if reduction == "none":
     return weighted
