@@ -31,9 +31,15 @@ TRL (never a mean over padding, never divided by ``V``). ``N`` need not be a
 multiple of ``chunk_size``: the last chunk is padded with weight 0.
 
 Peak memory, chunked: the arguments (``W_s``, ``W_t``: ``4 D V`` bytes each
-in float32), the gradient ``dW_s`` (``4 D V``) and ``O(chunk_size V)``
-temporaries, instead of ``O(N V)``. ``chunk_size=None`` computes the plain
-unchunked loss with autodiff (the reference, and the benchmark's baseline).
+in float32), the gradient ``dW_s`` (``4 D V``, accumulated over the chunks
+and held until the backward pass) and ``O(chunk_size V)`` temporaries,
+instead of ``O(N V)`` (about five ``[N, V]`` float32 arrays for the
+unchunked value-and-grad on XLA:CPU). The chunk size trades memory for
+speed: each chunk is a rank-``chunk_size`` update of the whole ``[D, V]``
+gradient, which runs below peak matmul speed for small chunks; see
+``benchmarks/chunked_loss.py`` and its results for measured figures.
+``chunk_size=None`` computes the plain unchunked loss with autodiff (the
+reference, and the benchmark's baseline).
 """
 
 from __future__ import annotations

@@ -239,8 +239,9 @@ def topk_distillation_loss(student_logits: ArrayLike,
 
   The **student is never renormalised**: :math:`q_j` are full-softmax
   probabilities gathered at :math:`K`, so mass the student puts outside
-  :math:`K` is penalised, and at ``k = V`` both modes are *exactly*
-  :func:`kdjax.losses.distillation_loss`.
+  :math:`K` is penalised, and at ``k = V`` both modes are
+  :func:`kdjax.losses.distillation_loss` (to float32 rounding: only the
+  order of the sum over classes differs).
 
   * ``tail="renormalize"`` (cache: values, indices; any ``T``): the teacher
     is renormalised over its top k,
