@@ -46,10 +46,19 @@ def _mask(where, shape):
 
 
 def ref_log_softmax(logits, temperature, where=None):
+  """float64 log-softmax, with ``log1p`` of the non-max mass.
+
+  ``log(sum exp)`` would round ``log(1 + 1e-31)`` to 0: a nearly one-hot
+  row's largest log-probability must stay ``-1e-31``, not 0 (else its
+  ``~1e-30`` KL comes out as 0 and float32 kdjax looks wrong).
+  """
   x = _f64(logits) / temperature
   x = np.where(_mask(where, x.shape), x, -np.inf)
   shifted = x - np.max(x, axis=-1, keepdims=True)
-  return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
+  first_max = np.arange(x.shape[-1]) == np.argmax(x, axis=-1)[..., None]
+  rest = np.sum(np.where(first_max, 0.0, np.exp(shifted)), axis=-1,
+                keepdims=True)
+  return shifted - np.log1p(rest)
 
 
 def _terms(w, log_w, log_other):
@@ -76,9 +85,16 @@ def ref_forward(s, t, temperature, where=None):
 def _ref_parts(s, t, temperature, beta, where=None):
   log_q = ref_log_softmax(s, temperature, where)
   log_p = ref_log_softmax(t, temperature, where)
-  p, q = np.exp(log_p), np.exp(log_q)
-  with np.errstate(divide="ignore"):
-    log_m = np.log(beta * p + (1.0 - beta) * q)  # Probability space.
+  # log m = log(beta p + (1 - beta) q), in probability space, relative to
+  # q: log q + log((1 - beta) + beta p / q), with log1p where that is small
+  # (float64 would round the sum of two ~1 probabilities).
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    d = np.where(np.isfinite(log_q), log_p - log_q, np.inf)
+    near = np.log1p(beta * np.expm1(np.clip(d, -1.0, 1.0)))
+    far = np.logaddexp(np.log1p(-beta), np.log(beta) + d)
+    log_m = np.where(np.isfinite(log_q),
+                     log_q + np.where(np.abs(d) <= 1.0, near, far),
+                     np.log(beta) + log_p)
   return log_p, log_q, log_m
 
 
