@@ -62,7 +62,7 @@ class WorkdirMismatchError(ValueError):
 # ----------------------------------------------------------------------------
 
 
-def _concrete(x) -> Optional[np.ndarray]:
+def concrete(x) -> Optional[np.ndarray]:
   """``x`` as a NumPy array, or None for a tracer (its value is unknown)."""
   try:
     return np.asarray(x)
@@ -84,7 +84,7 @@ def check_temperature(temperature) -> None:
   if isinstance(temperature, bool):
     raise TypeError(
         f"temperature must be a positive number, got {temperature!r}.")
-  t = _concrete(temperature)
+  t = concrete(temperature)
   if t is not None and t.dtype.kind not in "iuf":
     raise TypeError(
         f"temperature must be a positive number, got {temperature!r}.")
@@ -96,7 +96,7 @@ def check_temperature(temperature) -> None:
 
 def check_alpha(alpha) -> None:
   """Rejects an alpha outside [0, 1] that is known at trace time."""
-  a = _concrete(alpha)
+  a = concrete(alpha)
   if a is not None and a.dtype.kind not in "iuf":
     raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}.")
   if a is not None and not np.all((a >= 0.0) & (a <= 1.0)):
