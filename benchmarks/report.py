@@ -37,5 +37,25 @@ def headline(path: pathlib.Path = RESULTS / "train_step_cpu.json") -> str:
   return "\n".join(lines)
 
 
+def chunked_table(path: pathlib.Path = RESULTS / "chunked_loss_cpu.json"
+                  ) -> str:
+  """Chunked / unchunked value-and-grad: time and memory ratios."""
+  r = json.loads(path.read_text())
+  lines = ["| V | chunk | time | compiled temporaries | compiled total | "
+           "process RSS increase |", "| --- | --- | --- | --- | --- | --- |"]
+  for res in r["results"]:
+    for name, q in res["ratios_chunked_over_unchunked"].items():
+      lines.append(
+          f"| {res['vocab']:,} | {name.split('_')[-1]} | "
+          f"{q['time_median']:.2f}x | {q['compiled_temp']:.3f} | "
+          f"{q['compiled_total']:.2f} | "
+          f"{q['process_rss_increase_during_call']:.2f} |")
+  lines.append(f"\n{r['tokens']:,} tokens, hidden {r['hidden']}, "
+               f"commit `{r['git_commit'][:7]}`, {r['machine']}.")
+  return "\n".join(lines)
+
+
 if __name__ == "__main__":
   print(headline())
+  print()
+  print(chunked_table())

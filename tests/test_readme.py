@@ -82,6 +82,7 @@ def test_readme_benchmark_table_comes_from_the_committed_json():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   assert module.headline() in (ROOT / "README.md").read_text()
+  assert module.chunked_table() in (ROOT / "README.md").read_text()
 
 
 def test_readme_ensemble_and_specialist_figures_come_from_the_jsons():
