@@ -1,4 +1,4 @@
-"""Benchmark: chunked against unchunked distillation loss for large vocabularies.
+"""Benchmark: chunked against unchunked distillation loss at large vocabularies.
 
 Times and measures the peak memory of the jitted ``value_and_grad`` (w.r.t.
 the student's hidden states ``h_s [N, D]`` and output projection
@@ -37,9 +37,10 @@ Memory is measured two ways:
   chunking can remove;
 * from the process: each variant runs once in a **fresh subprocess**
   (``--child``, all of them before this process allocates anything, since
-  a Linux child inherits its parent's ``ru_maxrss``) and reports ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
-  (which also holds the compiler's and the input generation's peaks) and,
-  sampled every 2 ms from ``/proc/self/statm`` during the call, the call's
+  a Linux child inherits its parent's ``ru_maxrss``) and reports
+  ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (which also holds the
+  compiler's and the input generation's peaks) and, sampled every 2 ms
+  from ``/proc/self/statm`` during the call, the call's
   own peak RSS and its increase over the RSS just before the call (after
   the inputs exist and the program is compiled).
 
@@ -52,7 +53,8 @@ sanity check.
 
 Usage::
 
-  python benchmarks/chunked_loss.py --json benchmarks/results/chunked_loss_cpu.json \\
+  python benchmarks/chunked_loss.py \\
+      --json benchmarks/results/chunked_loss_cpu.json \\
       [--vocab-sizes 32000 128000] [--tokens 2048] [--hidden 1024] \\
       [--chunk-sizes 128 512] [--repeats 3] [--backend cpu|gpu]
 """
@@ -115,6 +117,8 @@ from kdjax import provenance
 from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
+_ONE = np.float32(1.0)
+
 
 def _inputs(tokens: int, hidden: int, vocab: int):
   """``(h_s, W_s, h_t, W_t)``, drawn with NumPy in float32.
@@ -126,7 +130,7 @@ def _inputs(tokens: int, hidden: int, vocab: int):
   rng = np.random.default_rng(0)
   scale = np.float32(1.0 / np.sqrt(hidden))
 
-  def normal(shape, s=np.float32(1.0)):
+  def normal(shape, s=_ONE):
     return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * s)
 
   h_s = normal((tokens, hidden))

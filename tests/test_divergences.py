@@ -33,7 +33,7 @@ BETAS = (0.1, 0.5, 0.9)
 
 
 def _f64(x):
-  """The exact values of an array as float64 (float64 inputs stay as they are)."""
+  """An array's exact values as float64 (float64 inputs stay as they are)."""
   if isinstance(x, np.ndarray) and x.dtype == np.float64:
     return x
   return np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64)
@@ -511,7 +511,8 @@ def test_extreme_magnitudes(temperature, scale):
   for name, fn in _fns(temperature).items():
     value = fn(s, t)
     assert np.all(np.isfinite(value)) and np.all(np.asarray(value) >= 0), name
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t).sum(), argnums=(0, 1))(s, t)
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t).sum(),
+                        argnums=(0, 1))(s, t)
     assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t)), name
   # Spreads of 1e-4: the value is ~T^2 (1e-4 / T)^2 ~ 1e-8, and its error
   # ~eps T^2 |d| (d ~ 1e-4 / T), far below the plain formula's eps T^2 log C.
@@ -541,7 +542,8 @@ def test_masked_teacher_where_the_student_has_mass(temperature):
     fn = lambda s, t, b=beta: losses.generalized_jsd_loss(s, t, temperature,
                                                           beta=b)
     value = fn(s, t)
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t).sum(), argnums=(0, 1))(s, t)
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t).sum(),
+                        argnums=(0, 1))(s, t)
     assert np.all(np.isfinite(value)), beta
     assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t)), beta
     np.testing.assert_array_equal(np.asarray(g_t)[np.isinf(t)], 0.0)
@@ -554,7 +556,8 @@ def test_masked_teacher_where_the_student_has_mass(temperature):
                                                       beta=1.0)):
     value = np.asarray(fn(s, t))
     assert np.all(np.isfinite(value)) and np.all(value > 1e15), value
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t).sum(), argnums=(0, 1))(s, t)
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t).sum(),
+                        argnums=(0, 1))(s, t)
     assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t))
 
 
@@ -568,7 +571,8 @@ def test_masked_in_both_is_absent(temperature):
       ("jsd_0", lambda s, t: losses.generalized_jsd_loss(s, t, temperature,
                                                          beta=0.0))]:
     value = fn(s, t)
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t).sum(), argnums=(0, 1))(s, t)
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t).sum(),
+                        argnums=(0, 1))(s, t)
     assert np.all(np.isfinite(value)), name
     assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t)), name
     both = np.isinf(s) & np.isinf(t)
@@ -596,9 +600,9 @@ def test_where_mask_equals_dropping_the_classes():
   ):
     chex.assert_trees_all_close(fn(s, t, where), fn(sk, tk, None),
                                 rtol=1e-6, atol=1e-6, custom_message=name)
-    g_s, g_t = jax.grad(lambda s, t: fn(s, t, where).sum(),
+    g_s, g_t = jax.grad(lambda s, t, fn=fn: fn(s, t, where).sum(),
                         argnums=(0, 1))(s, t)
-    gk_s, gk_t = jax.grad(lambda s, t: fn(s, t, None).sum(),
+    gk_s, gk_t = jax.grad(lambda s, t, fn=fn: fn(s, t, None).sum(),
                           argnums=(0, 1))(sk, tk)
     for g, gk in ((g_s, gk_s), (g_t, gk_t)):
       assert np.all(np.isfinite(g)), name
@@ -642,7 +646,7 @@ def test_jit_vmap_and_grad_agree_with_eager():
                                 atol=1e-7, custom_message=name)
     chex.assert_trees_all_close(jax.vmap(fn)(s, t), eager, rtol=1e-6,
                                 atol=1e-7, custom_message=name)
-    total = lambda s, t: fn(s, t).sum()
+    total = lambda s, t, fn=fn: fn(s, t).sum()
     g_eager = jax.grad(total, argnums=(0, 1))(s, t)
     g_jit = jax.jit(jax.grad(total, argnums=(0, 1)))(s, t)
     chex.assert_trees_all_close(g_jit, g_eager, rtol=1e-5, atol=1e-7)

@@ -38,7 +38,8 @@ def _plogr(p, log_p, log_r):
 
 
 def ref_full(s, t, temperature):
-  log_p, log_q = ref_log_softmax(t, temperature), ref_log_softmax(s, temperature)
+  log_p = ref_log_softmax(t, temperature)
+  log_q = ref_log_softmax(s, temperature)
   return temperature**2 * np.sum(_plogr(np.exp(log_p), log_p, log_q), -1)
 
 
@@ -51,7 +52,8 @@ def _in_k(indices):
 
 def ref_parts(s, t, indices, temperature):
   """Full p and q, and the dropped masses eps (teacher) and Q (student)."""
-  log_p, log_q = ref_log_softmax(t, temperature), ref_log_softmax(s, temperature)
+  log_p = ref_log_softmax(t, temperature)
+  log_q = ref_log_softmax(s, temperature)
   p, q = np.exp(log_p), np.exp(log_q)
   tail = ~_in_k(indices)
   return log_p, log_q, p, q, tail, np.sum(p * tail, -1), np.sum(q * tail, -1)
@@ -240,7 +242,7 @@ def test_where_masks_padded_positions():
         topk.topk_distillation_loss(z, v_bad, i_bad, temperature, tail=tail,
                                     tail_logit=tail_logit, where=pad))
     loss = fn(s_bad)
-    grad = jax.grad(lambda z: fn(z).sum())(s_bad)
+    grad = jax.grad(lambda z, fn=fn: fn(z).sum())(s_bad)
     np.testing.assert_array_equal(np.asarray(loss)[~pad], 0.0)
     np.testing.assert_array_equal(np.asarray(grad)[~pad], 0.0)
     assert np.all(np.isfinite(grad))
@@ -264,10 +266,13 @@ def test_minus_inf_logits_give_finite_values_and_gradients():
     values, indices = topk.topk_targets(t, k)
     tl = topk.tail_logit(t, indices, temperature)
     for tail, tail_logit in (("renormalize", None), ("bucket", tl)):
-      loss, grad = jax.value_and_grad(
-          lambda z, tail=tail, tail_logit=tail_logit: topk.topk_distillation_loss(
-              z, values, indices, temperature, tail=tail,
-              tail_logit=tail_logit).sum())(s)
+      def total(z, tail=tail, tail_logit=tail_logit, values=values,
+                indices=indices):
+        return topk.topk_distillation_loss(
+            z, values, indices, temperature, tail=tail,
+            tail_logit=tail_logit).sum()
+
+      loss, grad = jax.value_and_grad(total)(s)
       assert np.isfinite(loss) and np.all(np.isfinite(grad)), (k, tail)
       np.testing.assert_array_equal(np.asarray(grad)[..., 40:], 0.0)
   # With k >= 10 the cache holds the teacher's whole support: full loss.
