@@ -714,8 +714,8 @@ def test_bfloat16_mnist_run_ends_near_the_float32_run(mnist_dir):
     student = kdjax.Student.from_linen(
         net, {"params": models.init_params(net, jax.random.key(0))})
     state = train.TrainState.create(
-        student, tx=optax.adam(1e-3), temperature=20.0, alpha=0.5)
-    state, history = kdjax.fit(state, None, cached, epochs=2,
+        student, tx=optax.adam(3e-3), temperature=20.0, alpha=0.5)
+    state, history = kdjax.fit(state, None, cached, epochs=4,
                                batch_size=100, rng=jax.random.key(0),
                                compute_dtype=dtype, keep_float32=("logits",),
                                progress=False)
@@ -726,6 +726,6 @@ def test_bfloat16_mnist_run_ends_near_the_float32_run(mnist_dir):
     for leaf in jax.tree.leaves(state.params):
       assert leaf.dtype == jnp.float32
   (e32, kl32), (e16, kl16) = results["f32"], results["bf16"]
-  assert e32 < 200  # A working student.
+  assert e32 < 300  # A working student (6k images, 4 epochs).
   assert abs(e16 - e32) <= 10, results
   assert abs(kl16 - kl32) <= 0.05 * kl32, results
