@@ -39,7 +39,7 @@ import dataclasses
 import queue
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import jax
 import numpy as np
@@ -50,7 +50,6 @@ from kdjax.fields import BatchError, Fields, check_batch
 __all__ = ["HostSource", "as_host_source", "is_host_source", "Prefetcher",
            "BatchChecker", "SourceError"]
 
-PyTree = Any
 
 
 class SourceError(TypeError):

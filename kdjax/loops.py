@@ -26,7 +26,6 @@ import jax.numpy as jnp
 __all__ = ["make_epoch_fn", "make_stepwise_epoch_fn", "epoch_key",
            "run_host_batches", "mean_metrics", "nonfinite_diagnostics"]
 
-PyTree = Any
 
 
 def epoch_key(rng: jax.Array, epoch: int | jax.Array) -> jax.Array:

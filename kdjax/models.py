@@ -28,7 +28,7 @@ turn a module into the pure functions the train step expects.
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.preprocess import scale_pixels
+from kdjax._types import PyTree
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
-PyTree = Any
 
 __all__ = [
     "MLP",

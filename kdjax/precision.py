@@ -34,14 +34,14 @@ slower.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from kdjax._types import PyTree
 
 __all__ = ["cast_floating", "check_compute_dtype", "at_least_float32"]
 
-PyTree = Any
 
 
 def _names(path) -> set[str]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +41,10 @@ import numpy as np
 import optax
 
 from kdjax import losses, precision
+from kdjax._types import PyTree
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
-PyTree = Any
 
 __all__ = [
     "as_subsets",
@@ -257,11 +257,10 @@ def confusable_clusters(probs: ArrayLike, num_clusters: int, *, seed: int = 0,
 class SpecialistData(NamedTuple):
   """A specialist's training examples and the priors they were drawn with.
 
-  Attributes:
-    indices: ``int64 [n]`` indices into the full training set, in a seeded
-      random order.
-    data_share: the subset's share :math:`s` of the full training set.
-    specialist_share: its share :math:`s'` of the specialist's examples.
+  ``indices`` (``int64 [n]``) index the full training set, in a seeded
+  random order; ``data_share`` is the subset's share :math:`s` of the full
+  training set and ``specialist_share`` its share :math:`s'` of the
+  specialist's examples.
   """
   indices: np.ndarray
   data_share: float

@@ -35,15 +35,15 @@ import dataclasses
 import functools
 import weakref
 import zlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+from kdjax._types import PyTree
 
 __all__ = ["Student"]
 
-PyTree = Any
 Forward = Callable[..., tuple[jax.Array, PyTree]]
 
 

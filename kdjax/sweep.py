@@ -26,18 +26,18 @@ has one: 94 validation errors solo, 107 as a member, after 40 epochs).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kdjax import validate
+from kdjax._types import PyTree
 
 __all__ = ["create_sweep", "sweep_keys", "vmap_epoch", "vmap_step", "member",
            "num_members"]
 
-PyTree = Any
 
 
 def sweep_keys(seeds: Sequence[int]) -> jax.Array:

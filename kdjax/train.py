@@ -71,7 +71,7 @@ arrays the caller holds.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import flax
 import jax
@@ -84,6 +84,7 @@ from kdjax import fields as fields_lib
 from kdjax import objectives, precision, validate
 from kdjax.student import Student
 from kdjax.teacher import Teacher
+from kdjax._types import PyTree
 
 __all__ = [
     "OBJECTIVES",
@@ -100,7 +101,6 @@ __all__ = [
     "unreplicate",
 ]
 
-PyTree = Any
 # The built-in objectives' names (kdjax.objectives.names() lists all).
 OBJECTIVES = ("kd", "soft", "logit_matching", "hard")
 Schedule = Callable[[jax.Array], jax.Array]

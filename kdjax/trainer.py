@@ -46,7 +46,7 @@ import json
 import pathlib
 import time
 from collections.abc import Mapping
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -59,10 +59,10 @@ from kdjax import loops, objectives, sweep, train, validate
 from kdjax.fields import Fields
 from kdjax.checkpoint import Checkpointer, key_data, leaf_specs, write_atomic
 from kdjax.progress import MetricWriter, Progress
+from kdjax._types import PyTree
 
 __all__ = ["fit", "check_run_config", "check_inputs", "choose_loop"]
 
-PyTree = Any
 ON_NONFINITE = ("skip", "raise")
 LOOPS = ("auto", "scan", "steps")
 # The order in which non-finite metrics are named (then the rest, sorted).
