@@ -87,7 +87,7 @@ def run(images, labels, *, teacher, batch_size: int, steps: int,
   def mlp_state():
     return kdjax.TrainState.create(
         kdjax.Student.from_linen(student_net, {"params": models.init_params(
-            student_net, jax.random.key(1))}),
+            student_net, jax.random.key(1), (1, 28, 28))}),
         tx=optax.sgd(0.01, momentum=0.9), temperature=20.0, alpha=0.1)
 
   ds = grain.MapDataset.source(_Batches(host_cached, batch_size))
@@ -106,7 +106,7 @@ def run(images, labels, *, teacher, batch_size: int, steps: int,
   def cnn_state():
     return kdjax.TrainState.create(
         apply_fn=models.linen_student_apply(cnn),
-        params=models.init_params(cnn, jax.random.key(2)),
+        params=models.init_params(cnn, jax.random.key(2), (1, 28, 28)),
         tx=optax.sgd(0.01, momentum=0.9))
 
   chosen = kdjax.trainer.choose_loop(cnn_state(), cnn_data)

@@ -239,7 +239,8 @@ def run_phase(args: argparse.Namespace) -> int:
                                   as_float=False)
   t_module = models.paper_teacher()
   t_params = checkpoint.load_params(
-      _ROOT / TEACHER_PATH, models.init_params(t_module, jax.random.key(0)))
+      _ROOT / TEACHER_PATH,
+      models.init_params(t_module, jax.random.key(0), (1, 28, 28)))
   teacher = Teacher.from_linen(t_module, {"params": t_params})
   transfer = cache.with_teacher_logits(
       {"image": jnp.asarray(splits.train_images),
@@ -258,8 +259,8 @@ def run_phase(args: argparse.Namespace) -> int:
   tx = optim.make_optimizer(distill["optimizer"],
                             steps_per_epoch * args.epochs)
   state = TrainState.create(
-      apply_fn=apply, params=models.init_params(module,
-                                                jax.random.key(args.seed)),
+      apply_fn=apply, params=models.init_params(
+          module, jax.random.key(args.seed), (1, 28, 28)),
       tx=tx, temperature=distill["temperature"], alpha=distill["alpha"])
   run_config = {"benchmark": "soak", "width": args.width,
                 "epochs": args.epochs, "seed": args.seed, "n": n,

@@ -70,7 +70,8 @@ def pipeline(images, labels, *, batch_size: int, seed: int):
 def make_state(seed: int, total_steps: int):
   net = models.paper_student(800)
   student = kdjax.Student.from_linen(
-      net, {"params": models.init_params(net, jax.random.key(seed))})
+      net, {"params": models.init_params(net, jax.random.key(seed),
+                                         (1, 28, 28))})
   tx = optax.chain(optax.clip_by_global_norm(5.0), optax.sgd(
       optax.cosine_decay_schedule(0.1, total_steps), momentum=0.9,
       nesterov=True))

@@ -21,19 +21,8 @@ Two ways in, giving identical arrays:
   (``pip install 'kdjax[tf]'``). TensorFlow is imported only on this path,
   never by ``import kdjax.data``.
 
-IDX format (big-endian throughout)::
-
-  bytes 0-1   0x00 0x00
-  byte  2     dtype code: 0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32,
-              0x0D float32, 0x0E float64
-  byte  3     ndim
-  then        ndim uint32 sizes d_1, ..., d_ndim
-  then        exactly d_1 * ... * d_ndim items, C (row-major) order
-
-so MNIST images start with the magic number ``0x00000803`` and labels with
-``0x00000801``. :func:`read_idx` checks the magic number, the header length
-and that the payload holds exactly ``prod(dims)`` items; every error names the
-file and what is wrong.
+IDX files are read with the generic codec :mod:`kdjax.idx` (its docstring
+describes the format); here :func:`load_mnist` checks that they hold MNIST.
 
 Output conventions: images are ``uint8 [N, 28, 28]`` (or ``float32`` in
 ``[0, 1]`` with ``as_float=True``, i.e. ``x / 255``), labels ``int32 [N]`` in
@@ -45,23 +34,22 @@ validation set (:func:`train_val_split`,
 temperature, the bias shifts and early stopping; the 10k test set never
 chooses anything and is only reported.
 
-Transfer sets (:func:`transfer_set`) are the paper's variants of the data the
-student is distilled on: all of it, no 3s, only 7s and 8s, or a random 3%.
+The paper's transfer sets (no 3s, only 7s and 8s, a random 3%) are the
+experiment's protocol and live in ``experiments/mnist/transfer.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import math
 import numbers
 import os
 import pathlib
-import zlib
 from typing import Optional, Union
 
 import numpy as np
 
+from kdjax.idx import (DataError, DataNotFoundError, IdxFormatError,
+                       encode_idx, format_dims, read_idx, write_idx)
 from kdjax.preprocess import scale_pixels
 
 PathLike = Union[str, os.PathLike]
@@ -73,7 +61,6 @@ __all__ = [
     "IdxFormatError",
     "MNIST_FILES",
     "MnistSplits",
-    "TRANSFER_VARIANTS",
     "encode_idx",
     "find_mnist_file",
     "load_mnist",
@@ -81,7 +68,6 @@ __all__ = [
     "read_idx",
     "resolve_data_dir",
     "train_val_split",
-    "transfer_set",
     "write_idx",
 ]
 
@@ -96,7 +82,6 @@ MNIST_FILES = {
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28)
 
-TRANSFER_VARIANTS = ("all", "no3", "only78", "subset")
 
 _HOW_TO_SUPPLY = (
     "Supply MNIST by passing data_dir=... (--config.data_dir=... in the "
@@ -106,34 +91,9 @@ _HOW_TO_SUPPLY = (
     + "; or, with network access, use the TFDS path (source='tfds', needs "
     "pip install 'kdjax[tf]').")
 
-_GZIP_MAGIC = b"\x1f\x8b"
-
-# IDX dtype code -> big-endian NumPy dtype.
-_IDX_DTYPES = {
-    0x08: np.dtype(">u1"),
-    0x09: np.dtype(">i1"),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-
-
 # ----------------------------------------------------------------------------
 # Errors.
 # ----------------------------------------------------------------------------
-
-
-class DataError(Exception):
-  """Base class of kdjax.data's errors about missing or malformed data."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-  """No data directory was given, or it lacks the expected files."""
-
-
-class IdxFormatError(DataError, ValueError):
-  """A file is not a well-formed IDX file (or not the MNIST one expected)."""
 
 
 # ----------------------------------------------------------------------------
@@ -231,131 +191,6 @@ def _find_split_files(d: pathlib.Path,
 # ----------------------------------------------------------------------------
 
 
-def _read_bytes(path: pathlib.Path) -> bytes:
-  """The file's content, gunzipped if it is gzip data (sniffed, not by name)."""
-  try:
-    raw = path.read_bytes()
-  except FileNotFoundError:
-    raise DataNotFoundError(
-        f"IDX file {path} does not exist. {_HOW_TO_SUPPLY}") from None
-  except OSError as e:
-    raise DataError(f"could not read {path}: {e}") from e
-  if raw[:2] != _GZIP_MAGIC:
-    return raw
-  try:
-    return gzip.decompress(raw)
-  except (OSError, EOFError, zlib.error) as e:
-    raise IdxFormatError(
-        f"{path} is a corrupt or truncated gzip file ({type(e).__name__}: "
-        f"{e}); replace it with a good copy (gzipped or decompressed).") from e
-
-
-def _fmt_dims(dims) -> str:
-  return "x".join(str(d) for d in dims) if dims else "scalar"
-
-
-def _parse_idx(data: bytes, path: PathLike) -> np.ndarray:
-  """Parses IDX bytes (see the module docstring); ``path`` is for messages."""
-  if len(data) < 4:
-    raise IdxFormatError(
-        f"{path} is truncated: {len(data)} bytes, too short for the 4-byte IDX "
-        "magic number; the file may be corrupt or not MNIST.")
-  magic = int.from_bytes(data[:4], "big")
-  code, ndim = data[2], data[3]
-  if data[:2] != b"\x00\x00" or code not in _IDX_DTYPES or ndim == 0:
-    hint = ""
-    if str(path).endswith(".gz"):
-      hint = " (the file is named .gz but does not hold gzip data)"
-    raise IdxFormatError(
-        f"bad magic number 0x{magic:08x} in {path}{hint}, expected an IDX file "
-        "(0x00000803 for images, 0x00000801 for labels); the file may be "
-        "corrupt or not MNIST.")
-  header = 4 + 4 * ndim
-  if len(data) < header:
-    raise IdxFormatError(
-        f"{path} is truncated: the header declares {ndim} dimensions "
-        f"({header} header bytes), found only {len(data)} bytes.")
-  dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big")
-               for i in range(ndim))
-  dtype = _IDX_DTYPES[code]
-  expected = math.prod(dims) * dtype.itemsize
-  found = len(data) - header
-  if found != expected:
-    what = "is truncated" if found < expected else "has trailing bytes"
-    raise IdxFormatError(
-        f"{path} {what}: header says {_fmt_dims(dims)} = {expected} bytes of "
-        f"data, found {found}"
-        + (f" ({found - expected} extra)" if found > expected else "")
-        + "; the file may be corrupt or not MNIST.")
-  arr = np.frombuffer(data, dtype=dtype, count=math.prod(dims), offset=header)
-  # Native byte order, writable, owning its memory.
-  return arr.reshape(dims).astype(dtype.newbyteorder("="), copy=True)
-
-
-def read_idx(path: PathLike) -> np.ndarray:
-  """Reads one IDX file, gzipped or raw.
-
-  Gzip is detected from the content (``1f 8b``), so a raw file named ``.gz``
-  or a gzipped one without the suffix both work.
-
-  Args:
-    path: the file.
-
-  Returns:
-    An array of shape ``(d_1, ..., d_ndim)`` and the file's dtype (native
-    byte order), e.g. ``uint8 [60000, 28, 28]`` for the training images.
-
-  Raises:
-    DataNotFoundError: the file does not exist.
-    IdxFormatError: corrupt gzip stream, bad magic number, short header, or a
-      payload that is not exactly ``prod(dims)`` items. The message names the
-      file and the problem.
-  """
-  path = pathlib.Path(path)
-  return _parse_idx(_read_bytes(path), path)
-
-
-def encode_idx(array: np.ndarray) -> bytes:
-  """The IDX bytes of ``array`` (inverse of :func:`read_idx`).
-
-  ``encode_idx(read_idx(f))`` reproduces the decompressed bytes of ``f``
-  exactly, which is how the tests check the reader against MNIST's md5s.
-
-  Args:
-    array: array of dtype uint8, int8, int16, int32, float32 or float64 and
-      1 to 255 dimensions.
-
-  Returns:
-    Magic number, big-endian uint32 sizes, then the big-endian data.
-
-  Example:
-    >>> import numpy as np
-    >>> encode_idx(np.array([7, 2], np.uint8)).hex()
-    '00000801000000020702'
-  """
-  array = np.asarray(array)
-  codes = {dt.newbyteorder("="): c for c, dt in _IDX_DTYPES.items()}
-  code = codes.get(array.dtype.newbyteorder("="))
-  if code is None:
-    raise TypeError(f"IDX cannot store dtype {array.dtype}; use one of "
-                    f"{sorted(str(d) for d in codes)}.")
-  if not 1 <= array.ndim <= 255:
-    raise ValueError(f"IDX needs 1 to 255 dimensions, got shape {array.shape}.")
-  header = bytes([0, 0, code, array.ndim]) + b"".join(
-      int(d).to_bytes(4, "big") for d in array.shape)
-  return header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
-
-
-def write_idx(path: PathLike, array: np.ndarray) -> pathlib.Path:
-  """Writes ``array`` as an IDX file, gzipped if ``path`` ends in ``.gz``."""
-  path = pathlib.Path(path)
-  data = encode_idx(array)
-  if path.suffix == ".gz":
-    data = gzip.compress(data, mtime=0)
-  path.write_bytes(data)
-  return path
-
-
 # ----------------------------------------------------------------------------
 # MNIST.
 # ----------------------------------------------------------------------------
@@ -373,11 +208,11 @@ def _finish(images: np.ndarray, labels: np.ndarray, as_float: bool,
   if (images.ndim != 3 or images.shape[1:] != IMAGE_SHAPE
       or images.dtype != np.uint8):
     raise IdxFormatError(
-        f"{images_name} holds {images.dtype} {_fmt_dims(images.shape)}, "
+        f"{images_name} holds {images.dtype} {format_dims(images.shape)}, "
         f"expected uint8 Nx28x28 MNIST images (magic 0x00000803).")
   if labels.ndim != 1:
     raise IdxFormatError(
-        f"{labels_name} holds {labels.dtype} {_fmt_dims(labels.shape)}, "
+        f"{labels_name} holds {labels.dtype} {format_dims(labels.shape)}, "
         "expected N labels (magic 0x00000801).")
   if images.shape[0] != labels.shape[0]:
     raise IdxFormatError(
@@ -524,6 +359,17 @@ class MnistSplits:
   test_images: np.ndarray
   test_labels: np.ndarray
 
+  @property
+  def num_classes(self) -> int:
+    """The number of classes (10): what a model's output layer needs."""
+    return NUM_CLASSES
+
+  @property
+  def input_shape(self) -> tuple[int, ...]:
+    """One example's shape, ``(28, 28)``: ``models.init_params(module, rng,
+    (1, *splits.input_shape))``."""
+    return tuple(self.train_images.shape[1:])
+
   def __repr__(self) -> str:
     fields = ", ".join(
         f"{f.name}={a.dtype}{list(a.shape)}"
@@ -561,55 +407,3 @@ def load_mnist_splits(data_dir: Optional[PathLike] = None,
 # ----------------------------------------------------------------------------
 # Transfer sets.
 # ----------------------------------------------------------------------------
-
-
-def transfer_set(images: np.ndarray, labels: np.ndarray, variant: str, *,
-                 seed: int = 0, fraction: float = 0.03):
-  """The data a student is distilled on, in one of the paper's variants.
-
-  * ``"all"``: everything, unchanged.
-  * ``"no3"``: every example of digit 3 removed (the student never sees a 3;
-    the paper then corrects the bias of class 3).
-  * ``"only78"``: only the 7s and 8s.
-  * ``"subset"``: a seeded random ``round(fraction * N)`` examples (default
-    3%), drawn without replacement and kept in their original order.
-
-  Args:
-    images: ``[N, ...]`` images.
-    labels: ``[N]`` integer labels.
-    variant: one of :data:`TRANSFER_VARIANTS`.
-    seed: seed of the ``"subset"`` draw (ignored otherwise).
-    fraction: the ``"subset"`` fraction, in ``(0, 1]``.
-
-  Returns:
-    ``(images, labels)`` of the transfer set.
-
-  Raises:
-    ValueError: unknown ``variant`` (the message lists the valid ones), or
-      ``fraction`` outside ``(0, 1]``.
-
-  Example:
-    >>> import numpy as np
-    >>> y = np.array([3, 7, 8, 1, 3])
-    >>> (transfer_set(y, y, "no3")[1].tolist(),
-    ...  transfer_set(y, y, "only78")[1].tolist())
-    ([7, 8, 1], [7, 8])
-  """
-  _check_pair(images, labels)
-  labels_np = np.asarray(labels)
-  if variant == "all":
-    return images, labels
-  if variant == "no3":
-    keep = labels_np != 3
-  elif variant == "only78":
-    keep = (labels_np == 7) | (labels_np == 8)
-  elif variant == "subset":
-    if not 0.0 < fraction <= 1.0:
-      raise ValueError(f"fraction must lie in (0, 1], got {fraction!r}.")
-    n = len(labels_np)
-    k = int(round(fraction * n))
-    keep = np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
-  else:
-    raise ValueError(f"unknown transfer-set variant {variant!r}; valid "
-                     f"variants: {', '.join(map(repr, TRANSFER_VARIANTS))}.")
-  return images[keep], labels[keep]

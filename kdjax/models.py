@@ -90,7 +90,7 @@ class MLP(nn.Module):
     >>> import jax, jax.numpy as jnp
     >>> from kdjax import models
     >>> net = models.MLP((32,), num_classes=10)
-    >>> params = models.init_params(net, jax.random.key(0))
+    >>> params = models.init_params(net, jax.random.key(0), (1, 28, 28))
     >>> sorted(params)
     ['hidden_0', 'logits']
     >>> net.apply({'params': params}, jnp.zeros((4, 28, 28))).shape
@@ -146,7 +146,7 @@ class CNN(nn.Module):
     >>> import jax, jax.numpy as jnp
     >>> from kdjax import models
     >>> net = models.CNN()
-    >>> params = models.init_params(net, jax.random.key(0))
+    >>> params = models.init_params(net, jax.random.key(0), (1, 28, 28))
     >>> net.apply({'params': params}, jnp.zeros((2, 28, 28, 1))).shape
     (2, 10)
   """
@@ -218,13 +218,15 @@ def count_params(params: PyTree) -> int:
 
 
 def init_params(module: nn.Module, rng: jax.Array,
-                input_shape: Sequence[int] = (1, 28, 28)) -> PyTree:
+                input_shape: Sequence[int]) -> PyTree:
   """Initialises ``module`` on a float32 zero input; returns its ``'params'``.
 
   Args:
     module: a module following this file's ``__call__(x, *, train)`` convention.
     rng: a PRNG key for the initialisers.
-    input_shape: shape of the dummy input, batch axis included.
+    input_shape: shape of the dummy input, batch axis included, e.g.
+      ``(1, *splits.input_shape)`` for :class:`kdjax.data.MnistSplits`
+      (``(1, 28, 28)``); no data set is assumed.
 
   Returns:
     The ``'params'`` pytree (plain nested dicts).
@@ -248,7 +250,7 @@ def linen_student_apply(
     >>> from kdjax import models
     >>> net = models.MLP((8,), input_dropout=0.5)
     >>> apply = models.linen_student_apply(net)
-    >>> p = models.init_params(net, jax.random.key(0))
+    >>> p = models.init_params(net, jax.random.key(0), (1, 28, 28))
     >>> apply(p, jnp.ones((2, 784)), True, jax.random.key(1)).shape
     (2, 10)
   """
@@ -312,6 +314,7 @@ def load_shipped_teacher(name: str = "teacher_cpu"):
   from kdjax import checkpoint  # pylint: disable=g-import-not-at-top
   from kdjax.teacher import Teacher  # pylint: disable=g-import-not-at-top
   net = paper_teacher()
-  params = checkpoint.load_params(shipped_teacher_path(name),
-                                  like=init_params(net, jax.random.key(0)))
+  params = checkpoint.load_params(
+      shipped_teacher_path(name),
+      like=init_params(net, jax.random.key(0), (1, 28, 28)))
   return Teacher.from_linen(net, {"params": params})

@@ -11,6 +11,7 @@ import types
 import numpy as np
 import pytest
 
+from experiments.mnist import transfer
 from kdjax import data
 
 # md5 of the *decompressed* original MNIST files.
@@ -360,13 +361,13 @@ def test_missing_data_dir_message(monkeypatch, env):
 
 def test_transfer_all(train):
   x, y = train
-  xa, ya = data.transfer_set(x, y, "all")
+  xa, ya = transfer.transfer_set(x, y, "all")
   assert xa.shape == x.shape and np.array_equal(ya, y)
 
 
 def test_transfer_no3(train):
   x, y = train
-  x3, y3 = data.transfer_set(x, y, "no3")
+  x3, y3 = transfer.transfer_set(x, y, "no3")
   assert 3 not in y3
   assert len(y3) == 60000 - TRAIN_COUNTS[3]
   counts = np.bincount(y3, minlength=10).tolist()
@@ -377,7 +378,7 @@ def test_transfer_no3(train):
 
 def test_transfer_only78(train):
   x, y = train
-  x78, y78 = data.transfer_set(x, y, "only78")
+  x78, y78 = transfer.transfer_set(x, y, "only78")
   assert set(np.unique(y78).tolist()) == {7, 8}
   assert len(y78) == TRAIN_COUNTS[7] + TRAIN_COUNTS[8]
   np.testing.assert_array_equal(x78, x[(y == 7) | (y == 8)])
@@ -385,11 +386,11 @@ def test_transfer_only78(train):
 
 def test_transfer_subset(train):
   x, y = train
-  xs, ys = data.transfer_set(x, y, "subset")
+  xs, ys = transfer.transfer_set(x, y, "subset")
   assert len(ys) == round(0.03 * 60000) == 1800
   assert xs.shape == (1800, 28, 28)
   n = 60000
-  idx = lambda **kw: data.transfer_set(np.arange(n), np.zeros(n), "subset",
+  idx = lambda **kw: transfer.transfer_set(np.arange(n), np.zeros(n), "subset",
                                        **kw)[0]
   a, b, c = idx(seed=0), idx(seed=0), idx(seed=1)
   np.testing.assert_array_equal(a, b)
@@ -407,7 +408,7 @@ def test_transfer_unknown_variant():
   with pytest.raises(ValueError,
                      match=r"unknown transfer-set variant 'no7'.*"
                      r"'all', 'no3', 'only78', 'subset'"):
-    data.transfer_set(y, y, "no7")
+    transfer.transfer_set(y, y, "no7")
 
 
 # ----------------------------------------------------------------------------

@@ -31,7 +31,8 @@ def _old_leaf_names(tree) -> list[str]:
 
 def _train_state():
   net = models.paper_student(width=8)
-  shapes = jax.eval_shape(lambda: models.init_params(net, jax.random.key(0)))
+  shapes = jax.eval_shape(
+      lambda: models.init_params(net, jax.random.key(0), (1, 28, 28)))
   params = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
                                   shapes)
   tx = optax.chain(optax.clip_by_global_norm(1.0),

@@ -18,13 +18,13 @@ from kdjax import augment, constraints, models
 @pytest.fixture(scope="module")
 def teacher():
   net = models.paper_teacher()
-  return net, models.init_params(net, jax.random.key(0))
+  return net, models.init_params(net, jax.random.key(0), (1, 28, 28))
 
 
 @pytest.fixture(scope="module")
 def student():
   net = models.paper_student()
-  return net, models.init_params(net, jax.random.key(1))
+  return net, models.init_params(net, jax.random.key(1), (1, 28, 28))
 
 
 def _shapes(params):
@@ -52,7 +52,8 @@ def test_paper_student_param_count(student):
 
 
 def test_paper_student_width():
-  params = models.init_params(models.paper_student(width=30), jax.random.key(0))
+  params = models.init_params(models.paper_student(width=30),
+                              jax.random.key(0), (1, 28, 28))
   assert models.count_params(params) == (784 * 30 + 30 + 30 * 30 + 30
                                          + 30 * 10 + 10)
 
@@ -163,7 +164,7 @@ def test_logits_bias_shift_changes_logits(student):
 
 def test_cnn_shapes_and_params():
   net = models.CNN()
-  params = models.init_params(net, jax.random.key(0))
+  params = models.init_params(net, jax.random.key(0), (1, 28, 28))
   assert set(params) == {"conv_0", "conv_1", "dense", "logits"}
   assert params["conv_0"]["kernel"].shape == (3, 3, 1, 32)
   assert models.count_params(params) == 421_642
@@ -182,7 +183,7 @@ def test_cnn_shapes_and_params():
 
 def test_cnn_custom_classes():
   net = models.CNN(num_classes=3, features=(4,), dense=8)
-  params = models.init_params(net, jax.random.key(0))
+  params = models.init_params(net, jax.random.key(0), (1, 28, 28))
   out = net.apply({"params": params}, jnp.zeros((2, 28, 28)))
   assert out.shape == (2, 3)
 
@@ -316,7 +317,7 @@ def test_max_norm_noop_when_everything_inside():
 
 def test_max_norm_on_mlp_params_and_custom_predicate():
   net = models.MLP((8,))
-  params = models.init_params(net, jax.random.key(0))
+  params = models.init_params(net, jax.random.key(0), (1, 28, 28))
   params = jax.tree.map(lambda p: p * 100.0, params)
   out = constraints.project_max_norm(params, 1.0)
   for name in ("hidden_0", "logits"):

@@ -16,8 +16,8 @@ TEACHER = ROOT / "experiments" / "mnist" / "teacher" / "teacher_cpu.msgpack"
 def shipped():
   info = json.loads(TEACHER.with_suffix(".json").read_text())
   net = models.paper_teacher()
-  params = checkpoint.load_params(TEACHER,
-                                  models.init_params(net, jax.random.key(0)))
+  params = checkpoint.load_params(
+      TEACHER, models.init_params(net, jax.random.key(0), (1, 28, 28)))
   return net, params, info
 
 
@@ -40,7 +40,7 @@ def test_load_params_rejects_wrong_architecture(tmp_path):
   small = models.paper_student(30)
   with pytest.raises(ValueError,
                      match="wrong architecture|matching the expected"):
-    checkpoint.load_params(TEACHER,
-                           models.init_params(small, jax.random.key(0)))
+    checkpoint.load_params(
+        TEACHER, models.init_params(small, jax.random.key(0), (1, 28, 28)))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.load_params(tmp_path / "nope.msgpack", {})

@@ -712,7 +712,8 @@ def test_bfloat16_mnist_run_ends_near_the_float32_run(mnist_dir):
   results = {}
   for name, dtype in (("f32", None), ("bf16", jnp.bfloat16)):
     student = kdjax.Student.from_linen(
-        net, {"params": models.init_params(net, jax.random.key(0))})
+        net, {"params": models.init_params(net, jax.random.key(0),
+                                           (1, 28, 28))})
     state = train.TrainState.create(
         student, tx=optax.adam(3e-3), temperature=20.0, alpha=0.5)
     state, history = kdjax.fit(state, None, cached, epochs=4,

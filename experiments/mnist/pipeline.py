@@ -61,6 +61,8 @@ import numpy as np
 from kdjax import (augment, cache, checkpoint, data, evaluate, models, optim,
                    provenance, sweep, validate)
 from kdjax.trainer import check_run_config, fit
+
+from experiments.mnist import transfer
 from kdjax.teacher import Teacher
 from kdjax.train import TrainState
 
@@ -161,8 +163,8 @@ def save_teacher(path: pathlib.Path, params, info: dict) -> None:
 
 
 def load_teacher_params(path: pathlib.Path, module):
-  return checkpoint.load_params(path, models.init_params(module,
-                                                         jax.random.key(0)))
+  return checkpoint.load_params(
+      path, models.init_params(module, jax.random.key(0), (1, 28, 28)))
 
 
 def train_teacher(config, splits, workdir: pathlib.Path):
@@ -172,7 +174,7 @@ def train_teacher(config, splits, workdir: pathlib.Path):
   train_data = to_device(splits.train_images, splits.train_labels)
   steps = (splits.train_labels.shape[0] // t.batch_size) * t.epochs
   tx = make_optimizer(t.optimizer, steps, max_sq_norm=t.max_sq_norm)
-  params = models.init_params(module, jax.random.key(t.seed))
+  params = models.init_params(module, jax.random.key(t.seed), (1, 28, 28))
   state = TrainState.create(apply_fn=models.linen_student_apply(module),
                             params=params, tx=tx)
   apply = models.linen_student_apply(module)
@@ -241,7 +243,7 @@ def initial_students(width: int, opt_cfg, total_steps: int, *, seeds,
   tx = make_optimizer(opt_cfg, total_steps)
 
   def init(rng, temperature, alpha):
-    params = models.init_params(module, rng)
+    params = models.init_params(module, rng, (1, 28, 28))
     return TrainState.create(apply_fn=apply, params=params, tx=tx,
                              temperature=temperature, alpha=alpha)
 
@@ -345,7 +347,7 @@ class Context:
     """A transfer set with the teacher's cached logits (each made once)."""
     key = (variant, tuple(sorted(kw.items())))
     if key not in self._transfer:
-      x, y = data.transfer_set(self.splits.train_images,
+      x, y = transfer.transfer_set(self.splits.train_images,
                                self.splits.train_labels, variant, **kw)
       self._transfer[key] = cache.with_teacher_logits(to_device(x, y),
                                                       self.teacher)
