@@ -37,6 +37,37 @@ def headline(path: pathlib.Path = RESULTS / "train_step_cpu.json") -> str:
   return "\n".join(lines)
 
 
+def steps_table(path: pathlib.Path = RESULTS / "train_step_cpu.json") -> str:
+  """Steps/s of every implementation, and vs the hand-written scan."""
+  r = json.loads(path.read_text())
+  hw = r["handwritten_scan_steps_per_s"]
+  names = {"kdjax_online": "kdjax, online teacher (on-device epoch)",
+           "kdjax_cached": "kdjax, cached teacher logits",
+           "kdjax_student_only": "kdjax, student only (hard labels)",
+           "handwritten_scan": "hand-written whole-epoch `lax.scan` "
+                               "(online teacher)",
+           "python_loop": "Python loop of a jitted kdjax step, host batches",
+           "torch_eager": "PyTorch eager"}
+  lines = ["| implementation | steps/s | vs hand-written `lax.scan` |",
+           "| --- | --- | --- |"]
+  for key, label in names.items():
+    v = r.get(f"{key}_steps_per_s")
+    lines.append(f"| {label} | not installed | |" if v is None else
+                 f"| {label} | {v:.0f} | {v / hw:.3f} |")
+  fp = r.get("fit_paths")
+  if fp:
+    sp = fp["steps_per_s"]
+    lines += [
+        f"| `fit`, device-resident data, kd cached (MLP) | "
+        f"{sp['mlp_device_scan']:.0f} | |",
+        f"| `fit`, host batches through grain (MLP) | "
+        f"{sp['mlp_host_grain']:.0f} | |",
+        f"| `fit(loop='scan')`, `models.CNN` | {sp['cnn_scan']:.1f} | |",
+        f"| `fit(loop='steps')`, `models.CNN` | {sp['cnn_steps']:.1f} | |",
+        f"| `fit(loop='auto')`, `models.CNN` | {sp['cnn_fit_auto']:.1f} | |"]
+  return "\n".join(lines)
+
+
 def chunked_table(path: pathlib.Path = RESULTS / "chunked_loss_cpu.json"
                   ) -> str:
   """Chunked / unchunked value-and-grad: time and memory ratios."""
@@ -57,5 +88,7 @@ def chunked_table(path: pathlib.Path = RESULTS / "chunked_loss_cpu.json"
 
 if __name__ == "__main__":
   print(headline())
+  print()
+  print(steps_table())
   print()
   print(chunked_table())
