@@ -42,8 +42,26 @@ def batchnorm_table() -> str:
   return "\n".join(lines)
 
 
+def grain_summary() -> str:
+  """One paragraph of the host-data example's committed run."""
+  r = json.loads((RESULTS / "grain_mnist_cpu.json").read_text())
+  t = r["throughput"]
+  return (
+      f"Killed with SIGKILL after its checkpoint at step "
+      f"{r['resumed_from_step']} (epoch 2, step "
+      f"{r['resumed_from_step'] - r['steps_per_epoch']}), resumed, and "
+      f"finished {r['epochs']} epochs ({r['steps']} steps): "
+      f"**{r['test_errors']} test errors** ({r['val_errors']} on "
+      f"validation). Throughput of the same step (online teacher, jitter): "
+      f"{t['host_grain_steps_per_s']:.0f} steps/s from the grain pipeline, "
+      f"{t['device_resident_steps_per_s']:.0f} on device-resident data "
+      f"({t['host_vs_device']:.2f}x).")
+
+
 def main() -> None:
   print(batchnorm_table())
+  print()
+  print(grain_summary())
 
 
 if __name__ == "__main__":
