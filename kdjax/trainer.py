@@ -463,11 +463,12 @@ class _HostRunner:
   """Runs host epochs: jitted steps and blocks over prefetched batches."""
 
   def __init__(self, obj, *, vmapped: bool, **step_kw):
-    step = train.make_train_step(obj, **step_kw)
+    raw_step = train.make_train_step(obj, **step_kw)
+    step = raw_step
     self.vmapped = vmapped
 
     def block(state, teacher, batches, rng):
-      return jax.lax.scan(lambda s, b: step(s, teacher, b, rng), state,
+      return jax.lax.scan(lambda s, b: raw_step(s, teacher, b, rng), state,
                           batches)
 
     if vmapped:

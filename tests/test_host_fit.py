@@ -233,3 +233,26 @@ def test_shipped_teacher_loads_from_any_directory(tmp_path, monkeypatch):
   assert teacher(jnp.zeros((2, 28, 28), jnp.uint8)).shape == (2, 10)
   with pytest.raises(FileNotFoundError, match="looked in"):
     models.load_shipped_teacher(name="no_such_teacher")
+
+
+def test_vmapped_sweep_on_host_batches_equals_members_alone():
+  net = models.MLP((16,))
+  apply = models.linen_student_apply(net)
+
+  def init(rng, t, a):
+    return kdjax.TrainState.create(
+        apply_fn=apply, params=models.init_params(net, rng, (1, 8, 8)),
+        tx=TX, temperature=t, alpha=a)
+
+  batches = _device_order_batches(_data(), jax.random.key(0), 0)[:6]
+  kw = dict(epochs=2, progress=False, block_steps=4)
+  states = kdjax.sweep.create_sweep(init, seeds=[0, 1],
+                                    temperatures=[2.0, 4.0],
+                                    alphas=[0.5, 0.2])
+  swept, _ = kdjax.fit(states, _teacher(), lambda e: batches,
+                       rng=kdjax.sweep.sweep_keys([0, 1]), vmapped=True, **kw)
+  for i, (seed, t, a) in enumerate([(0, 2.0, 0.5), (1, 4.0, 0.2)]):
+    alone, _ = kdjax.fit(init(jax.random.key(seed), t, a), _teacher(),
+                         lambda e: batches, rng=jax.random.key(seed), **kw)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+        x[i], y, rtol=1e-5, atol=1e-6), swept.params, alone.params)
