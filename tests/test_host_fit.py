@@ -254,5 +254,5 @@ def test_vmapped_sweep_on_host_batches_equals_members_alone():
   for i, (seed, t, a) in enumerate([(0, 2.0, 0.5), (1, 4.0, 0.2)]):
     alone, _ = kdjax.fit(init(jax.random.key(seed), t, a), _teacher(),
                          lambda e: batches, rng=jax.random.key(seed), **kw)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(
+    jax.tree.map(lambda x, y, i=i: np.testing.assert_allclose(
         x[i], y, rtol=1e-5, atol=1e-6), swept.params, alone.params)
