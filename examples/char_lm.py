@@ -129,6 +129,7 @@ def bits_per_character(state, split: dict, batch_size: int = 256) -> float:
   """``sum(mask * nll) / sum(mask) / ln 2`` with ``state.predict``."""
   total, count = 0.0, 0.0
   n = split["tokens"].shape[0]
+  batch_size = min(batch_size, n)
   for i in range(0, n, batch_size):
     # A full last batch (repeat rows, weight them 0): one compiled shape.
     idx = np.arange(i, i + batch_size) % n
