@@ -157,14 +157,17 @@ def _fallback(root: Optional[pathlib.Path] = None) -> Corpus:
       module = importlib.import_module(name)
     except ImportError:
       continue
-    seen = set()
-    for obj in [module, *vars(module).values()]:
-      doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or
-                                    inspect.isclass(obj) or
-                                    inspect.isfunction(obj)) else None
-      if doc and id(doc) not in seen:
-        seen.add(id(doc))
-        docs += _paragraphs(doc)
+    # The module and the public names it lists in __all__ (a fixed list:
+    # its globals would depend on which other modules are already loaded).
+    own = []
+    for attr in getattr(module, "__all__", ()):
+      obj = getattr(module, attr, None)
+      if inspect.isclass(obj) or inspect.isfunction(obj):
+        own.append(obj)
+    for obj in [module, *own]:
+      doc = obj.__doc__
+      if isinstance(doc, str):
+        docs += _paragraphs(inspect.cleandoc(doc))
   docs = list(dict.fromkeys(docs))  # drop exact repeats, keep the order
   return Corpus(
       name="fallback", documents=tuple(docs),

