@@ -33,9 +33,10 @@ Rows, every student with the same budget (steps, batch, optimizer, data):
 The divergences are custom objective functions
 (:mod:`examples.lm_objectives`), using kdjax's versions once the
 ``divergences`` branch is merged. Temperature and alpha are chosen on the
-validation split by a small grid with forward KL on seed 0 and used by
-every distilled row; the numbers are the last step's; the test split
-chooses nothing. BPC = nats / ln 2 over real characters.
+validation split by a small grid on seed 0, for each distilled row
+(``--tune shared``: one forward-KL grid for all); the chosen point's run is
+that row's seed 0. The numbers are the last step's; the test split chooses
+nothing. BPC = nats / ln 2 over real characters.
 
 Data reach the device whole (``kdjax.fit`` with device-resident arrays).
 Streaming host batches instead only changes :func:`train_student`'s call of
@@ -89,7 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   p.add_argument("--grid", default="1:0.5,2:0.5,2:0",
-                 help="temperature:alpha pairs tried (forward KL, seed 0)")
+                 help="temperature:alpha pairs tried on seed 0")
+  p.add_argument("--tune", default="per_row", choices=("per_row", "shared"),
+                 help="a grid for each distilled row, or one (forward KL) "
+                      "shared by all")
   p.add_argument("--topk", type=int, nargs="+", default=[4, 16])
   p.add_argument("--split-seed", type=int, default=0)
   p.add_argument("--tiny", action="store_true",
@@ -219,14 +223,14 @@ def run(args: argparse.Namespace) -> dict:
         desc=f"{label} T={temperature:g} a={alpha:g} seed {seed}", **common)
     return state, history
 
-  grid_evals = {}  # (T, alpha) -> seed 0's forward-KL evaluation
+  grid_evals = {}  # (row, T, alpha) -> seed 0's evaluation in the grid
 
   def row(name, objective, *, temperature=1.0, alpha=1.0, k=None):
     t0 = time.perf_counter()
     evals = []
     for seed in seeds:
-      key = (temperature, alpha)
-      if objective == "forward_kl" and seed == seeds[0] and key in grid_evals:
+      key = (name, temperature, alpha)
+      if seed == seeds[0] and key in grid_evals:
         evals.append(grid_evals[key])  # The same run as the grid's.
         continue
       state, _ = train_student(objective, seed, temperature=temperature,
@@ -304,28 +308,44 @@ def run(args: argparse.Namespace) -> dict:
   # 2. The student alone.
   row("student_alone", "hard")
 
-  # 3. Temperature and alpha on validation: forward KL, seed 0.
-  t0 = time.perf_counter()
-  tried = []
-  for temperature, alpha in grid:
-    state, _ = train_student("forward_kl", seeds[0], temperature=temperature,
-                             alpha=alpha)
-    grid_evals[(temperature, alpha)] = evaluate(state)
-    tried.append({"temperature": temperature, "alpha": alpha,
-                  "val_bpc": grid_evals[(temperature, alpha)]["val_bpc"]})
-    print(f"grid: {tried[-1]}", flush=True)
-  best = min(tried, key=lambda r: (r["val_bpc"], r["temperature"]))
-  temperature, alpha = best["temperature"], best["alpha"]
-  tuning = {"chosen_on": "validation", "objective": "forward_kl",
-            "seed": seeds[0], "grid": tried, "temperature": temperature,
-            "alpha": alpha, "seconds": round(time.perf_counter() - t0, 1)}
+  # 3. Temperature and alpha on validation (seed 0), then the 3 seeds.
+  distilled = [(f"student_{name}", name, None) for name in DIVERGENCES]
+  distilled += [(f"student_top{k}", "topk", k) for k in topks]
 
-  # 4. The distilled rows.
-  for name in DIVERGENCES:
-    row(f"student_{name}", name, temperature=temperature, alpha=alpha)
-  for k in topks:
-    row(f"student_top{k}", "topk", temperature=temperature, alpha=alpha,
-        k=k)
+  def tune(name, objective, k):
+    """The grid on seed 0; the chosen point's run is reused as seed 0's."""
+    t0 = time.perf_counter()
+    points = grid
+    if objective == "logit_matching":  # No temperature: alphas only.
+      points = list(dict.fromkeys((1.0, a) for _, a in grid))
+    tried = []
+    for temperature, alpha in points:
+      state, _ = train_student(objective, seeds[0], temperature=temperature,
+                               alpha=alpha, k=k)
+      grid_evals[(name, temperature, alpha)] = evaluate(state)
+      tried.append({"temperature": temperature, "alpha": alpha,
+                    "val_bpc": grid_evals[(name, temperature,
+                                           alpha)]["val_bpc"]})
+      print(f"grid {name}: {tried[-1]}", flush=True)
+    best = min(tried, key=lambda r: (r["val_bpc"], r["temperature"]))
+    return {"grid": tried, "temperature": best["temperature"],
+            "alpha": best["alpha"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+  if args.tune == "shared":  # One grid (forward KL) for every row.
+    shared = tune("student_forward_kl", "forward_kl", None)
+    tuning = {"chosen_on": "validation", "seed": seeds[0], "per_row": False,
+              "objective": "forward_kl", **shared}
+    for name, objective, k in distilled:
+      row(name, objective, temperature=shared["temperature"],
+          alpha=shared["alpha"], k=k)
+  else:  # Each row its own grid.
+    tuning = {"chosen_on": "validation", "seed": seeds[0], "per_row": True,
+              "rows": {}}
+    for name, objective, k in distilled:
+      tuning["rows"][name] = chosen = tune(name, objective, k)
+      row(name, objective, temperature=chosen["temperature"],
+          alpha=chosen["alpha"], k=k)
 
   results = save(complete=True)
   table = write_table(results, pathlib.Path(args.out).with_suffix(".md"))
@@ -351,14 +371,20 @@ def markdown_table(results: dict) -> str:
 def write_table(results: dict, path: pathlib.Path) -> str:
   """Writes the rows' markdown table (with its setting) to ``path``."""
   c, b, t = results["corpus"], results["budget"], results["tuning"]
+  if t.get("per_row"):
+    first = next(iter(t["rows"].values()))["grid"]
+    points = ", ".join(f"{g['temperature']:g}/{g['alpha']:g}" for g in first)
+    chosen = (f"T and alpha chosen per row on validation (seed {t['seed']}, "
+              f"T/alpha grid {points})")
+  else:
+    chosen = (f"T = {t['temperature']:g}, alpha = {t['alpha']:g} chosen on "
+              f"validation (forward KL, seed {t['seed']})")
   text = (f"Character-level LM distillation on {c['name']} "
           f"({c['num_documents']} documents, {c['num_characters']} "
           f"characters; {c['licence']}), {results['device']}: "
           f"{b['student_steps']} steps of batch {b['batch_size']} per student, "
-          f"seeds {b['seeds']}; T = {t['temperature']:g}, alpha = "
-          f"{t['alpha']:g} chosen on validation (forward KL, seed "
-          f"{t['seed']}). Bits per character, mean ± std over seeds, last "
-          "step.\n\n" + markdown_table(results) + "\n")
+          f"seeds {b['seeds']}; {chosen}. Bits per character, mean ± std "
+          "over seeds, last step.\n\n" + markdown_table(results) + "\n")
   checkpoint.write_atomic(path, text)
   return text
 
