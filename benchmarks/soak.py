@@ -107,6 +107,14 @@ from typing import Optional
 
 from _common import write_results  # benchmarks/ is sys.path[0]
 
+# The demo's distillation settings (experiments/mnist/configs/quick.py),
+# written out here: a benchmark imports no experiment module.
+DISTILL = {"temperature": 20.0, "alpha": 0.7,
+           "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9,
+                         "warmup_fraction": 0.02, "final_lr_fraction": 0.0,
+                         "clip_norm": 5.0}}
+BATCH_SIZE = 128
+
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _BACKENDS = {"cpu": "cpu", "gpu": "cuda"}
 
@@ -219,24 +227,23 @@ def run_phase(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
   import numpy as np
   sys.path.insert(0, str(_ROOT))
-  from experiments.mnist import pipeline
-  from experiments.mnist.configs import quick
-  from kdjax import cache, checkpoint, data, models, provenance
+  from kdjax import (cache, checkpoint, data, evaluate, models, optim,
+                     provenance)
   from kdjax.teacher import Teacher
   from kdjax.train import TrainState
   from kdjax.trainer import fit
   # pylint: enable=g-import-not-at-top
 
-  config = quick.get_config()
-  distill = config.student.distill
-  splits = data.load_mnist_splits(None, num_val=config.num_val,
-                                  seed=config.split_seed, as_float=False)
+  distill = DISTILL
+  splits = data.load_mnist_splits(None, num_val=10_000, seed=0,
+                                  as_float=False)
   t_module = models.paper_teacher()
   t_params = checkpoint.load_params(
       _ROOT / TEACHER_PATH, models.init_params(t_module, jax.random.key(0)))
   teacher = Teacher.from_linen(t_module, {"params": t_params})
   transfer = cache.with_teacher_logits(
-      pipeline.to_device(splits.train_images, splits.train_labels), teacher)
+      {"image": jnp.asarray(splits.train_images),
+       "label": jnp.asarray(splits.train_labels)}, teacher)
   del t_params
   test_x = jnp.asarray(splits.test_images)
   val_x = jnp.asarray(splits.val_images)
@@ -244,19 +251,22 @@ def run_phase(args: argparse.Namespace) -> int:
 
   module = models.paper_student(args.width)
   apply = models.linen_student_apply(module)
+  _eval = lambda params, x: apply(params, x, False, None)  # noqa: E731
   n = int(transfer["label"].shape[0])
-  batch_size = config.batch_size
+  batch_size = BATCH_SIZE
   steps_per_epoch = n // batch_size
-  tx = pipeline.make_optimizer(distill.optimizer, steps_per_epoch * args.epochs)
+  tx = optim.make_optimizer(distill["optimizer"],
+                            steps_per_epoch * args.epochs)
   state = TrainState.create(
       apply_fn=apply, params=models.init_params(module,
                                                 jax.random.key(args.seed)),
-      tx=tx, temperature=distill.temperature, alpha=distill.alpha)
+      tx=tx, temperature=distill["temperature"], alpha=distill["alpha"])
   run_config = {"benchmark": "soak", "width": args.width,
                 "epochs": args.epochs, "seed": args.seed, "n": n,
                 "batch_size": batch_size, "objective": "kd",
-                "temperature": distill.temperature, "alpha": distill.alpha,
-                "optimizer": distill.optimizer.to_dict(),
+                "temperature": distill["temperature"],
+                "alpha": distill["alpha"],
+                "optimizer": dict(distill["optimizer"]),
                 "teacher": TEACHER_PATH, "teacher_logits": "cached"}
 
   workdir = None if args.phase == "reference" else args.workdir
@@ -272,8 +282,8 @@ def run_phase(args: argparse.Namespace) -> int:
   before = _sample(None, t_start, ckpt_dir)  # After setup, before fit.
 
   def eval_fn(state):
-    test_errors = pipeline.errors(
-        pipeline.predict_logits(apply, state.params, test_x),
+    test_errors = evaluate.errors(
+        evaluate.predict_logits(_eval, state.params, test_x),
         splits.test_labels)
     epoch = int(jax.device_get(state.step)) // steps_per_epoch
     s = _sample(epoch, t_start, ckpt_dir)
@@ -316,11 +326,11 @@ def run_phase(args: argparse.Namespace) -> int:
       "final_step": int(jax.device_get(state.step)),
       "skipped_steps": int(jax.device_get(state.skipped)),
       "final_loss": float(np.asarray(history[-1]["loss"])) if history else None,
-      "test_errors": pipeline.errors(
-          pipeline.predict_logits(apply, state.params, test_x),
+      "test_errors": evaluate.errors(
+          evaluate.predict_logits(_eval, state.params, test_x),
           splits.test_labels),
-      "val_errors": pipeline.errors(
-          pipeline.predict_logits(apply, state.params, val_x),
+      "val_errors": evaluate.errors(
+          evaluate.predict_logits(_eval, state.params, val_x),
           splits.val_labels),
       "params_sha256": provenance.params_sha256(state.params),
       "checkpoint_epochs_on_disk": ckpt_epochs,

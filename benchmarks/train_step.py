@@ -101,6 +101,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=3,
                       help="interleaved timed rounds per implementation")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--fit-steps", type=int, default=100,
+                      help="steps per epoch of the fit-path section's MLP "
+                      "runs (0: skip the section)")
+  parser.add_argument("--fit-cnn-steps", type=int, default=20,
+                      help="steps per epoch of its CNN runs")
   return parser.parse_args(argv)
 
 
@@ -122,6 +127,7 @@ from kdjax import models
 from kdjax import provenance
 from kdjax import train
 from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
+import _fit_paths  # benchmarks/ is sys.path[0]
 from kdjax.teacher import Teacher
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -676,6 +682,17 @@ def main(args: argparse.Namespace) -> int:
   print(f"sanity: max |params_kdjax - params_handwritten| after one epoch = "
         f"{sanity_diff:.2e}")
 
+  if args.fit_steps:
+    print("fit paths (host vs device; the CNN's chosen form) ...", flush=True)
+    results["fit_paths"] = _fit_paths.run(
+        images, labels, teacher=teacher, batch_size=bs,
+        steps=min(args.fit_steps, steps), cnn_steps=args.fit_cnn_steps,
+        repeats=args.repeats)
+    fp = results["fit_paths"]
+    print(f"fit: host/device {fp['host_vs_device']:.3f} (goal 0.95), CNN "
+          f"auto ({fp['cnn_auto_chose']}) / best {fp['cnn_auto_vs_best']:.3f}"
+          f" (goal 0.9), CNN steps/scan {fp['cnn_steps_vs_scan']:.2f}",
+          flush=True)
   write_results(args.json, results)
   return 0
 

@@ -2,8 +2,13 @@
 
 Modules, one concern each:
 
-* :mod:`kdjax.losses`: tempered softmax, distillation, logit-matching and the
-  full KD objective (pure functions, per-example values).
+* :mod:`kdjax.losses`: tempered softmax, distillation (forward KL), reverse
+  KL, generalised JSD, logit-matching and the full KD objective (pure
+  functions, per-example values).
+* :mod:`kdjax.topk`: top-k teacher targets (a compact cache for large
+  vocabularies) and the loss trained from them.
+* :mod:`kdjax.chunked`: the distillation loss from hidden states over chunks
+  of positions, without materialising ``[N, V]`` logits.
 * :mod:`kdjax.teacher`: the frozen :class:`Teacher` pytree and ensembles.
 * :mod:`kdjax.student`: :class:`Student`, a model with model state
   (linen, NNX or a pure function).
@@ -32,16 +37,18 @@ Modules, one concern each:
   and exit status 2).
 """
 
-from kdjax import (augment, cache, constraints, fields, losses, loops, models,
-                   objectives, precision, preprocess, specialists, sweep,
-                   train, validate)
+from kdjax import (augment, cache, chunked, constraints, evaluate, fields,
+                   losses, loops, models, objectives, optim, precision,
+                   preprocess, specialists, sweep, topk, train, validate)
 from kdjax.fields import Fields
 from kdjax.trainer import fit
 from kdjax.losses import (
     distillation_loss,
+    generalized_jsd_loss,
     hard_label_loss,
     kd_objective,
     logit_matching_loss,
+    reverse_distillation_loss,
     soft_target_cross_entropy,
     tempered_log_softmax,
     tempered_softmax,
@@ -52,23 +59,16 @@ from kdjax.train import TrainState, make_train_step
 
 __all__ = [
     # Modules.
-    "augment", "cache", "constraints", "losses", "loops", "models", "sweep",
-    "train", "validate",
+    "augment", "cache", "chunked", "constraints", "evaluate", "fields",
+    "losses", "loops", "models", "objectives", "optim", "precision",
+    "preprocess", "specialists", "sweep", "topk", "train", "validate",
     # The losses.
-    "distillation_loss", "hard_label_loss", "kd_objective",
-    "logit_matching_loss", "soft_target_cross_entropy", "tempered_log_softmax",
-    "tempered_softmax",
-    # Teacher, train state and step, the outer loop.
-    "Teacher", "ensemble", "TrainState", "make_train_step", "fit",
-]
-
-__all__ = [
-    "Fields", "Student", "Teacher", "TrainState", "augment", "cache",
-    "constraints", "distillation_loss", "ensemble", "fields", "fit",
-    "hard_label_loss", "kd_objective", "logit_matching_loss", "loops",
-    "losses", "make_train_step", "models", "objectives", "precision",
-    "preprocess", "soft_target_cross_entropy", "specialists", "sweep", "tempered_log_softmax",
-    "tempered_softmax", "train", "validate",
+    "distillation_loss", "generalized_jsd_loss", "hard_label_loss",
+    "kd_objective", "logit_matching_loss", "reverse_distillation_loss",
+    "soft_target_cross_entropy", "tempered_log_softmax", "tempered_softmax",
+    # Student, teacher, batch fields, train state and step, the outer loop.
+    "Fields", "Student", "Teacher", "ensemble", "TrainState",
+    "make_train_step", "fit",
 ]
 
 __version__ = "0.1.0"

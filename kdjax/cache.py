@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from kdjax import evaluate
 from kdjax.fields import Fields
 from kdjax.teacher import Teacher
 
@@ -40,25 +41,14 @@ def compute_teacher_logits(teacher: Teacher, *inputs, batch_size: int = 1000,
   Returns:
     ``[N, ..., C]`` float32 logits.
   """
-  inputs = [jnp.asarray(x) for x in inputs]
   if input_transform is not None:
-    inputs = [input_transform(x) for x in inputs]
-  n = inputs[0].shape[0]
-  num_batches = -(-n // batch_size)
-  pad = num_batches * batch_size - n
+    inputs = [input_transform(jnp.asarray(x)) for x in inputs]
+  return evaluate.predict_logits(_teacher_logits, teacher, *inputs,
+                                 batch_size=batch_size)
 
-  def chunk(x):
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape((num_batches, batch_size) + x.shape[1:])
 
-  chunks = [chunk(x) for x in inputs]
-
-  @jax.jit
-  def run(teacher, chunks):
-    return jax.lax.map(lambda xs: teacher(*xs).astype(jnp.float32), chunks)
-
-  logits = run(teacher, chunks)
-  return logits.reshape((num_batches * batch_size,) + logits.shape[2:])[:n]
+def _teacher_logits(teacher, *inputs):
+  return teacher(*inputs).astype(jnp.float32)
 
 
 def with_teacher_logits(data: dict, teacher: Teacher, *,

@@ -102,7 +102,10 @@ class Checkpointer:
   def save(self, epoch: int, state: PyTree, rng: jax.Array,
            extra: Optional[dict] = None) -> None:
     """Writes the checkpoint for ``epoch`` finished epochs (atomically)."""
-    meta = {"epoch": int(epoch),
+    # ``index`` is the checkpoint's number (finished epochs, or the global
+    # step for a host-data run's mid-epoch checkpoints, whose ``extra``
+    # then records the epoch and the data position).
+    meta = {"epoch": int(epoch), "index": int(epoch),
             "rng_key_data": key_data(rng).tolist(),
             **(extra or {})}
     self._manager.save(
@@ -132,8 +135,9 @@ class Checkpointer:
         raise CheckpointMismatchError(
             f"checkpoint {epoch} has a leaf of shape {got.shape} {got.dtype}, "
             f"expected {want.shape} {want.dtype}.")
-    if int(meta["epoch"]) != int(epoch):
-      raise ValueError(f"checkpoint {epoch} says epoch {meta['epoch']}.")
+    if int(meta.get("index", meta["epoch"])) != int(epoch):
+      raise ValueError(f"checkpoint {epoch} says it is number "
+                       f"{meta.get('index', meta['epoch'])}.")
     return state, meta
 
   def _check_matches(self, epoch: int, like: PyTree) -> None:

@@ -62,6 +62,8 @@ from typing import Optional, Union
 
 import numpy as np
 
+from kdjax.preprocess import scale_pixels
+
 PathLike = Union[str, os.PathLike]
 
 __all__ = [
@@ -389,7 +391,7 @@ def _finish(images: np.ndarray, labels: np.ndarray, as_float: bool,
         "or not MNIST.")
   labels = labels.astype(np.int32)
   if as_float:
-    images = images.astype(np.float32) / np.float32(255.0)
+    images = scale_pixels(images)  # The one pixel-scaling rule.
   return images, labels
 
 

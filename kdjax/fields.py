@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
@@ -45,7 +45,6 @@ import numpy as np
 __all__ = ["Fields", "BatchError", "check_batch", "leading_size",
            "check_weights"]
 
-PyTree = Any
 Names = Union[str, Sequence[str]]
 
 

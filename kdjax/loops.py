@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["make_epoch_fn", "make_stepwise_epoch_fn", "epoch_key",
-           "run_host_batches", "mean_metrics"]
+           "run_host_batches", "mean_metrics", "nonfinite_diagnostics"]
 
-PyTree = Any
 
 
 def epoch_key(rng: jax.Array, epoch: int | jax.Array) -> jax.Array:
@@ -95,7 +94,7 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
     state, metrics = jax.lax.scan(body, state, order)
     out = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     if nonfinite_diagnostics:
-      out.update(_nonfinite_diagnostics(metrics, state, steps))
+      out.update(_diagnostics(metrics, state, steps))
     return state, out
 
   epoch.steps_per_epoch = steps
@@ -143,9 +142,9 @@ def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
   def summarise(per_step, state):
     out = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_step)
     if nonfinite_diagnostics:
-      diag = _nonfinite_diagnostics
+      diag = _diagnostics
       if vmapped:
-        diag = jax.vmap(_nonfinite_diagnostics, in_axes=(1, 0, None))
+        diag = jax.vmap(_diagnostics, in_axes=(1, 0, None))
       out.update(diag(per_step, state, steps))
     return out
 
@@ -163,7 +162,7 @@ def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
   return epoch
 
 
-def _nonfinite_diagnostics(per_step: dict, state, steps: int) -> dict:
+def nonfinite_diagnostics(per_step: dict, state, steps: int) -> dict:
   """Where the epoch's first non-finite step was, from ``[steps]`` metrics."""
   if "finite" not in per_step:
     raise ValueError("nonfinite_diagnostics needs a step that reports a "
@@ -184,6 +183,10 @@ def _nonfinite_diagnostics(per_step: dict, state, steps: int) -> dict:
   if skipped is not None:
     out["skipped"] = skipped
   return out
+
+
+# (make_epoch_fn's argument of the same name would shadow it.)
+_diagnostics = nonfinite_diagnostics
 
 
 def mean_metrics(metrics: list[dict]) -> dict:

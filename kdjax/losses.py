@@ -26,7 +26,9 @@ Neural Network", arXiv:1503.02531):
 * The KL divergence is a **sum** over classes (then the caller takes a mean
   over examples), never a mean over classes.
 * The :math:`T^2` factor lives inside :func:`distillation_loss`, so it is
-  applied on every code path, including ``alpha = 0``.
+  applied on every code path, including ``alpha = 0``. The other
+  divergences (:func:`reverse_distillation_loss`,
+  :func:`generalized_jsd_loss`) carry it too.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kdjax import precision, validate
+
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
@@ -47,6 +51,8 @@ __all__ = [
     "tempered_log_softmax",
     "soft_target_cross_entropy",
     "distillation_loss",
+    "reverse_distillation_loss",
+    "generalized_jsd_loss",
     "logit_matching_loss",
     "hard_label_loss",
     "kd_objective",
@@ -58,42 +64,10 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
-def _concrete(x) -> Optional[np.ndarray]:
-  """``x`` as a NumPy array, or None for a tracer (its value is unknown)."""
-  try:
-    return np.asarray(x)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
-    return None
-
-
-def _check_temperature(temperature) -> None:
-  """Rejects a non-positive temperature that is known at trace time.
-
-  Python and NumPy numbers and concrete (non-traced) JAX arrays are
-  checked; a traced temperature (a ``TrainState``'s inside ``jit``) cannot
-  be, and is the caller's to validate (``TrainState.create`` does).
-  """
-  if isinstance(temperature, bool):
-    raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
-  t = _concrete(temperature)
-  if t is not None and t.dtype.kind not in "iuf":
-    raise TypeError(f"temperature must be a positive number, got {temperature!r}.")
-  if t is not None and not np.all(t > 0):  # also catches NaN
-    raise ValueError(
-        f"temperature must be > 0, got {temperature!r}. The paper uses "
-        "T in [1, 20]; T=1 is the ordinary softmax.")
-
-
-def _check_alpha(alpha) -> None:
-  """Rejects an alpha outside [0, 1] that is known at trace time."""
-  a = _concrete(alpha)
-  if a is not None and a.dtype.kind not in "iuf":
-    raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}.")
-  if a is not None and not np.all((a >= 0.0) & (a <= 1.0)):
-    raise ValueError(
-        f"alpha must lie in [0, 1], got {alpha!r}. alpha weights the hard-label "
-        "cross-entropy; (1 - alpha) weights the T^2-scaled distillation term.")
+# The temperature and alpha checks have one home, kdjax.validate.
+_check_temperature = validate.check_temperature
+_check_alpha = validate.check_alpha
+_concrete = validate.concrete
 
 
 def _check_same_shape(student_logits, teacher_logits) -> None:
@@ -107,10 +81,7 @@ def _check_same_shape(student_logits, teacher_logits) -> None:
                      "got a scalar.")
 
 
-def _as_float(x: ArrayLike) -> Array:
-  """Promotes to at least float32 (bf16/f16 -> f32, f64 stays f64)."""
-  x = jnp.asarray(x)
-  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+_as_float = precision.at_least_float32
 
 
 def _apply_where(logits: Array, where: Optional[ArrayLike]) -> Array:
@@ -138,7 +109,8 @@ def _scaled(logits: ArrayLike, temperature, where) -> Array:
 # ----------------------------------------------------------------------------
 
 
-def tempered_log_softmax(logits: ArrayLike, temperature: float | ArrayLike = 1.0,
+def tempered_log_softmax(logits: ArrayLike,
+                         temperature: float | ArrayLike = 1.0,
                          *, where: Optional[ArrayLike] = None) -> Array:
   r"""Log-probabilities of the softmax at temperature ``T``.
 
@@ -185,7 +157,8 @@ def tempered_softmax(logits: ArrayLike, temperature: float | ArrayLike = 1.0,
   Example:
     >>> import jax.numpy as jnp
     >>> from kdjax import losses
-    >>> [round(float(q), 4) for q in losses.tempered_softmax(jnp.array([2.0, 0.0]), 2.0)]
+    >>> q = losses.tempered_softmax(jnp.array([2.0, 0.0]), 2.0)
+    >>> [round(float(x), 4) for x in q]
     [0.7311, 0.2689]
   """
   return jax.nn.softmax(_scaled(logits, temperature, where), axis=-1)
@@ -405,10 +378,247 @@ def distillation_loss(student_logits: ArrayLike,
   return jnp.square(t) * kl
 
 
+def reverse_distillation_loss(student_logits: ArrayLike,
+                              teacher_logits: ArrayLike,
+                              temperature: float | ArrayLike,
+                              *, where: Optional[ArrayLike] = None) -> Array:
+  r"""Reverse KL: :math:`T^2 \, \mathrm{KL}(q \,\|\, p)`, student first.
+
+  With :math:`q = \mathrm{softmax}(z/T)` (student) and
+  :math:`p = \mathrm{softmax}(v/T)` (teacher):
+
+  .. math::
+    L = T^2 \sum_i q_i \left(\log q_i - \log p_i\right), \qquad
+    \frac{\partial L}{\partial z_i} =
+      T\, q_i \left(\log \frac{q_i}{p_i} - \mathrm{KL}(q \,\|\, p)\right),
+    \qquad
+    \frac{\partial L}{\partial v_i} = T\,(p_i - q_i).
+
+  Mode-seeking: the student is penalised for mass where the teacher has
+  little, not for missing some of the teacher's modes (the forward
+  :func:`distillation_loss` is mass-covering). It is exactly
+  ``distillation_loss(teacher_logits, student_logits, T)`` (the arguments
+  swapped), and is computed that way, so it shares its precision: the
+  gradient is the autodiff gradient to float32 rounding, and from ``T = 8``
+  on the value is computed without cancellation.
+
+  Args:
+    student_logits: ``[..., C]`` student logits ``z``.
+    teacher_logits: ``[..., C]`` teacher logits ``v`` (same shape). A class
+      that is ``-inf`` in both (or masked by ``where``) is absent: it
+      contributes 0 and gets a zero, finite gradient. A teacher ``-inf``
+      where the *student* has mass means an infinite reverse KL: the value
+      is then a huge finite number (about ``T * q_i * 1e30`` for each such
+      class, ``-inf`` being replaced by ``-1e30``), never ``inf`` or NaN,
+      and the gradients are finite.
+    temperature: ``T > 0``.
+    where: optional boolean class mask, applied to both distributions.
+
+  Returns:
+    ``[...]`` per-example losses (reverse KL summed over classes, times
+    ``T^2``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> z = jnp.array([[0.0, 0.0]]); v = jnp.array([[0.0, jnp.log(3.0)]])
+    >>> # log(4/3) - log(3)/2:
+    >>> losses.reverse_distillation_loss(z, v, 1.0).round(4)
+    Array([0.1438], dtype=float32)
+  """
+  return distillation_loss(teacher_logits, student_logits, temperature,
+                           where=where)
+
+
+def _check_beta(beta, normalize: bool) -> None:
+  """Rejects a concrete beta outside [0, 1] (or (0, 1) when unnormalised)."""
+  if isinstance(beta, bool):
+    raise TypeError(f"beta must be a number in [0, 1], got {beta!r}.")
+  b = _concrete(beta)
+  if b is None:
+    return
+  if b.dtype.kind not in "iuf":
+    raise TypeError(f"beta must be a number in [0, 1], got {beta!r}.")
+  if not np.all((b >= 0.0) & (b <= 1.0)):  # also catches NaN
+    raise ValueError(
+        f"beta must lie in [0, 1], got {beta!r}. beta is the teacher's weight "
+        "in the mixture m = beta * p_teacher + (1 - beta) * q_student.")
+  if not normalize and not np.all((b > 0.0) & (b < 1.0)):
+    raise ValueError(
+        f"with normalize=False, beta must lie in the open interval (0, 1), "
+        f"got {beta!r}: at beta = 0 or 1 the mixture equals one of the two "
+        "distributions and JSD_beta is identically 0 (no gradient at all). "
+        "Use normalize=True (the default), whose endpoints are the forward "
+        "(beta = 0) and reverse (beta = 1) KL.")
+
+
+def _log_probs_and_ratio(z, v, t):
+  """``log p``, ``log q`` and ``d = log p - log q``, accurate when p ~ q.
+
+  ``p = softmax(v/t)``, ``q = softmax(z/t)`` from clamped logits. ``d`` is
+  taken from the raw logit differences and a cancellation-free
+  ``log(s_v / s_z)`` (as in :func:`_accurate_kl_divergence`), so its error
+  is relative to ``|d|``, not ``~eps log C``; gradients flow through it.
+  """
+  v_max = jax.lax.stop_gradient(jnp.max(v, axis=-1, keepdims=True))
+  z_max = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+  h = (v - v_max) / t
+  g = (z - z_max) / t
+  e_v, e_z = jnp.exp(h), jnp.exp(g)
+  s_v = jnp.sum(e_v, axis=-1, keepdims=True)
+  s_z = jnp.sum(e_z, axis=-1, keepdims=True)
+  log_p = h - jnp.log(s_v)
+  log_q = g - jnp.log(s_z)
+  raw = ((v - z) - (v_max - z_max)) / t
+  diff = jnp.where(raw > 1.0, e_v - e_z,
+                   e_z * jnp.expm1(jnp.minimum(raw, 1.0)))
+  log_ratio = jnp.log1p(jnp.sum(diff, axis=-1, keepdims=True) / s_z)
+  return log_p, log_q, raw - log_ratio
+
+
+def _log_mixture_ratio(x, b, log_b, log_1mb):
+  """``log((1 - b) + b e^x)`` for ``b`` in [0, 1], finite for finite ``x``.
+
+  It is ``logsumexp([log(1 - b), log b + x])`` (the mixture taken in
+  probability space), evaluated as ``log1p(b expm1(x))`` for ``|x| <= 1``,
+  where it is ``O(b x)`` and the ``logsumexp`` would cancel. Both branches
+  are finite everywhere, so the select keeps gradients NaN-free.
+  """
+  small = jnp.abs(x) <= 1.0
+  near = jnp.log1p(b * jnp.expm1(jnp.clip(x, -1.0, 1.0)))
+  far = jnp.logaddexp(log_1mb, log_b + x)
+  return jnp.where(small, near, far)
+
+
+def generalized_jsd_loss(student_logits: ArrayLike,
+                         teacher_logits: ArrayLike,
+                         temperature: float | ArrayLike,
+                         *, beta: float | ArrayLike = 0.5,
+                         normalize: bool = True,
+                         where: Optional[ArrayLike] = None) -> Array:
+  r"""Generalised Jensen-Shannon divergence, normalised: its endpoints are KLs.
+
+  With the teacher's :math:`p = \mathrm{softmax}(v/T)`, the student's
+  :math:`q = \mathrm{softmax}(z/T)` and the mixture (``beta`` weights the
+  **teacher**, as in TRL's GKD and Agarwal et al., 2024)
+
+  .. math::
+    m = \beta\, p + (1 - \beta)\, q, \qquad
+    \mathrm{JSD}_\beta = \beta\, \mathrm{KL}(p \,\|\, m)
+      + (1 - \beta)\, \mathrm{KL}(q \,\|\, m),
+
+  this returns, with ``normalize=True`` (the default),
+
+  .. math::
+    L = T^2\, \frac{\mathrm{JSD}_\beta}{\beta (1 - \beta)}
+      = T^2 \left(\frac{\mathrm{KL}(p\,\|\,m)}{1 - \beta}
+      + \frac{\mathrm{KL}(q\,\|\,m)}{\beta}\right), \qquad
+    \frac{\partial L}{\partial z_i} = \frac{T}{\beta}\, q_i
+      \left(\log \frac{q_i}{m_i} - \mathrm{KL}(q \,\|\, m)\right),
+
+  and :math:`T^2 \mathrm{JSD}_\beta` with ``normalize=False`` (gradient
+  :math:`(1 - \beta)\beta` times the above).
+
+  **Endpoints.** :math:`\mathrm{JSD}_\beta \to 0` at both ends (``m``
+  becomes one of the two distributions): the bug of implementations whose
+  loss "silently collapses to 0" there. Since
+  :math:`\mathrm{KL}(q\|m) = O(\beta^2)` and
+  :math:`\mathrm{KL}(p\|m) \to \mathrm{KL}(p\|q)` as :math:`\beta \to 0`
+  (and symmetrically at 1), the normalised loss is continuous on
+  :math:`[0, 1]`, in value and gradient, with
+
+  * ``beta -> 0``: :math:`L \to T^2 \mathrm{KL}(p \| q)`, the forward KL
+    (:func:`distillation_loss`), gradient :math:`T (q_i - p_i)`; the error
+    is :math:`O(\beta)`;
+  * ``beta -> 1``: :math:`L \to T^2 \mathrm{KL}(q \| p)`, the reverse KL
+    (:func:`reverse_distillation_loss`); the error is :math:`O(1 - \beta)`;
+
+  and ``beta = 0`` or ``1`` (Python or traced) give those limits exactly
+  (to rounding), never 0. Near convergence every ``beta`` has the same
+  curvature as the KL (:math:`L \approx \tfrac{T^2}{2}\chi^2(p, q)`), so
+  learning rates carry over between values of ``beta``. ``beta = 0.5`` is
+  **4 times** the usual symmetric JSD (symmetric in the two arguments). With
+  ``normalize=False`` (TRL's values inside ``(0, 1)``) a concrete ``beta``
+  of 0 or 1 raises ``ValueError``; a traced one cannot be checked.
+
+  Numerics: the mixture is taken in probability space, never by averaging
+  log-probabilities: :math:`\log(m_i/q_i) = \mathrm{logsumexp}(\log(1 -
+  \beta), \log\beta + \log p_i - \log q_i)`, evaluated as
+  ``log1p(beta * expm1(log p_i - log q_i))`` where that is small (the
+  ``logsumexp`` would cancel there), and likewise :math:`\log(m_i/p_i)`.
+  The log-ratio :math:`\log p_i - \log q_i` comes from the raw logit
+  differences, so there is no ``eps T^2 log C`` error floor: equal inputs
+  give exactly 0, the value is accurate at small ``beta``, and its absolute
+  error is ``~eps T max|z - v|`` (relative ``~eps T / |z - v|`` for a
+  value of order ``|z - v|^2``), as for :func:`distillation_loss` from
+  ``T = 8`` on.
+  Always finite for finite ``beta`` in ``[0, 1]`` (:math:`\mathrm{KL}(p\|m)
+  \le \log(1/\beta)`), except at the endpoints where the KL itself is
+  infinite (then a huge finite value, as for the two KLs). ``beta`` is a
+  hyperparameter: no gradient w.r.t. it is promised.
+
+  Args:
+    student_logits: ``[..., C]`` student logits ``z``.
+    teacher_logits: ``[..., C]`` teacher logits ``v`` (same shape). ``-inf``
+      entries (masked classes, in one or both) give finite values and
+      gradients; a class ``-inf`` in both is absent.
+    temperature: ``T > 0``.
+    beta: the teacher's weight in the mixture, in ``[0, 1]`` (``(0, 1)``
+      with ``normalize=False``); a scalar, or an array broadcastable to
+      ``[...]`` (per-example) may be traced.
+    normalize: divide by :math:`\beta(1 - \beta)` (see above).
+    where: optional boolean class mask, applied to both distributions.
+
+  Returns:
+    ``[...]`` per-example losses (``T^2`` included).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from kdjax import losses
+    >>> z = jnp.array([[0.0, 0.0]]); v = jnp.array([[0.0, jnp.log(3.0)]])
+    >>> losses.generalized_jsd_loss(z, v, 1.0, beta=0.5).round(4)  # 4 x JSD
+    Array([0.1353], dtype=float32)
+    >>> losses.generalized_jsd_loss(z, v, 1.0, beta=0.0).round(4)  # forward KL
+    Array([0.1308], dtype=float32)
+
+  References:
+    Agarwal et al., 2024, "On-Policy Distillation of Language Models:
+    Learning from Self-Generated Mistakes" (GKD), arXiv:2306.13649, eq. 3
+    (their :math:`\beta` is our ``beta``; they do not normalise).
+  """
+  _check_same_shape(student_logits, teacher_logits)
+  _check_beta(beta, normalize)
+  z, v, t = _clamped_logits(student_logits, teacher_logits, temperature, where)
+  log_p, log_q, d = _log_probs_and_ratio(z, v, t)
+  b = jnp.asarray(beta, dtype=v.dtype)
+  b_k = b[..., None] if b.ndim else b  # Broadcasts against [..., C].
+  one_minus_b = 1.0 - b_k
+  log_b, log_1mb = jnp.log(b_k), jnp.log1p(-b_k)
+  log_m_over_q = _log_mixture_ratio(d, b_k, log_b, log_1mb)
+  log_m_over_p = _log_mixture_ratio(-d, one_minus_b, log_1mb, log_b)
+  p, q = jnp.exp(log_p), jnp.exp(log_q)
+  kl_p_m = -jnp.sum(p * log_m_over_p, axis=-1)
+  kl_q_m = -jnp.sum(q * log_m_over_q, axis=-1)
+  # Each KL is >= 0; clip the rounding error of the value only.
+  sg = jax.lax.stop_gradient
+  kl_p_m = kl_p_m + sg(jnp.maximum(-kl_p_m, 0.0))
+  kl_q_m = kl_q_m + sg(jnp.maximum(-kl_q_m, 0.0))
+  if normalize:
+    # KL(q||m) / beta -> 0 as beta -> 0 (it is O(beta^2)), and likewise at
+    # 1: selects (with safe divisors) instead of 0/0 at the endpoints.
+    safe_b = jnp.where(b > 0.0, b, 1.0)
+    safe_1mb = jnp.where(b < 1.0, 1.0 - b, 1.0)
+    js = (jnp.where(b < 1.0, kl_p_m / safe_1mb, 0.0) +
+          jnp.where(b > 0.0, kl_q_m / safe_b, 0.0))
+  else:
+    js = b * kl_p_m + (1.0 - b) * kl_q_m
+  return jnp.square(t) * js
+
+
 def logit_matching_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
                         *, zero_mean: bool = True,
                         where: Optional[ArrayLike] = None) -> Array:
-  r"""Squared-error logit matching (Caruana et al.), scaled as the paper's limit.
+  r"""Squared-error logit matching (Caruana et al.), scaled as in eq. 4.
 
   .. math::
     L = \frac{1}{2N} \sum_i \left((z_i - \bar z) - (v_i - \bar v)\right)^2,

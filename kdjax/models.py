@@ -27,7 +27,8 @@ turn a module into the pure functions the train step expects.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+import pathlib
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,10 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.preprocess import scale_pixels
+from kdjax._types import PyTree
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
-PyTree = Any
 
 __all__ = [
     "MLP",
@@ -49,6 +50,8 @@ __all__ = [
     "init_params",
     "linen_student_apply",
     "linen_teacher_apply",
+    "load_shipped_teacher",
+    "shipped_teacher_path",
 ]
 
 
@@ -272,3 +275,43 @@ def linen_teacher_apply(
     return module.apply(variables, x, train=False)
 
   return apply
+
+
+def shipped_teacher_path(name: str = "teacher_cpu") -> pathlib.Path:
+  """Where the shipped MNIST teacher ``<name>.msgpack`` is, from any cwd.
+
+  Looked up beside the package (``kdjax/_assets/``, for an installed wheel
+  that carries it) and in the repository the package lives in
+  (``experiments/mnist/teacher/``, for a checkout or an editable install),
+  never relative to the working directory.
+
+  Raises:
+    FileNotFoundError: naming every place looked in.
+  """
+  here = pathlib.Path(__file__).resolve().parent
+  places = [here / "_assets", here.parent / "experiments" / "mnist" /
+            "teacher"]
+  for place in places:
+    path = place / f"{name}.msgpack"
+    if path.is_file():
+      return path
+  raise FileNotFoundError(
+      f"shipped teacher {name}.msgpack not found; looked in "
+      + ", ".join(str(p) for p in places) + ". It ships with the kdjax "
+      "repository (experiments/mnist/teacher/); install kdjax from a "
+      "checkout (pip install -e .) or pass the file's path to "
+      "kdjax.checkpoint.load_params.")
+
+
+def load_shipped_teacher(name: str = "teacher_cpu"):
+  """The shipped 784-1200-1200-10 MNIST teacher as a :class:`kdjax.Teacher`.
+
+  63 test errors (``experiments/mnist/teacher/teacher_cpu.json``); found by
+  :func:`shipped_teacher_path`, so this works from any directory.
+  """
+  from kdjax import checkpoint  # pylint: disable=g-import-not-at-top
+  from kdjax.teacher import Teacher  # pylint: disable=g-import-not-at-top
+  net = paper_teacher()
+  params = checkpoint.load_params(shipped_teacher_path(name),
+                                  like=init_params(net, jax.random.key(0)))
+  return Teacher.from_linen(net, {"params": params})

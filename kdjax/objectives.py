@@ -21,7 +21,18 @@ Built-ins (``alpha`` weights the hard labels, ``T`` is the temperature):
 ``"soft"``            :func:`kdjax.losses.distillation_loss`: ``T^2 KL``
 ``"logit_matching"``  :func:`kdjax.losses.logit_matching_loss` (eq. 4)
 ``"hard"``            :func:`kdjax.losses.hard_label_loss` (no teacher)
+``"reverse_kl"``      :func:`kdjax.losses.reverse_distillation_loss`:
+                      ``T^2 KL(q_T||p_T)`` (mode-seeking)
+``"jsd"``             :func:`kdjax.losses.generalized_jsd_loss`, beta 0.5;
+                      :func:`jsd` for another beta
+``"topk"``            :func:`kdjax.topk.topk_distillation_loss` from the
+                      batch's cached ``"topk_values"``/``"topk_indices"``
+                      (declare them: ``Fields(extra=("topk_values",
+                      "topk_indices"))``); no teacher is run
 ====================  ======================================================
+
+The soft objectives (``"soft"``, ``"reverse_kl"``, ``"jsd"``, ``"topk"``,
+``"logit_matching"``) ignore ``alpha``; ``"kd"`` mixes in the hard labels.
 
 A new loss plugs in without editing kdjax: pass the function itself as the
 step's ``objective``, or :func:`register` it under a name:
@@ -44,7 +55,7 @@ from typing import Callable, Union
 
 from kdjax import losses
 
-__all__ = ["Objective", "register", "get", "names", "REGISTRY"]
+__all__ = ["Objective", "register", "get", "names", "jsd", "REGISTRY"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +132,43 @@ def _hard(s, t, batch, *, temperature, alpha):
   return hard, {"hard_loss": hard}
 
 
+def _with_hard(soft, batch, s):
+  aux = {"soft_loss": soft}
+  if "label" in batch:
+    aux["hard_loss"] = losses.hard_label_loss(s, batch["label"])
+  return soft, aux
+
+
+def _reverse_kl(s, t, batch, *, temperature, alpha):
+  del alpha
+  return _with_hard(losses.reverse_distillation_loss(s, t, temperature),
+                    batch, s)
+
+
+def jsd(beta: float = 0.5) -> "Objective":
+  """The generalised JSD objective at ``beta`` (the teacher's weight)."""
+  loss = losses.generalized_jsd_loss  # It checks beta when called.
+
+  def fn(s, t, batch, *, temperature, alpha):
+    del alpha
+    return _with_hard(loss(s, t, temperature, beta=beta), batch, s)
+
+  return Objective(fn, f"jsd(beta={beta:g})", needs_teacher=True)
+
+
+def _topk_loss(s, t, batch, *, temperature, alpha):
+  from kdjax import topk  # pylint: disable=g-import-not-at-top
+  del t, alpha
+  if "topk_values" not in batch or "topk_indices" not in batch:
+    raise ValueError(
+        "objective 'topk' reads the batch's cached 'topk_values' and "
+        "'topk_indices' (kdjax.topk.topk_targets); add them and declare "
+        "them with kdjax.Fields(extra=('topk_values', 'topk_indices')).")
+  soft = topk.topk_distillation_loss(s, batch["topk_values"],
+                                     batch["topk_indices"], temperature)
+  return _with_hard(soft, batch, s)
+
+
 REGISTRY: dict[str, Objective] = {}
 
 
@@ -145,6 +193,9 @@ register("kd", _kd, needs_teacher=True, needs_labels=True)
 register("soft", _soft, needs_teacher=True)
 register("logit_matching", _logit_matching, needs_teacher=True)
 register("hard", _hard, needs_teacher=False, needs_labels=True)
+register("reverse_kl", _reverse_kl, needs_teacher=True)
+REGISTRY["jsd"] = dataclasses.replace(jsd(0.5), name="jsd")
+register("topk", _topk_loss, needs_teacher=False)
 
 
 def names() -> tuple[str, ...]:

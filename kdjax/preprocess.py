@@ -16,24 +16,36 @@ other dtype is returned unchanged. Integer token ids are not uint8 in
 practice, and a byte-level model with uint8 tokens simply does not pass the
 transform.
 
->>> import numpy as np
+>>> import numpy as np, jax.numpy as jnp
 >>> from kdjax import preprocess
->>> preprocess.scale_pixels(np.array([0, 255], np.uint8))
+>>> preprocess.scale_pixels(jnp.array([0, 255], jnp.uint8))
 Array([0., 1.], dtype=float32)
->>> preprocess.scale_pixels(np.array([3, 7], np.int32))
+>>> preprocess.scale_pixels(jnp.array([3, 7], jnp.int32))
 Array([3, 7], dtype=int32)
+>>> preprocess.scale_pixels(np.array([0, 51], np.uint8))  # NumPy stays NumPy
+array([0. , 0.2], dtype=float32)
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["scale_pixels"]
 
 
 def scale_pixels(x: jax.typing.ArrayLike) -> jax.Array:
-  """uint8 pixels -> float32 ``x / 255``; any other dtype unchanged."""
+  """uint8 pixels -> float32 ``x / 255``; any other dtype unchanged.
+
+  A NumPy array gives a NumPy array (the host-side loaders,
+  :func:`kdjax.data.load_mnist` with ``as_float=True``); anything else a
+  JAX array. Both round the same way (one float32 division).
+  """
+  if isinstance(x, np.ndarray):
+    if x.dtype == np.uint8:
+      return x.astype(np.float32) / np.float32(255.0)
+    return x
   x = jnp.asarray(x)
   if x.dtype == jnp.uint8:
     return x.astype(jnp.float32) / 255.0

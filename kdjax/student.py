@@ -32,17 +32,18 @@ Constructors:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 import zlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+from kdjax._types import PyTree
 
 __all__ = ["Student"]
 
-PyTree = Any
 Forward = Callable[..., tuple[jax.Array, PyTree]]
 
 
@@ -73,6 +74,48 @@ def _logits_forward(fn: Callable[..., jax.Array]) -> Forward:
   except TypeError:  # Not weak-referenceable: no sharing.
     pass
   return forward
+
+
+def _linen_forward(*args):
+  try:
+    return _cached_linen_forward(*args)
+  except TypeError:  # An unhashable module attribute: no sharing.
+    return _build_linen_forward(*args)
+
+
+def _build_linen_forward(module, train_kwargs: tuple, eval_kwargs: tuple,
+                         mutable: tuple, rng_collections: tuple):
+  """The forward of a linen student, one per configuration.
+
+  Students of equal modules (linen modules compare and hash by their
+  attributes) share it, so that a new seed's state reuses the compiled
+  step instead of compiling its own.
+  """
+  train_kwargs, eval_kwargs = dict(train_kwargs), dict(eval_kwargs)
+
+  def rngs_for(rng):
+    if rng is None:
+      return {}
+    return {name: (rng if i == 0 else jax.random.fold_in(rng, i))
+            for i, name in enumerate(rng_collections)}
+
+  def forward(params, model_state, *inputs, train, rng):
+    variables = {"params": params, **model_state}
+    if train and mutable:
+      logits, updates = module.apply(variables, *inputs, rngs=rngs_for(rng),
+                                     mutable=list(mutable), **train_kwargs)
+      return logits, {**model_state, **dict(updates)}
+    kwargs = train_kwargs if train else eval_kwargs
+    rngs = rngs_for(rng) if train else {}
+    return module.apply(variables, *inputs, rngs=rngs, **kwargs), model_state
+
+  def export(params, model_state):
+    return {"params": params, **model_state}
+
+  return forward, export
+
+
+_cached_linen_forward = functools.lru_cache(maxsize=256)(_build_linen_forward)
 
 
 @flax.struct.dataclass
@@ -171,27 +214,9 @@ class Student:
     params = variables.pop("params")
     model_state = {k: v for k, v in variables.items()}
     mutable = tuple(model_state) if mutable is None else tuple(mutable)
-    rng_collections = tuple(rng_collections)
-
-    def rngs_for(rng):
-      if rng is None:
-        return {}
-      return {name: (rng if i == 0 else jax.random.fold_in(rng, i))
-              for i, name in enumerate(rng_collections)}
-
-    def forward(params, model_state, *inputs, train, rng):
-      variables = {"params": params, **model_state}
-      if train and mutable:
-        logits, updates = module.apply(variables, *inputs, rngs=rngs_for(rng),
-                                       mutable=list(mutable), **train_kwargs)
-        return logits, {**model_state, **dict(updates)}
-      kwargs = train_kwargs if train else eval_kwargs
-      rngs = rngs_for(rng) if train else {}
-      return module.apply(variables, *inputs, rngs=rngs, **kwargs), model_state
-
-    def export(params, model_state):
-      return {"params": params, **model_state}
-
+    forward, export = _linen_forward(
+        module, tuple(sorted(train_kwargs.items())),
+        tuple(sorted(eval_kwargs.items())), mutable, tuple(rng_collections))
     return cls(apply_fn=forward, params=params, model_state=model_state,
                export_fn=export)
 

@@ -26,18 +26,18 @@ has one: 94 validation errors solo, 107 as a member, after 40 epochs).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import losses
+from kdjax import validate
+from kdjax._types import PyTree
 
 __all__ = ["create_sweep", "sweep_keys", "vmap_epoch", "vmap_step", "member",
            "num_members"]
 
-PyTree = Any
 
 
 def sweep_keys(seeds: Sequence[int]) -> jax.Array:
@@ -65,9 +65,9 @@ def create_sweep(init_fn: Callable, *, seeds: Sequence[int],
         f"seeds, temperatures and alphas must be non-empty and of equal "
         f"length, got {len(seeds)}, {len(temperatures)}, {len(alphas)}.")
   for t in temperatures:
-    losses._check_temperature(float(t))  # pylint: disable=protected-access
+    validate.check_temperature(float(t))
   for a in alphas:
-    losses._check_alpha(float(a))  # pylint: disable=protected-access
+    validate.check_alpha(float(a))
   return jax.jit(jax.vmap(init_fn))(
       sweep_keys(seeds), jnp.asarray(temperatures, jnp.float32),
       jnp.asarray(alphas, jnp.float32))

@@ -37,15 +37,15 @@ on ``T``; ``combine="arithmetic"`` returns logits
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+from kdjax._types import PyTree
 
 __all__ = ["Teacher", "ensemble"]
 
-PyTree = Any
 
 
 @flax.struct.dataclass

@@ -71,7 +71,7 @@ arrays the caller holds.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import flax
 import jax
@@ -81,9 +81,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax import fields as fields_lib
-from kdjax import losses, objectives, precision, validate
+from kdjax import objectives, precision, validate
 from kdjax.student import Student
 from kdjax.teacher import Teacher
+from kdjax._types import PyTree
 
 __all__ = [
     "OBJECTIVES",
@@ -100,7 +101,6 @@ __all__ = [
     "unreplicate",
 ]
 
-PyTree = Any
 # The built-in objectives' names (kdjax.objectives.names() lists all).
 OBJECTIVES = ("kd", "soft", "logit_matching", "hard")
 Schedule = Callable[[jax.Array], jax.Array]
@@ -185,8 +185,8 @@ class TrainState:
     a_fn = alpha if callable(alpha) else None
     t0 = t_fn(jnp.zeros((), jnp.int32)) if t_fn else temperature
     a0 = a_fn(jnp.zeros((), jnp.int32)) if a_fn else alpha
-    losses._check_temperature(t0)  # pylint: disable=protected-access
-    losses._check_alpha(a0)  # pylint: disable=protected-access
+    validate.check_temperature(t0)
+    validate.check_alpha(a0)
     # The state owns its buffers: the compiled steps donate them, which must
     # not delete the arrays of the student (or params) it was made from.
     params, model_state = _copy_arrays((student.params, student.model_state))
@@ -576,7 +576,8 @@ def jit_train_step(objective: Union[str, Callable] = "kd", *,
   """``jax.jit`` of :func:`make_train_step`.
 
   Args:
-    objective, **kwargs: see :func:`make_train_step`.
+    objective: see :func:`make_train_step`.
+    **kwargs: the other arguments of :func:`make_train_step`.
     donate: reuse the buffers of the ``state`` argument for the new state
       (the default; saves a copy of params and optimizer state per step).
       The state given is then deleted: pass each call the state the

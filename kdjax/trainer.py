@@ -45,21 +45,24 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Mapping
+from typing import Callable, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from kdjax import augment as augment_lib
+from kdjax import hostdata
 from kdjax import fields as fields_lib
 from kdjax import loops, objectives, sweep, train, validate
 from kdjax.fields import Fields
 from kdjax.checkpoint import Checkpointer, key_data, leaf_specs, write_atomic
 from kdjax.progress import MetricWriter, Progress
+from kdjax._types import PyTree
 
 __all__ = ["fit", "check_run_config", "check_inputs", "choose_loop"]
 
-PyTree = Any
 ON_NONFINITE = ("skip", "raise")
 LOOPS = ("auto", "scan", "steps")
 # The order in which non-finite metrics are named (then the rest, sorted).
@@ -90,8 +93,9 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
   write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
 
 
-def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
-        rng: jax.Array, objective: Union[str, Callable] = "kd",
+def fit(state: PyTree, teacher, data, *, epochs: int,
+        rng: jax.Array, batch_size: Optional[int] = None,
+        objective: Union[str, Callable] = "kd",
         fields: Optional[Fields] = None,
         augment_fn: Optional[Callable] = None,
         input_transform: Optional[Callable] = None,
@@ -103,25 +107,35 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
         progress: Optional[bool] = None,
         skip_nonfinite: bool = True,
         on_nonfinite: str = "skip",
-        loop: str = "auto") -> tuple[PyTree, list[dict]]:
-  """Trains ``state`` for ``epochs`` epochs on device-resident ``data``.
+        loop: str = "auto", steps_per_epoch: Optional[int] = None,
+        block_steps: int = 16,
+        checkpoint_every_steps: int = 0) -> tuple[PyTree, list[dict]]:
+  """Trains ``state`` until it has trained ``epochs`` epochs.
 
   Args:
     state: a :class:`kdjax.train.TrainState` (or a stacked sweep state with
-      ``vmapped=True``).
+      ``vmapped=True``). A state that has already trained ``k`` epochs (an
+      earlier call) continues from epoch ``k``.
     teacher: the frozen :class:`kdjax.teacher.Teacher`, or None for
       ``objective="hard"`` or when ``data`` holds cached teacher logits.
-    data: a dict pytree of arrays with a shared leading axis, read through
-      ``fields`` (default ``'image'``, ``'label'``, optionally
-      ``'teacher_logits'``); moved to the device once. Never modified or
-      donated.
-    epochs: total number of epochs (a resumed run continues up to it).
-    batch_size: examples per step (the remainder of each epoch is dropped).
+    data: device-resident data, a dict pytree of arrays with a shared
+      leading axis, read through ``fields`` (default ``'image'``,
+      ``'label'``, optionally ``'teacher_logits'``), moved to the device
+      once; or a host source of batches (:mod:`kdjax.hostdata`): a
+      ``grain.MapDataset`` of batches, a grain ``IterDataset`` /
+      ``DataLoader``, or a function ``epoch -> batches``. Never modified
+      or donated.
+    epochs: the run's total number of epochs (a resumed run continues up
+      to it).
     rng: the run's key (a stacked key per member when ``vmapped``).
-    objective, fields, augment_fn, input_transform, compute_dtype,
-      keep_float32, skip_nonfinite: see :func:`kdjax.train.make_train_step`.
-      ``skip_nonfinite=False`` (apply non-finite updates) is only allowed
-      with ``on_nonfinite="skip"``.
+    batch_size: examples per step for device-resident data (the remainder
+      of each epoch is dropped); host batches bring their own.
+    objective: see :func:`kdjax.train.make_train_step`.
+    fields: see :func:`kdjax.train.make_train_step`.
+    augment_fn: see :func:`kdjax.train.make_train_step`.
+    input_transform: see :func:`kdjax.train.make_train_step`.
+    compute_dtype: see :func:`kdjax.train.make_train_step`.
+    keep_float32: see :func:`kdjax.train.make_train_step`.
     workdir: where checkpoints, ``metrics.jsonl``, ``fit.json`` and
       ``run_config.json`` go; None trains in memory only.
     checkpoint_every: checkpoint period in epochs (the last epoch is always
@@ -136,6 +150,9 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     vmapped: ``state`` is a stacked sweep; epochs run under ``jax.vmap``.
     desc: label of the progress bar.
     progress: show the progress bar (default: unless ``KDJAX_PROGRESS=0``).
+    skip_nonfinite: see :func:`kdjax.train.make_train_step`;
+      ``skip_nonfinite=False`` (apply non-finite updates) is only allowed
+      with ``on_nonfinite="skip"``.
     on_nonfinite: ``"skip"`` (skip non-finite steps and go on) or
       ``"raise"`` (skip them, then raise ``FloatingPointError`` at the end
       of the epoch, before it is checkpointed).
@@ -143,7 +160,17 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
       ``lax.scan``), ``"steps"`` (a Python loop of one jitted step per
       batch, :func:`kdjax.loops.make_stepwise_epoch_fn`), or ``"auto"``
       (:func:`choose_loop`). Both compute the same thing (the same batches
-      and keys; the same params to float32 rounding).
+      and keys; the same params to float32 rounding). For host data,
+      ``"steps"`` runs one jitted step per batch and ``"scan"`` jitted
+      blocks of ``block_steps`` steps.
+    steps_per_epoch: batches per epoch of a host source whose length is
+      unknown (a grain ``IterDataset``); otherwise taken from the source.
+    block_steps: steps per jitted block on the host path (the batches of a
+      block are stacked into one transfer).
+    checkpoint_every_steps: on the host path, also checkpoint within an
+      epoch, at the first block boundary past every multiple of this many
+      steps (0: at epoch ends only), with the data position, so that a
+      killed run resumes where it was.
 
   Returns:
     ``(state, history)``: the final state and one metrics dict per epoch run
@@ -169,38 +196,66 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
                      "skip_nonfinite=False.")
   fields = Fields() if fields is None else fields
   obj = objectives.get(objective)
-  num_examples = check_inputs(
-      state, teacher, data, objective=obj, fields=fields,
-      augment_fn=augment_fn, input_transform=input_transform,
-      vmapped=vmapped)
   if loop not in LOOPS:
     raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}.")
-  if loop == "auto":
-    loop = choose_loop(state, data, fields=fields,
-                       input_transform=input_transform, vmapped=vmapped)
-  step = train.make_train_step(
-      obj, fields=fields, augment_fn=augment_fn,
-      input_transform=input_transform, compute_dtype=compute_dtype,
-      keep_float32=keep_float32, skip_nonfinite=skip_nonfinite)
-  if loop == "steps":
-    run_epoch = loops.make_stepwise_epoch_fn(
-        step, batch_size=batch_size, num_examples=num_examples,
-        vmapped=vmapped, nonfinite_diagnostics=True)
-    steps_per_epoch = run_epoch.steps_per_epoch
+  host = hostdata.is_host_source(data)
+  if host:
+    source = hostdata.as_host_source(data, steps_per_epoch)
+    first = source.peek()
+    if not isinstance(first, Mapping):
+      raise hostdata.SourceError(
+          f"the data's first batch is a {type(first).__name__}, not a dict "
+          "of arrays (e.g. {'image': ..., 'label': ...}); nothing was "
+          "trained on.")
+    first = jax.tree.map(np.asarray, dict(first))
+    batch_size = check_inputs(state, teacher, first, objective=obj,
+                              fields=fields, augment_fn=augment_fn,
+                              input_transform=input_transform,
+                              vmapped=vmapped)
+    num_examples = batch_size * source.steps_per_epoch
+    checker = hostdata.BatchChecker(
+        first, fields, _num_classes(state, first, fields, input_transform,
+                                    vmapped), needs_labels=obj.needs_labels)
   else:
-    epoch_fn = loops.make_epoch_fn(step, batch_size=batch_size,
-                                   num_examples=num_examples,
-                                   nonfinite_diagnostics=True)
-    steps_per_epoch = epoch_fn.steps_per_epoch
-    if vmapped:
-      epoch_fn = sweep.vmap_epoch(epoch_fn)
-    run_epoch = jax.jit(epoch_fn, donate_argnums=(0,))
+    if batch_size is None:
+      raise ValueError("fit needs batch_size= for device-resident data.")
+    num_examples = check_inputs(
+        state, teacher, data, objective=obj, fields=fields,
+        augment_fn=augment_fn, input_transform=input_transform,
+        vmapped=vmapped)
+  if loop == "auto":
+    loop = choose_loop(state, first if host else data, fields=fields,
+                       input_transform=input_transform, vmapped=vmapped)
+  step_kw = dict(fields=fields, augment_fn=augment_fn,
+                 input_transform=input_transform,
+                 compute_dtype=compute_dtype,
+                 keep_float32=tuple(keep_float32 or ()),
+                 skip_nonfinite=skip_nonfinite)
+  if host:
+    runner = _host_runner(obj, vmapped=vmapped, **step_kw)
+    steps_per_epoch = source.steps_per_epoch
+    block = 1 if loop == "steps" else max(1, min(int(block_steps),
+                                                 steps_per_epoch))
+  else:
+    run_epoch, steps_per_epoch = _device_runner(
+        obj, loop=loop, batch_size=batch_size, num_examples=num_examples,
+        vmapped=vmapped, **step_kw)
 
   # The compiled epochs donate the state they are given: train a copy, so
   # that no array the caller holds (the params it created the state from,
   # say) is deleted.
   state = _copy_arrays(state)
-  start, ckpt, writer = 0, None, None
+  # A run continues from the state's own position: a state that has trained
+  # k epochs (an earlier fit call) starts at epoch k.
+  done_steps = int(np.ravel(np.asarray(jax.device_get(state.step)))[0])
+  start, start_step, data_state = divmod(done_steps, steps_per_epoch) + (
+      None,)
+  if start_step and not host:
+    raise ValueError(
+        f"the state has taken {done_steps} steps, not a whole number of "
+        f"epochs of {steps_per_epoch} steps; fit continues runs from epoch "
+        "boundaries on device-resident data.")
+  ckpt, writer = None, None
   if workdir is not None:
     workdir = pathlib.Path(workdir)
     check_run_config(workdir, _fit_record(
@@ -208,7 +263,9 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
         num_examples=num_examples, augment_fn=augment_fn, vmapped=vmapped,
         skip_nonfinite=skip_nonfinite, fields=fields,
         input_transform=input_transform, compute_dtype=compute_dtype,
-        keep_float32=keep_float32, loop=loop), filename="fit.json")
+        keep_float32=keep_float32, loop=loop,
+        source=source.describe() if host else None,
+        block=block if host else None), filename="fit.json")
     if run_config is not None:
       check_run_config(workdir, run_config)
     ckpt = Checkpointer(workdir / "checkpoints")
@@ -216,31 +273,73 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
     if restored is not None:
       state, meta = restored
       start = int(meta["epoch"])
+      start_step = int(meta.get("step_in_epoch", 0))
+      data_state = meta.get("data_state")
       saved_key = np.asarray(meta["rng_key_data"], dtype=np.uint32)
       if not np.array_equal(saved_key, key_data(rng)):
         raise ValueError(
             f"workdir {workdir} was checkpointed with a different rng key; "
             "resume with the same seed or use a new workdir.")
     writer = MetricWriter(workdir)
-    # Epochs after the restored checkpoint run again: drop their records.
-    writer.drop_after(start * steps_per_epoch)
+    # Steps after the restored checkpoint run again: drop their records.
+    writer.drop_after(start * steps_per_epoch + start_step)
+  elif start >= epochs and epochs > 0:
+    raise ValueError(
+        f"the state has already trained {start} epoch(s) and epochs={epochs} "
+        f"is the run's total: pass epochs={start + 1} to train one more "
+        "(fit continues a run from the state's step; a per-epoch loop is "
+        "`for e in range(E): state, _ = fit(state, ..., epochs=e + 1)`).")
 
-  data = jax.device_put(data)
-  bar = Progress(epochs * steps_per_epoch, initial=start * steps_per_epoch,
-                 desc=desc, enabled=progress)
+  if not host:
+    data = jax.device_put(data)
+  bar = Progress(epochs * steps_per_epoch,
+                 initial=start * steps_per_epoch + start_step, desc=desc,
+                 enabled=progress)
+
+  def save(state, epoch_done: int, step_in_epoch: int, data_state) -> None:
+    if not host:
+      ckpt.save(epoch_done, state, rng)
+      return
+    extra = {"step_in_epoch": int(step_in_epoch)}
+    if data_state is not None:
+      extra["data_state"] = data_state
+    # Host runs number their checkpoints by global step (mid-epoch ones).
+    ckpt.save(epoch_done * steps_per_epoch + step_in_epoch, state, rng,
+              extra={**extra, "epoch": int(epoch_done)})
+
   history = []
   try:
     for epoch in range(start, epochs):
       t0 = time.perf_counter()
-      state, metrics = run_epoch(state, teacher, data, rng, epoch)
+      first_step = start_step if epoch == start else 0
+      if host:
+        def on_block(state_now, position, dstate, _epoch=epoch):
+          before, on_block.position = on_block.position, position
+          bar.update(position - before)
+          # Checkpoint at the first block boundary past each multiple of
+          # checkpoint_every_steps (blocks are never split).
+          if (ckpt is not None and checkpoint_every_steps and
+              position // checkpoint_every_steps >
+              before // checkpoint_every_steps and
+              position < steps_per_epoch):
+            save(state_now, _epoch, position, dstate)
+
+        on_block.position = first_step
+        state, metrics, data_state = runner.run_epoch(
+            state, teacher, source, rng, epoch, first_step,
+            data_state if epoch == start else None, block=block,
+            check=checker, on_block=on_block)
+      else:
+        state, metrics = run_epoch(state, teacher, data, rng, epoch)
       metrics = jax.device_get(metrics)
       seconds = time.perf_counter() - t0
       bad_metrics = metrics.pop("nonfinite_metrics")
       first_bad = np.asarray(metrics["first_nonfinite_step"])
+      epoch_steps = steps_per_epoch - first_step
       if on_nonfinite == "raise" and np.any(first_bad >= 0):
         raise FloatingPointError(_nonfinite_message(
             epoch, epochs, first_bad, bad_metrics, metrics,
-            np.asarray(jax.device_get(state.step)), steps_per_epoch,
+            np.asarray(jax.device_get(state.step)), epoch_steps,
             ckpt.all_epochs() if ckpt is not None else None))
       record = {k: np.asarray(v) for k, v in metrics.items()}
       last = epoch + 1 == epochs
@@ -248,13 +347,13 @@ def fit(state: PyTree, teacher, data: dict, *, epochs: int, batch_size: int,
                                            (epoch + 1) % eval_every == 0)):
         record.update({k: np.asarray(v) for k, v in eval_fn(state).items()})
       record["epoch_seconds"] = np.asarray(seconds)
-      record["steps_per_s"] = np.asarray(steps_per_epoch / seconds)
+      record["steps_per_s"] = np.asarray(epoch_steps / seconds)
       history.append(record)
-      bar.update(steps_per_epoch, record)
+      bar.update(0 if host else steps_per_epoch, record)
       if writer is not None:
         writer.write((epoch + 1) * steps_per_epoch, record, epoch=epoch + 1)
       if ckpt is not None and (last or (epoch + 1) % checkpoint_every == 0):
-        ckpt.save(epoch + 1, state, rng)
+        save(state, epoch + 1, 0, data_state)
   finally:
     bar.close()
     if writer is not None:
@@ -283,7 +382,8 @@ def _fit_record(state: PyTree, *, objective, batch_size: int,
                 input_transform: Optional[Callable] = None,
                 compute_dtype=None,
                 keep_float32: Optional[Sequence[str]] = None,
-                loop: str = "scan") -> dict:
+                loop: str = "scan", source: Optional[str] = None,
+                block: Optional[int] = None) -> dict:
   """What ``fit`` sees of a run, for ``<workdir>/fit.json`` (not ``epochs``).
 
   Settings added to ``fit`` later (fields, input transform, precision,
@@ -309,11 +409,132 @@ def _fit_record(state: PyTree, *, objective, batch_size: int,
     record["keep_float32"] = sorted(keep_float32 or ())
   if loop != "scan":
     record["loop"] = loop  # A resumed run replays the same form.
+  if source is not None:
+    record["source"] = source
+    record["block"] = int(block)
   for k in ("temperature_fn", "alpha_fn"):
     fn = getattr(state, k, None)
     if fn is not None:
       record[k] = _name(fn)
   return record
+
+
+_RUNNERS: dict = {}
+
+
+def _cached(key, build):
+  """One compiled runner per configuration: a second fit does not recompile."""
+  try:
+    hash(key)
+  except TypeError:
+    return build()
+  if key not in _RUNNERS:
+    if len(_RUNNERS) >= 64:
+      _RUNNERS.pop(next(iter(_RUNNERS)))
+    _RUNNERS[key] = build()
+  return _RUNNERS[key]
+
+
+def _device_runner(obj, *, loop: str, batch_size: int, num_examples: int,
+                   vmapped: bool, **step_kw):
+  """``(run_epoch, steps_per_epoch)`` for device-resident data."""
+
+  def build():
+    step = train.make_train_step(obj, **step_kw)
+    if loop == "steps":
+      run = loops.make_stepwise_epoch_fn(
+          step, batch_size=batch_size, num_examples=num_examples,
+          vmapped=vmapped, nonfinite_diagnostics=True)
+      return run, run.steps_per_epoch
+    epoch_fn = loops.make_epoch_fn(step, batch_size=batch_size,
+                                   num_examples=num_examples,
+                                   nonfinite_diagnostics=True)
+    steps = epoch_fn.steps_per_epoch
+    if vmapped:
+      epoch_fn = sweep.vmap_epoch(epoch_fn)
+    return jax.jit(epoch_fn, donate_argnums=(0,)), steps
+
+  key = ("device", obj, loop, batch_size, num_examples, vmapped,
+         *sorted(step_kw.items()))
+  return _cached(key, build)
+
+
+class _HostRunner:
+  """Runs host epochs: jitted steps and blocks over prefetched batches."""
+
+  def __init__(self, obj, *, vmapped: bool, **step_kw):
+    step = train.make_train_step(obj, **step_kw)
+    self.vmapped = vmapped
+
+    def block(state, teacher, batches, rng):
+      return jax.lax.scan(lambda s, b: step(s, teacher, b, rng), state,
+                          batches)
+
+    if vmapped:
+      step = jax.vmap(step, in_axes=(0, None, None, 0))
+      block = jax.vmap(block, in_axes=(0, None, None, 0), out_axes=(0, 1))
+    self.step = jax.jit(step, donate_argnums=(0,))
+    self.block = jax.jit(block, donate_argnums=(0,))
+
+    def summarise(per_step, state):
+      steps = jax.tree.leaves(per_step)[0].shape[0]
+      out = jax.tree.map(lambda m: jnp.mean(m, axis=0), per_step)
+      diag = loops.nonfinite_diagnostics
+      if vmapped:
+        diag = jax.vmap(diag, in_axes=(1, 0, None))
+      out.update(diag(per_step, state, steps))
+      return out
+
+    self.summarise = jax.jit(summarise)
+    self.position = 0
+
+  def run_epoch(self, state, teacher, source, rng, epoch: int, start: int,
+                data_state, *, block: int, check, on_block):
+    n = source.steps_per_epoch
+    self.position = start
+    prefetch = hostdata.Prefetcher(
+        source.batches(epoch, start, data_state), block=block,
+        check=lambda b, i: check(b, epoch, start + i), total=n - start)
+    per_step = []
+    try:
+      for batch, count, dstate in prefetch:
+        if count > 1:
+          state, metrics = self.block(state, teacher, batch, rng)
+        else:
+          state, metrics = self.step(state, teacher, batch, rng)
+          metrics = jax.tree.map(lambda m: m[None], metrics)
+        per_step.append(metrics)
+        self.position += count
+        data_state = dstate
+        on_block(state, self.position, dstate)
+    finally:
+      prefetch.close()
+    stacked = jax.tree.map(lambda *m: jnp.concatenate(m), *per_step)
+    return state, self.summarise(stacked, state), data_state
+
+
+def _host_runner(obj, *, vmapped: bool, **step_kw) -> _HostRunner:
+  key = ("host", obj, vmapped, *sorted(step_kw.items()))
+  return _cached(key, lambda: _HostRunner(obj, vmapped=vmapped, **step_kw))
+
+
+def _num_classes(state, batch, fields, input_transform, vmapped):
+  apply_fn = getattr(state, "apply_fn", None)
+  if apply_fn is None:
+    return None
+  member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
+      else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      (1,) + tuple(np.shape(a)[1:]), np.asarray(a).dtype), batch)
+
+  def inputs(b):
+    xs = [b[n] for n in fields.input_names]
+    return [input_transform(x) for x in xs] if input_transform else xs
+
+  shape = train.abstract_student_logits(
+      apply_fn, jax.tree.map(member, state.params),
+      jax.tree.map(member, state.model_state), inputs, one)
+  return shape[-1]
 
 
 def _has_convolution(jaxpr) -> bool:

@@ -27,6 +27,7 @@ import numbers
 import reprlib
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+import jax
 import numpy as np
 
 __all__ = ["ConfigError", "ConfigTypeError", "WorkdirMismatchError",
@@ -54,6 +55,55 @@ class WorkdirMismatchError(ValueError):
   Raised by :func:`kdjax.trainer.check_run_config` (so by :func:`kdjax.fit`
   and the MNIST pipeline) instead of mixing two runs in one workdir.
   """
+
+
+# ----------------------------------------------------------------------------
+# Temperature and alpha.
+# ----------------------------------------------------------------------------
+
+
+def concrete(x) -> Optional[np.ndarray]:
+  """``x`` as a NumPy array, or None for a tracer (its value is unknown)."""
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return None
+
+
+def check_temperature(temperature) -> None:
+  """Rejects a non-positive temperature that is known at trace time.
+
+  Python and NumPy numbers and concrete (non-traced) JAX arrays are
+  checked; a traced temperature (a ``TrainState``'s inside ``jit``) cannot
+  be, and is the caller's to validate (``TrainState.create`` does).
+
+  The one check of a temperature in kdjax: the losses, the train state and
+  the sweeps all call it.
+  """
+  if isinstance(temperature, bool):
+    raise TypeError(
+        f"temperature must be a positive number, got {temperature!r}.")
+  t = concrete(temperature)
+  if t is not None and t.dtype.kind not in "iuf":
+    raise TypeError(
+        f"temperature must be a positive number, got {temperature!r}.")
+  if t is not None and not np.all(t > 0):  # also catches NaN
+    raise ValueError(
+        f"temperature must be > 0, got {temperature!r}. The paper uses "
+        "T in [1, 20]; T=1 is the ordinary softmax.")
+
+
+def check_alpha(alpha) -> None:
+  """Rejects an alpha outside [0, 1] that is known at trace time."""
+  a = concrete(alpha)
+  if a is not None and a.dtype.kind not in "iuf":
+    raise TypeError(f"alpha must be a number in [0, 1], got {alpha!r}.")
+  if a is not None and not np.all((a >= 0.0) & (a <= 1.0)):
+    raise ValueError(
+        f"alpha must lie in [0, 1], got {alpha!r}. alpha weights the "
+        "hard-label "
+        "cross-entropy; (1 - alpha) weights the T^2-scaled distillation term.")
 
 
 # ----------------------------------------------------------------------------

@@ -36,7 +36,8 @@ def _train_state():
                                   shapes)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.sgd(0.1, momentum=0.9))
-  return train.TrainState.create(apply_fn=None, params=params, tx=tx,
+  return train.TrainState.create(apply_fn=lambda p, x, train, rng: x,
+                                 params=params, tx=tx,
                                  temperature=2.0, alpha=0.5)
 
 

@@ -11,10 +11,10 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _api_block() -> str:
+def _api_block(index: int = 0) -> str:
   text = (ROOT / "README.md").read_text()
-  section = text.split("## The API in a few lines", 1)[1]
-  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  section = text.split("## The API in a few lines", 1)[1].split("## Results")[0]
+  return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   assert "epochs=2" in code and '"runs/readme"' in code
   code = code.replace("epochs=2", "epochs=1").replace(
       '"runs/readme"', repr(str(tmp_path / "readme")))
-  monkeypatch.chdir(ROOT)
+  monkeypatch.chdir(tmp_path)  # The shipped teacher is found from anywhere.
   monkeypatch.setenv("KDJAX_PROGRESS", "0")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -34,24 +34,71 @@ def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   assert (tmp_path / "readme" / "metrics.jsonl").exists()
 
 
+def test_readme_any_model_example_runs(monkeypatch):
+  """The BatchNorm student and the masked sequence batch, as written."""
+  monkeypatch.setenv("KDJAX_PROGRESS", "0")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    exec(compile(_api_block(1), "README.md", "exec"), {})  # pylint: disable=exec-used
+  lines = out.getvalue().strip().splitlines()
+  assert len(lines) == 2 and float(lines[-1]) > 0
+
+
 RESULTS = ROOT / "experiments" / "mnist" / "results"
 
 
-@pytest.mark.parametrize("name", ["quick_cpu", "table_cpu"])
-def test_readme_tables_are_generated_from_committed_results(name):
+@pytest.mark.parametrize("name, page, prefix", [
+    ("quick_cpu", "README.md", "experiments/mnist/results/"),
+    ("table_cpu", "experiments/mnist/README.md", "experiments/mnist/results/")])
+def test_readme_tables_are_generated_from_committed_results(name, page,
+                                                            prefix):
   from experiments.mnist import report  # pylint: disable=g-import-not-at-top
   results = json.loads((RESULTS / f"{name}.json").read_text())
   table = report.markdown(results).split("\n", 2)[2].strip()
-  readme = (ROOT / "README.md").read_text()
-  assert table in readme, f"README's {name} table differs from {name}.json"
+  readme = (ROOT / page).read_text()
+  assert table in readme, f"{page}'s {name} table differs from {name}.json"
   assert (RESULTS / f"{name}.md").read_text() == report.markdown(results)
-  assert f"Source: [`experiments/mnist/results/{name}.json`]" in readme
+  assert f"Source: [`{prefix}{name}.json`]" in readme
   assert results["git_commit"][:7] in readme
 
 
 def test_readme_teacher_figures_match_its_record():
   info = json.loads((ROOT / "experiments" / "mnist" / "teacher" /
                      "teacher_cpu.json").read_text())
-  readme = (ROOT / "README.md").read_text()
+  readme = (ROOT / "experiments" / "mnist" / "README.md").read_text()
   assert (f"**{info['test_errors']} test errors** ({info['val_errors']} on "
           "validation") in readme
+
+
+def test_readme_example_tables_come_from_the_committed_jsons():
+  from examples import report  # pylint: disable=g-import-not-at-top
+  assert report.batchnorm_table() in (ROOT / "README.md").read_text()
+
+
+def test_readme_benchmark_table_comes_from_the_committed_json():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "bench_report", ROOT / "benchmarks" / "report.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.headline() in (ROOT / "README.md").read_text()
+  assert module.chunked_table() in (ROOT / "README.md").read_text()
+
+
+def test_readme_ensemble_and_specialist_figures_come_from_the_jsons():
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  readme = (ROOT / "README.md").read_text()
+  fmt = lambda v: (f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}"
+                   if len(v) > 1 else f"{v[0]}")
+  ens = json.loads((RESULTS / "ensemble_cpu.json").read_text())
+  rows = {r["name"]: r for r in ens["rows"]}
+  for name in ("ensemble_members", "ensemble_mean_logits",
+               "ensemble_arithmetic", "ensemble_distilled", "student_alone"):
+    assert fmt(rows[name]["test_errors"]) in readme, name
+  kept = ens["gain_kept"]["test_mean_logits"]
+  assert f"{kept * 100:.0f}% on test" in readme
+  spec = json.loads((ROOT / "experiments" / "specialists" / "results" /
+                     "specialists_cpu.json").read_text())
+  for r in spec["rows"]:
+    if "test_errors" in r and r["name"].startswith("generalist"):
+      assert fmt(r["test_errors"]) in readme, r["name"]

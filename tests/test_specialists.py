@@ -128,6 +128,29 @@ def test_clusters_partition_and_lloyd_fixed_point(seed):
   assert all(np.array_equal(a, b) for a, b in zip(clusters, again))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clusters_normalize_is_kmeans_on_unit_columns(seed):
+  """normalize=True: a Lloyd fixed point on the unit-normalised columns."""
+  rng = np.random.default_rng(20 + seed)
+  p = rng.dirichlet(0.3 * np.ones(12), size=200)
+  clusters = sp.confusable_clusters(p, 4, seed=seed, num_iters=1000,
+                                    normalize=True)
+  assert sorted(np.concatenate(clusters).tolist()) == list(range(12))
+  points = _ref_cov_columns(p)
+  unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+  centres = np.stack([unit[c].mean(axis=0) for c in clusters])
+  d2 = np.sum((unit[:, None] - centres[None])**2, axis=-1)
+  owner = np.empty(12, int)
+  for j, c in enumerate(clusters):
+    owner[c] = j
+  assert np.all(d2[np.arange(12), owner] <= d2.min(axis=1) * (1 + 1e-12))
+  # Scaling every probability's spread (hence every column) changes nothing.
+  q = 0.5 * p + 0.5 / 12
+  again = sp.confusable_clusters(q, 4, seed=seed, num_iters=1000,
+                                 normalize=True)
+  assert all(np.array_equal(x, y) for x, y in zip(clusters, again))
+
+
 def test_clusters_edge_cases():
   p = np.random.default_rng(0).dirichlet(np.ones(5), size=20)
   assert [c.tolist() for c in sp.confusable_clusters(p, 1)] == [[0, 1, 2, 3, 4]]
@@ -150,7 +173,8 @@ def test_clusters_edge_cases():
 
 def _labels(seed, n=1000, num_classes=10):
   rng = np.random.default_rng(seed)
-  return rng.choice(num_classes, size=n, p=rng.dirichlet(3 * np.ones(num_classes)))
+  return rng.choice(num_classes, size=n,
+                    p=rng.dirichlet(3 * np.ones(num_classes)))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.3])
@@ -307,7 +331,8 @@ def test_dustbin_correction_calibrates_a_specialist_on_resampled_data():
 
 
 def test_correct_dustbin_touches_only_the_last_logit():
-  z = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)), jnp.bfloat16)
+  z = jnp.asarray(np.random.default_rng(0).standard_normal((3, 4)),
+                  jnp.bfloat16)
   out = sp.correct_dustbin(z, jnp.array([1.0, 2.0, 3.0]))
   assert out.dtype == jnp.float32
   ref = np.asarray(z.astype(jnp.float32), np.float64)
@@ -324,7 +349,8 @@ def _generalist(seed, num_classes=10, width=6, in_dim=5):
   rng = np.random.default_rng(seed)
   f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
   return {"hidden_0": {"kernel": f32(in_dim, width), "bias": f32(width)},
-          "logits": {"kernel": f32(width, num_classes), "bias": f32(num_classes)}}
+          "logits": {"kernel": f32(width, num_classes),
+                     "bias": f32(num_classes)}}
 
 
 def test_init_from_generalist_matches_reference():
@@ -354,7 +380,8 @@ def test_init_from_generalist_network_outputs():
   gen = _generalist(1)
   spec = sp.init_from_generalist(gen, [1, 8])
   snet = models.MLP((6,), num_classes=3)
-  x = jnp.asarray(np.random.default_rng(2).standard_normal((16, 5)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((16, 5)),
+                  jnp.float32)
   zg = np.asarray(net.apply({"params": gen}, x), np.float64)
   zs = np.asarray(snet.apply({"params": spec}, x), np.float64)
   tol = 1e-5 * (1 + np.abs(zg).max())

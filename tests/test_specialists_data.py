@@ -109,7 +109,8 @@ def test_real_pairs_no_leakage_between_splits(real_pairs, mnist_dir):
     return {x[i].tobytes() for i in range(len(x))}
   x_test, _ = kd_data.load_mnist("test", mnist_dir)
   train_halves = digests(np.concatenate([real_pairs["train"].images[:, :, :28],
-                                         real_pairs["train"].images[:, :, 28:]]))
+                                         real_pairs["train"].images[
+                                             :, :, 28:]]))
   test_halves = digests(np.concatenate([real_pairs["test"].images[:, :, :28],
                                         real_pairs["test"].images[:, :, 28:]]))
   shared = train_halves & test_halves

@@ -204,7 +204,7 @@ def test_unknown_row_names_the_closest_valid_row():
                            r"\(did you mean 'distilled_T20'\?\), 'xyz'; valid "
                            r"rows are student_alone, distilled_T20, "):
     pipeline.validate_config(_config(rows=("distiled_T20", "omit3", "xyz")))
-  pipeline.validate_config(_config(rows=pipeline.ROWS))
+  pipeline.validate_config(_config(rows=tuple(pipeline.ROWS)))
 
 
 def test_wrong_type_names_expected_and_got():

@@ -44,21 +44,21 @@ and ``jitter`` (the sweep: ``width``, ``temperature``, ``alpha``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import json
 import pathlib
 import sys
 import time
-from typing import Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from kdjax import (augment, cache, checkpoint, constraints, data, models,
+from kdjax import (augment, cache, checkpoint, data, evaluate, models, optim,
                    provenance, sweep, validate)
 from kdjax.trainer import check_run_config, fit
 from kdjax.teacher import Teacher
@@ -69,10 +69,6 @@ PAPER = {"teacher": 67, "student_alone": 146, "distilled_T20": 74,
          # The paper gives rates (47.3%, 13.2%) of the 10,000 test images.
          "only78_before_shift": 4730, "only78_after_shift": 1320,
          "soft3pct_hard_labels": None, "soft3pct_soft_targets": None}
-# The values config.rows may hold, in the order they run.
-ROWS = ("student_alone", "distilled_T20", "student_alone_jitter",
-        "distilled_T20_jitter", "omit3",
-        "only78", "soft3pct", "sweep", "logit_matching")
 PAPER_EXTRA = {"omit3_before_shift": {"errors_on_3": 133},
                "omit3_after_shift": {"errors_on_3": 14, "bias_shift": 3.5},
                "only78_before_shift": {"test_error_rate": 0.473},
@@ -100,27 +96,7 @@ def to_device(images, labels) -> dict:
 # ----------------------------------------------------------------------------
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
-                   *, max_sq_norm: Optional[float] = None):
-  """Nesterov SGD or Adam with linear warm-up and cosine decay."""
-  warmup = int(opt.get("warmup_fraction", 0.0) * total_steps)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0 if warmup else opt.lr, opt.lr, max(warmup, 1), max(total_steps, 2),
-      end_value=opt.lr * opt.get("final_lr_fraction", 0.0))
-  if opt.name == "sgd":
-    base = optax.sgd(schedule, momentum=opt.momentum, nesterov=True)
-  elif opt.name == "adam":
-    base = optax.adam(schedule)
-  else:
-    raise ValueError(
-        f"optimizer name must be 'sgd' or 'adam', got {opt.name!r}.")
-  parts = []
-  if opt.get("clip_norm", 0.0):
-    parts.append(optax.clip_by_global_norm(opt.clip_norm))
-  parts.append(base)
-  if max_sq_norm:
-    parts.append(constraints.max_norm(max_sq_norm))
-  return optax.chain(*parts)
+make_optimizer = optim.make_optimizer
 
 
 # ----------------------------------------------------------------------------
@@ -128,27 +104,19 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int,
 # ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _predict_logits(apply, params, images):
-  def one(x):
-    return apply(params, x, False, None)
-  chunks = images.reshape((-1, 1000) + images.shape[1:])
-  out = jax.lax.map(one, chunks)
-  return out.reshape((-1,) + out.shape[2:])
+@functools.lru_cache(maxsize=None)
+def _eval_fn(apply):
+  """One eval function per apply (a static argument: reused compilations)."""
+  return lambda params, x: apply(params, x, False, None)
 
 
 def predict_logits(apply, params, images) -> np.ndarray:
-  """Eval-mode logits, ``[N, C]`` (N must be a multiple of 1000)."""
-  return np.array(_predict_logits(apply, params, jnp.asarray(images)))
+  """Eval-mode logits, ``[N, C]``, in chunks of 1000 (kdjax.evaluate)."""
+  return np.array(evaluate.predict_logits(_eval_fn(apply), params, images,
+                                          batch_size=1000))
 
 
-def errors(logits: np.ndarray, labels: np.ndarray, *,
-           on_class: Optional[int] = None) -> int:
-  """Misclassified examples (only those labelled ``on_class`` if given)."""
-  wrong = np.argmax(logits, -1) != labels
-  if on_class is not None:
-    wrong &= labels == on_class
-  return int(np.sum(wrong))
+errors = evaluate.errors
 
 
 def shifted(logits: np.ndarray, classes, amount: float) -> np.ndarray:
@@ -339,10 +307,283 @@ def command_line() -> str:
   return " ".join(argv)
 
 
-def _row(name, test_errors, seconds, **extra):
+def result_row(name, test_errors, seconds, **extra):
+  """One row of results.json (its schema is in the module docstring)."""
   return {"name": name, "test_errors": [int(e) for e in test_errors],
           "paper_test_errors": PAPER.get(name), "seconds": round(seconds, 2),
           **extra}
+
+
+# ----------------------------------------------------------------------------
+# The rows: a registry of functions (context, config) -> None.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+  """What every row needs: the data, the teacher, and where results go.
+
+  Attributes:
+    config: the run's config.
+    workdir: the run's directory (students' checkpoints under it).
+    splits: the MNIST splits.
+    teacher: the frozen teacher.
+    rows: the results table so far (rows append to it).
+    hashes: ``params_sha256`` of every trained net, by row name.
+    save_partial: writes ``results.partial.json`` (after each row).
+  """
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  splits: data.MnistSplits
+  teacher: Teacher
+  rows: list
+  hashes: dict
+  save_partial: Callable[[], None]
+  _transfer: dict = dataclasses.field(default_factory=dict)
+
+  def transfer(self, variant: str, **kw) -> dict:
+    """A transfer set with the teacher's cached logits (each made once)."""
+    key = (variant, tuple(sorted(kw.items())))
+    if key not in self._transfer:
+      x, y = data.transfer_set(self.splits.train_images,
+                               self.splits.train_labels, variant, **kw)
+      self._transfer[key] = cache.with_teacher_logits(to_device(x, y),
+                                                      self.teacher)
+    return self._transfer[key]
+
+  def student_row(self, name, *, transfer, objective, temperature, alpha,
+                  epochs, opt_cfg, width=None, jitter=0, **extra):
+    """Trains one row's students (3 seeds, one vmapped program); its row.
+
+    Returns:
+      The members' ``(test_logits, val_logits)``.
+    """
+    config, s = self.config, self.config.student
+    seeds = list(config.seeds)
+    ones = lambda v: [v] * len(seeds)
+    dropout = student_dropout(config)  # Recorded in a row only when set.
+    if jitter:  # The teacher runs online on the shifted images: no cache.
+      transfer = {k: transfer[k] for k in ("image", "label")}
+    params, apply, sec = train_students(
+        config, name=name, width=width or s.width, transfer=transfer,
+        objective=objective, seeds=seeds, temperatures=ones(temperature),
+        alphas=ones(alpha), epochs=epochs, opt_cfg=opt_cfg,
+        workdir=self.workdir,
+        teacher=self.teacher if jitter and objective != "hard" else None,
+        jitter=jitter)
+    test_x, test_y = self.splits.test_images, self.splits.test_labels
+    val_x, val_y = self.splits.val_images, self.splits.val_labels
+    test_logits = member_logits(apply, params, test_x)
+    val_logits = member_logits(apply, params, val_x)
+    self.hashes[name] = [provenance.params_sha256(sweep.member(params, i))
+                         for i in range(len(seeds))]
+    row = result_row(
+        name, [errors(l, test_y) for l in test_logits], sec,
+        temperature=temperature, alpha=alpha, epochs=epochs,
+        objective=objective, width=width or s.width, jitter=jitter,
+        **({"dropout": list(dropout)} if any(dropout) else {}),
+        val_errors=[errors(l, val_y) for l in val_logits], **extra)
+    self.rows.append(row)
+    print(f"{name}: {row['test_errors']} test errors ({sec:.0f}s)",
+          flush=True)
+    self.save_partial()
+    return test_logits, val_logits
+
+
+# name in config.rows -> (context, config) -> None; the order is the run's.
+ROWS: dict[str, Callable] = {}
+
+
+def row(name: str):
+  """Registers a row (or a family of rows) under the name config.rows uses."""
+
+  def register(fn):
+    ROWS[name] = fn
+    return fn
+
+  return register
+
+
+def _student(ctx, name, **kw):
+  s = ctx.config.student
+  kind = s.alone if kw["objective"] == "hard" else s.distill
+  kw.setdefault("epochs", kind.epochs)
+  kw.setdefault("opt_cfg", kind.optimizer)
+  if kw["objective"] == "hard":
+    kw.update(temperature=1.0, alpha=1.0)
+  else:
+    kw.setdefault("temperature", s.distill.temperature)
+    kw.setdefault("alpha", s.distill.alpha)
+  return ctx.student_row(name, transfer=ctx.transfer("all"), **kw)
+
+
+@row("student_alone")
+def _student_alone(ctx, config):
+  _student(ctx, "student_alone", objective="hard")
+
+
+@row("distilled_T20")
+def _distilled(ctx, config):
+  _student(ctx, "distilled_T20", objective="kd")
+
+
+# Not in the paper: both rows again on ±2-pixel shifted images (the
+# teacher's augmentation). The distilled student then queries the teacher
+# online on the shifted images ("consistent teaching", Beyer et al. 2022),
+# learning its outputs off the 50k training points; the student alone with
+# the same jitter is the control that separates that from the jitter's own
+# regularisation.
+@row("student_alone_jitter")
+def _student_alone_jitter(ctx, config):
+  _student(ctx, "student_alone_jitter", objective="hard",
+           jitter=config.teacher.jitter)
+
+
+@row("distilled_T20_jitter")
+def _distilled_jitter(ctx, config):
+  _student(ctx, "distilled_T20_jitter", objective="kd",
+           jitter=config.teacher.jitter)
+
+
+def bias_shift_rows(ctx, *, prefix: str, variant: str, classes, grid,
+                    epochs: int, before_extra: Callable, after_extra: Callable,
+                    summary: Callable) -> None:
+  """A row trained on a transfer set missing classes, then bias-shifted.
+
+  ``<prefix>_before_shift`` trains distilled students on ``variant``;
+  ``<prefix>_after_shift`` adds the bias shift of ``classes`` chosen on the
+  validation split from ``grid`` (the test split never chooses). The two
+  experiments of the paper that use it (omit the 3s; only 7s and 8s)
+  differ only in what they record: ``before_extra(test_logits)`` and
+  ``after_extra(shifted test logits)`` return their extra row fields.
+  """
+  s = ctx.config.student
+  val_y, test_y = ctx.splits.val_labels, ctx.splits.test_labels
+  test_logits, val_logits = ctx.student_row(
+      f"{prefix}_before_shift", transfer=ctx.transfer(variant),
+      objective="kd", temperature=s.distill.temperature,
+      alpha=s.distill.alpha, epochs=epochs, opt_cfg=s.distill.optimizer)
+  before = ctx.rows[-1]
+  before.update(before_extra(test_logits))
+  t0 = time.perf_counter()
+  shifts = [choose_bias_shift(vl, val_y, classes, grid) for vl in val_logits]
+  test_after = [shifted(tl, classes, b) for tl, b in zip(test_logits, shifts)]
+  ctx.rows.append(result_row(
+      f"{prefix}_after_shift", [errors(tl, test_y) for tl in test_after],
+      time.perf_counter() - t0, **after_extra(test_after),
+      bias_shift=shifts,
+      val_errors=[errors(shifted(vl, classes, b), val_y)
+                  for vl, b in zip(val_logits, shifts)],
+      shift_chosen_on="validation"))
+  print(summary(before, ctx.rows[-1]), flush=True)
+  ctx.save_partial()
+
+
+@row("omit3")
+def _omit3(ctx, config):
+  test_y = ctx.splits.test_labels
+  on3 = lambda logits: [errors(l, test_y, on_class=3) for l in logits]
+  bias_shift_rows(
+      ctx, prefix="omit3", variant="no3", classes=[3],
+      grid=np.arange(0.0, 10.01, 0.25), epochs=config.omit3.epochs,
+      before_extra=lambda tl: {
+          "errors_on_3": on3(tl), "num_test_3s": int(np.sum(test_y == 3)),
+          "paper_errors_on_3": PAPER_EXTRA["omit3_before_shift"][
+              "errors_on_3"]},
+      after_extra=lambda tl: {
+          "errors_on_3": on3(tl),
+          "paper_errors_on_3": PAPER_EXTRA["omit3_after_shift"][
+              "errors_on_3"],
+          "paper_bias_shift": PAPER_EXTRA["omit3_after_shift"][
+              "bias_shift"]},
+      summary=lambda b, a: (
+          f"omit3: {b['test_errors']} ({b['errors_on_3']} on 3s) -> "
+          f"{a['test_errors']} ({a['errors_on_3']} on 3s) with shifts "
+          f"{a['bias_shift']}"))
+
+
+@row("only78")
+def _only78(ctx, config):
+  test_y = ctx.splits.test_labels
+  n = len(test_y)
+  rate = lambda logits: [errors(l, test_y) / n for l in logits]
+  bias_shift_rows(
+      ctx, prefix="only78", variant="only78", classes=[7, 8],
+      grid=np.arange(-15.0, 0.01, 0.2), epochs=config.only78.epochs,
+      before_extra=lambda tl: {
+          "test_error_rate": rate(tl),
+          "paper_test_error_rate": PAPER_EXTRA["only78_before_shift"][
+              "test_error_rate"]},
+      after_extra=lambda tl: {
+          "test_error_rate": rate(tl),
+          "paper_test_error_rate": PAPER_EXTRA["only78_after_shift"][
+              "test_error_rate"],
+          "paper_bias_shift": PAPER_EXTRA["only78_after_shift"][
+              "bias_shift"]},
+      summary=lambda b, a: (
+          f"only78: {b['test_error_rate']} -> {a['test_error_rate']} with "
+          f"shifts {a['bias_shift']}"))
+
+
+@row("soft3pct")
+def _soft3pct(ctx, config):
+  c, s = config.soft3pct, config.student
+  sub = ctx.transfer("subset", seed=c.subset_seed, fraction=c.fraction)
+  n = int(sub["label"].shape[0])
+  ctx.student_row("soft3pct_hard_labels", transfer=sub, objective="hard",
+                  temperature=1.0, alpha=1.0, epochs=c.epochs,
+                  opt_cfg=s.alone.optimizer, num_train=n)
+  ctx.student_row("soft3pct_soft_targets", transfer=sub, objective="kd",
+                  temperature=s.distill.temperature, alpha=c.alpha,
+                  epochs=c.epochs, opt_cfg=s.distill.optimizer, num_train=n)
+
+
+@row("sweep")
+def _sweep(ctx, config):
+  c = config.sweep
+  test_x, test_y = ctx.splits.test_images, ctx.splits.test_labels
+  val_x, val_y = ctx.splits.val_images, ctx.splits.val_labels
+  for width in c.widths:
+    grid = list(itertools.product(c.temperatures, c.seeds))
+    name = f"sweep_w{width}"
+    params, apply, sec = train_students(
+        config, name=name, width=width, transfer=ctx.transfer("all"),
+        objective="kd", seeds=[g[1] for g in grid],
+        temperatures=[g[0] for g in grid], alphas=[c.alpha] * len(grid),
+        epochs=c.epochs, opt_cfg=config.student.distill.optimizer,
+        workdir=ctx.workdir)
+    logits = member_logits(apply, params, test_x)
+    val_logits = member_logits(apply, params, val_x)
+    ctx.hashes[name] = {
+        f"T{g[0]:g}_seed{g[1]}": provenance.params_sha256(
+            sweep.member(params, i)) for i, g in enumerate(grid)}
+    for temp in c.temperatures:
+      idx = [i for i, g in enumerate(grid) if g[0] == temp]
+      ctx.rows.append(result_row(
+          f"sweep_w{width}_T{temp:g}",
+          [errors(logits[i], test_y) for i in idx],
+          sec / len(c.temperatures), width=width, temperature=temp,
+          alpha=c.alpha, epochs=c.epochs,
+          val_errors=[errors(val_logits[i], val_y) for i in idx]))
+    print(f"{name}: " + ", ".join(
+        f"T={t:g}: " + format(np.mean(
+            [errors(logits[i], test_y) for i, g in enumerate(grid)
+             if g[0] == t]), ".1f")
+        for t in c.temperatures), flush=True)
+    ctx.save_partial()
+
+
+@row("logit_matching")
+def _logit_matching(ctx, config):
+  c = config.logit_matching
+  ctx.student_row("logit_matching_caruana", transfer=ctx.transfer("all"),
+                  objective="logit_matching", temperature=1.0, alpha=0.0,
+                  epochs=c.epochs, opt_cfg=c.optimizer)
+  for temp in c.temperatures:
+    ctx.student_row(f"logit_matching_distill_T{temp:g}",
+                    transfer=ctx.transfer("all"), objective="soft",
+                    temperature=temp, alpha=0.0, epochs=c.epochs,
+                    opt_cfg=config.student.distill.optimizer)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -355,7 +596,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """
   from experiments.mnist.configs import default  # pylint: disable=g-import-not-at-top
   validate.validate_config(config, default.get_config())
-  validate.validate_choices("config.rows", config.rows, ROWS, what="row")
+  validate.validate_choices("config.rows", config.rows, tuple(ROWS),
+                            what="row")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -397,7 +639,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   teacher, t_params, t_source, t_sec = get_teacher(config, splits, workdir)
   t_apply = lambda p, x, train, rng: teacher.apply_fn(p, {}, x)
   t_test = predict_logits(t_apply, t_params, test_x)
-  rows.append(_row("teacher", [errors(t_test, test_y)], t_sec,
+  rows.append(result_row("teacher", [errors(t_test, test_y)], t_sec,
                    source=t_source,
                    val_errors=[errors(predict_logits(t_apply, t_params, val_x),
                                       val_y)]))
@@ -417,186 +659,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True)
   save_partial()
 
-  def transfer_data(variant, **kw):
-    x, y = data.transfer_set(splits.train_images, splits.train_labels,
-                             variant, **kw)
-    d = to_device(x, y)
-    return cache.with_teacher_logits(d, teacher)
-
-  s = config.student
-  seeds = list(config.seeds)
-  ones = lambda v: [v] * len(seeds)
-  dropout = student_dropout(config)  # Recorded in a row only when set.
-
-  def student_row(name, *, transfer, objective, temperature, alpha, epochs,
-                  opt_cfg, width=None, jitter=0, **extra):
-    if jitter:  # The teacher runs online on the shifted images: no cache.
-      transfer = {k: transfer[k] for k in ("image", "label")}
-    params, apply, sec = train_students(
-        config, name=name, width=width or s.width, transfer=transfer,
-        objective=objective, seeds=seeds, temperatures=ones(temperature),
-        alphas=ones(alpha), epochs=epochs, opt_cfg=opt_cfg, workdir=workdir,
-        teacher=teacher if jitter and objective != "hard" else None,
-        jitter=jitter)
-    test_logits = member_logits(apply, params, test_x)
-    val_logits = member_logits(apply, params, val_x)
-    hashes[name] = [provenance.params_sha256(sweep.member(params, i))
-                    for i in range(len(seeds))]
-    row = _row(name, [errors(l, test_y) for l in test_logits], sec,
-               temperature=temperature, alpha=alpha, epochs=epochs,
-               objective=objective, width=width or s.width, jitter=jitter,
-               **({"dropout": list(dropout)} if any(dropout) else {}),
-               val_errors=[errors(l, val_y) for l in val_logits], **extra)
-    rows.append(row)
-    print(f"{name}: {row['test_errors']} test errors ({sec:.0f}s)", flush=True)
-    save_partial()
-    return test_logits, val_logits
-
-  all_data = None
-  if {"student_alone", "distilled_T20", "student_alone_jitter",
-      "distilled_T20_jitter"} & set(config.rows):
-    all_data = transfer_data("all")
-  if "student_alone" in config.rows:
-    student_row("student_alone", transfer=all_data, objective="hard",
-                temperature=1.0, alpha=1.0, epochs=s.alone.epochs,
-                opt_cfg=s.alone.optimizer)
-  if "distilled_T20" in config.rows:
-    student_row("distilled_T20", transfer=all_data, objective="kd",
-                temperature=s.distill.temperature, alpha=s.distill.alpha,
-                epochs=s.distill.epochs, opt_cfg=s.distill.optimizer)
-  # Not in the paper: both rows again on ±2-pixel shifted images (the
-  # teacher's augmentation). The distilled student then queries the teacher
-  # online on the shifted images ("consistent teaching", Beyer et al. 2022),
-  # learning its outputs off the 50k training points; the student alone with
-  # the same jitter is the control that separates that from the jitter's own
-  # regularisation.
-  if "student_alone_jitter" in config.rows:
-    student_row("student_alone_jitter", transfer=all_data, objective="hard",
-                temperature=1.0, alpha=1.0, epochs=s.alone.epochs,
-                opt_cfg=s.alone.optimizer, jitter=config.teacher.jitter)
-  if "distilled_T20_jitter" in config.rows:
-    student_row("distilled_T20_jitter", transfer=all_data, objective="kd",
-                temperature=s.distill.temperature, alpha=s.distill.alpha,
-                epochs=s.distill.epochs, opt_cfg=s.distill.optimizer,
-                jitter=config.teacher.jitter)
-
-  if "omit3" in config.rows:
-    c = config.omit3
-    paper_before = PAPER_EXTRA["omit3_before_shift"]
-    paper_after = PAPER_EXTRA["omit3_after_shift"]
-    test_logits, val_logits = student_row(
-        "omit3_before_shift", transfer=transfer_data("no3"), objective="kd",
-        temperature=s.distill.temperature, alpha=s.distill.alpha,
-        epochs=c.epochs, opt_cfg=s.distill.optimizer)
-    before = rows[-1]
-    t0 = time.perf_counter()
-    shifts = [choose_bias_shift(vl, val_y, [3], np.arange(0.0, 10.01, 0.25))
-              for vl in val_logits]
-    test_after = [shifted(tl, [3], b) for tl, b in zip(test_logits, shifts)]
-    before["errors_on_3"] = [errors(tl, test_y, on_class=3)
-                             for tl in test_logits]
-    before["num_test_3s"] = int(np.sum(test_y == 3))
-    before["paper_errors_on_3"] = paper_before["errors_on_3"]
-    rows.append(_row(
-        "omit3_after_shift", [errors(tl, test_y) for tl in test_after],
-        time.perf_counter() - t0,
-        errors_on_3=[errors(tl, test_y, on_class=3) for tl in test_after],
-        bias_shift=shifts,
-        val_errors=[errors(shifted(vl, [3], b), val_y)
-                    for vl, b in zip(val_logits, shifts)],
-        paper_errors_on_3=paper_after["errors_on_3"],
-        paper_bias_shift=paper_after["bias_shift"],
-        shift_chosen_on="validation"))
-    after = rows[-1]
-    print(f"omit3: {before['test_errors']} ({before['errors_on_3']} on 3s) -> "
-          f"{after['test_errors']} ({after['errors_on_3']} on 3s) with shifts "
-          f"{shifts}", flush=True)
-    save_partial()
-
-  if "only78" in config.rows:
-    c = config.only78
-    paper_before = PAPER_EXTRA["only78_before_shift"]
-    paper_after = PAPER_EXTRA["only78_after_shift"]
-    test_logits, val_logits = student_row(
-        "only78_before_shift", transfer=transfer_data("only78"),
-        objective="kd", temperature=s.distill.temperature,
-        alpha=s.distill.alpha, epochs=c.epochs, opt_cfg=s.distill.optimizer)
-    before = rows[-1]
-    n_test = len(test_y)
-    before["test_error_rate"] = [e / n_test for e in before["test_errors"]]
-    before["paper_test_error_rate"] = paper_before["test_error_rate"]
-    t0 = time.perf_counter()
-    shifts = [choose_bias_shift(vl, val_y, [7, 8], np.arange(-15.0, 0.01, 0.2))
-              for vl in val_logits]
-    after = [errors(shifted(tl, [7, 8], b), test_y)
-             for tl, b in zip(test_logits, shifts)]
-    rows.append(_row("only78_after_shift", after, time.perf_counter() - t0,
-                     test_error_rate=[e / n_test for e in after],
-                     paper_test_error_rate=paper_after["test_error_rate"],
-                     bias_shift=shifts,
-                     paper_bias_shift=paper_after["bias_shift"],
-                     val_errors=[errors(shifted(vl, [7, 8], b), val_y)
-                                 for vl, b in zip(val_logits, shifts)],
-                     shift_chosen_on="validation"))
-    print(f"only78: {before['test_error_rate']} -> "
-          f"{rows[-1]['test_error_rate']} with shifts {shifts}", flush=True)
-    save_partial()
-
-  if "soft3pct" in config.rows:
-    c = config.soft3pct
-    sub = transfer_data("subset", seed=c.subset_seed, fraction=c.fraction)
-    student_row("soft3pct_hard_labels", transfer=sub, objective="hard",
-                temperature=1.0, alpha=1.0, epochs=c.epochs,
-                opt_cfg=s.alone.optimizer, num_train=int(sub["label"].shape[0]))
-    student_row("soft3pct_soft_targets", transfer=sub, objective="kd",
-                temperature=s.distill.temperature, alpha=c.alpha,
-                epochs=c.epochs, opt_cfg=s.distill.optimizer,
-                num_train=int(sub["label"].shape[0]))
-
-  if "sweep" in config.rows:
-    c = config.sweep
-    if all_data is None:
-      all_data = transfer_data("all")
-    for width in c.widths:
-      grid = list(itertools.product(c.temperatures, c.seeds))
-      name = f"sweep_w{width}"
-      params, apply, sec = train_students(
-          config, name=name, width=width, transfer=all_data, objective="kd",
-          seeds=[g[1] for g in grid], temperatures=[g[0] for g in grid],
-          alphas=[c.alpha] * len(grid), epochs=c.epochs,
-          opt_cfg=s.distill.optimizer, workdir=workdir)
-      logits = member_logits(apply, params, test_x)
-      val_logits = member_logits(apply, params, val_x)
-      hashes[name] = {
-          f"T{g[0]:g}_seed{g[1]}": provenance.params_sha256(
-              sweep.member(params, i)) for i, g in enumerate(grid)}
-      for temp in c.temperatures:
-        idx = [i for i, g in enumerate(grid) if g[0] == temp]
-        rows.append(_row(f"sweep_w{width}_T{temp:g}",
-                         [errors(logits[i], test_y) for i in idx],
-                         sec / len(c.temperatures), width=width,
-                         temperature=temp, alpha=c.alpha, epochs=c.epochs,
-                         val_errors=[errors(val_logits[i], val_y)
-                                     for i in idx]))
-      print(f"{name}: " + ", ".join(
-          f"T={t:g}: " + format(np.mean(
-              [errors(logits[i], test_y) for i, g in enumerate(grid)
-               if g[0] == t]), ".1f")
-          for t in c.temperatures), flush=True)
-      save_partial()
-
-  if "logit_matching" in config.rows:
-    c = config.logit_matching
-    if all_data is None:
-      all_data = transfer_data("all")
-    student_row("logit_matching_caruana", transfer=all_data,
-                objective="logit_matching",
-                temperature=1.0, alpha=0.0, epochs=c.epochs,
-                opt_cfg=c.optimizer)
-    for temp in c.temperatures:
-      student_row(f"logit_matching_distill_T{temp:g}", transfer=all_data,
-                  objective="soft", temperature=temp, alpha=0.0,
-                  epochs=c.epochs, opt_cfg=s.distill.optimizer)
+  ctx = Context(config=config, workdir=workdir, splits=splits,
+                teacher=teacher, rows=rows, hashes=hashes,
+                save_partial=save_partial)
+  for name in ROWS:  # The registry's order, for the rows the config asks.
+    if name in config.rows:
+      ROWS[name](ctx, config)
 
   results = results_so_far()
   report.write_all(results, workdir)

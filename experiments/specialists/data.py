@@ -81,7 +81,8 @@ def make_pairs(images: np.ndarray, labels: np.ndarray, num_pairs: int, *,
 
   Example:
     >>> import numpy as np
-    >>> x = np.arange(10, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)
+    >>> x = (np.arange(10, dtype=np.uint8)[:, None, None]
+    ...      * np.ones((1, 28, 28), np.uint8))
     >>> p = make_pairs(x, np.arange(10), 200, seed=0)
     >>> p.images.shape, np.bincount(p.labels).tolist() == [2] * 100
     ((200, 28, 56), True)

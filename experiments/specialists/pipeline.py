@@ -15,22 +15,45 @@
    (:func:`kdjax.specialists.train_specialists`); their dustbin logits are
    then corrected for the oversampling
    (:func:`kdjax.specialists.dustbin_shift`);
-4. **combines** generalist and active specialists on the *test* pairs by
-   the paper's eq. 5 (:func:`kdjax.specialists.combine`).
+4. trains one **soft specialist** per subset (the paper's Section 6
+   proposal, :func:`train_soft_specialists`): a full softmax over the 100
+   classes, started from the generalist, on the same examples, with hard
+   targets for its subset's classes and the generalist's soft targets
+   (``T^2 KL`` at temperature ``T``) for the others; the classes outside
+   the subset get the same prior correction as the dustbin;
+5. **combines** generalist and active specialists on the *test* pairs by
+   the paper's eq. 5: :func:`kdjax.specialists.combine` for the dustbin
+   specialists, its closed form (the arithmetic mean of the active full
+   distributions, :func:`combine_full`) for the soft ones.
 
-The test set chooses nothing: the clusters come from the validation split,
-every reported number is the last epoch's.
+**Choices on validation.** ``specialists.normalize_columns`` (k-means on
+the raw or the unit-normalised covariance columns, which sets the
+clusters' sizes: raw columns put most classes in one large cluster),
+``specialists.num_clusters``, ``combine.top_n`` and ``combine.num_steps``
+are grids: the first seed trains the specialists for every (normalize,
+number of clusters) and keeps the (normalize, num_clusters, top_n,
+num_steps) whose combination makes the fewest errors
+on the validation pairs (ties: the first in grid order); then the soft
+specialists' ``T`` (``soft.temperatures``) and their ``top_n`` likewise, on
+the chosen clusters. The other seeds reuse the choice (their clusters are
+their own generalist's, found on validation). The test set chooses
+nothing; every reported number is the last epoch's.
 
 ``results.json``::
 
-  {"config", "git_commit", "device", "environment", "total_seconds",
-   "rows": [{"name": "generalist", "test_errors": [per seed],
-             "conditional_accuracy": [per seed], "num_conditional": [...]},
-            {"name": "generalist_plus_specialists", ...same keys...}],
-   "seeds": [{"seed", "subsets", "dustbin_shifts", "specialist_losses",
+  {"config", "git_commit", "jax_version", "device", "environment",
+   "command", "total_seconds", "choice", "chosen_on",
+   "rows": [{"name", "test_errors": [per seed], "val_errors": [per seed],
+             "conditional_accuracy": [per seed], "num_conditional": [...],
+             "num_test"}] for generalist, generalist_plus_specialists,
+             generalist_plus_soft_specialists,
+   "seeds": [{"seed", "subsets", "choice", "selection" (first seed: the
+              grids and their validation errors), "dustbin_shifts",
+              "specialist_losses", "soft_specialist_losses",
               "by_covering": [{"num_covering", "num_test",
                                "generalist_correct", "combined_correct",
                                "delta_correct", "relative_accuracy_change"}],
+              "soft": {"combined_errors", "by_covering", ...},
               "seconds"}]}
 
 *Conditional accuracy* is the accuracy on the test pairs whose true class
@@ -44,6 +67,7 @@ predictions from the generalist to the combination.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import pathlib
 import time
@@ -54,7 +78,7 @@ import numpy as np
 import optax
 
 from experiments.specialists import data as pair_data
-from kdjax import models, provenance, specialists as sp
+from kdjax import losses, models, provenance, specialists as sp
 from kdjax.train import TrainState
 from kdjax.trainer import fit
 
@@ -102,7 +126,7 @@ def train_generalist(config, train: pair_data.Pairs, seed: int):
 
 
 def train_all_specialists(config, generalist_params, subsets, train, seed):
-  """Every specialist, vmapped per subset size; returns a list of (apply, params)."""
+  """Every specialist, vmapped per subset size: a list of (apply, params)."""
   s = config.specialists
   hidden = tuple(config.generalist.hidden)
   idx, lab, sdata = sp.specialist_datasets(
@@ -161,38 +185,273 @@ def evaluate(p_g, q, labels, subsets, active):
           "num_conditional": int(cond.sum()), "by_covering": table}
 
 
-def run_seed(config, pairs, seed: int) -> dict:
-  t0 = time.time()
-  apply, params = train_generalist(config, pairs["train"], seed)
-  p_val = _softmax(predict(apply, params, pairs["val"].images))
+# ----------------------------------------------------------------------------
+# Soft specialists (the paper's Section 6 proposal): a full softmax.
+# ----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _soft_train_fn(apply_fn, tx, epochs, batch_size):
+  """The jitted run of :func:`train_soft_specialists`, vmapped over members."""
+
+  def one(params, images, g_logits, idx, y, in_subset, temperature, key):
+    n = idx.shape[0]
+    steps = n // batch_size
+
+    def loss_fn(p, x, t, v):
+      z = apply_fn(p, x, False, None)
+      hard = losses.hard_label_loss(z, t)
+      soft = losses.distillation_loss(z, v, temperature)  # T^2 KL(p_g || q)
+      return jnp.mean(jnp.where(in_subset[t], hard, soft))
+
+    def step(carry, b):
+      p, opt = carry
+      i = jnp.take(idx, b)
+      loss, grads = jax.value_and_grad(loss_fn)(
+          p, jnp.take(images, i, axis=0), jnp.take(y, b),
+          jnp.take(g_logits, i, axis=0))
+      updates, opt = tx.update(grads, opt, p)
+      return (optax.apply_updates(p, updates), opt), loss
+
+    def epoch(carry, e):
+      k = jax.random.fold_in(key, e)
+      perm = jax.random.permutation(k, n)[:steps * batch_size]
+      carry, step_losses = jax.lax.scan(step, carry,
+                                        perm.reshape(steps, batch_size))
+      return carry, jnp.mean(step_losses)
+
+    (params, _), epoch_losses = jax.lax.scan(
+        epoch, (params, tx.init(params)), jnp.arange(epochs))
+    return params, epoch_losses
+
+  return jax.jit(jax.vmap(one, in_axes=(0, None, None, 0, 0, 0, 0, 0)))
+
+
+def train_soft_specialists(config, generalist_params, g_train_logits, subsets,
+                           train, seed, temperatures):
+  r"""Full-softmax specialists, one per (temperature, subset), one program.
+
+  Specialist ``m`` starts as the generalist (all 100 outputs), sees the
+  same examples as the dustbin specialist of its subset (half from the
+  subset, :func:`kdjax.specialists.specialist_datasets`) and minimises, per
+  example,
+
+  .. math::
+    \ell = \begin{cases} -\log q_y & y \in S^m \\
+      T^2\,\mathrm{KL}(p^g_T \,\|\, q_T) & y \notin S^m \end{cases}
+
+  (hard targets for its own classes, the generalist's tempered soft targets
+  for the others; :func:`kdjax.losses.distillation_loss`), averaged over
+  the batch.
+
+  Returns:
+    ``(apply, [[params per subset] per temperature], sdata, losses)``.
+  """
   s = config.specialists
-  subsets = list(sp.confusable_clusters(p_val, s.num_clusters,
-                                        seed=s.cluster_seed))
+  net = models.MLP(tuple(config.generalist.hidden), num_classes=NUM_CLASSES)
+  apply = models.linen_student_apply(net)
+  idx, _, sdata = sp.specialist_datasets(
+      train.labels, subsets, num_examples=s.num_examples, seed=1000 * seed,
+      fraction_in_subset=s.fraction_in_subset, num_classes=NUM_CLASSES)
+  labels = np.asarray(train.labels)[idx]
+  member = np.zeros((len(subsets), NUM_CLASSES), bool)
+  for m, sub in enumerate(subsets):
+    member[m, sub] = True
+  num_t, num_m = len(temperatures), len(subsets)
+  rep = lambda a: np.concatenate([a] * num_t)
+  temps = np.repeat(np.asarray(temperatures, np.float32), num_m)
+  key = jax.random.key(seed)
+  rngs = jnp.stack([jax.random.fold_in(key, 100 + m)
+                    for _ in range(num_t) for m in range(num_m)])
+  params = sp.stack_params([generalist_params] * (num_t * num_m))
+  steps = s.epochs * (s.num_examples // s.batch_size)
+  run = _soft_train_fn(apply, _adam(s.lr, steps), s.epochs, s.batch_size)
+  params, hist = run(params, jnp.asarray(train.images),
+                     jnp.asarray(g_train_logits), jnp.asarray(rep(idx)),
+                     jnp.asarray(rep(labels)), jnp.asarray(rep(member)),
+                     jnp.asarray(temps), rngs)
+  out = [[sp.unstack_params(params, t * num_m + m) for m in range(num_m)]
+         for t in range(num_t)]
+  return apply, out, sdata, np.asarray(hist).tolist()
+
+
+def soft_specialist_probs(apply, params_list, sdata, subsets, images):
+  """Full distributions, prior-corrected like the dustbin.
+
+  The subset was oversampled in training (share ``s'`` instead of ``s``),
+  so every class outside it gets the dustbin's correction
+  (:func:`kdjax.specialists.dustbin_shift`) added to its logit.
+  """
+  out = []
+  for p, d, sub in zip(params_list, sdata, subsets):
+    outside = np.ones(NUM_CLASSES, np.float32)
+    outside[sub] = 0.0
+    z = predict(apply, p, images) + float(d.dustbin_shift) * outside
+    out.append(_softmax(z))
+  return out
+
+
+def combine_full(p_g, full_probs, active) -> np.ndarray:
+  r"""Eq. 5 when every specialist is a full distribution over the classes.
+
+  :math:`\min_q \mathrm{KL}(p^g\|q) + \sum_{m\in A}\mathrm{KL}(p^m\|q)` is
+  solved in closed form by the arithmetic mean
+  :math:`q = (p^g + \sum_{m \in A} p^m) / (1 + |A|)` (what
+  :func:`kdjax.specialists.combine` converges to with subsets holding every
+  class and empty dustbins; tested).
+  """
+  active = np.asarray(active, np.float64)
+  num = np.asarray(p_g, np.float64) + np.einsum(
+      "bm,mbc->bc", active, np.stack(full_probs).astype(np.float64))
+  return num / (1.0 + active.sum(1, keepdims=True))
+
+
+# ----------------------------------------------------------------------------
+# One seed: choices on validation, numbers on test.
+# ----------------------------------------------------------------------------
+
+
+def _errors(q, labels) -> int:
+  return int(np.sum(np.argmax(q, -1) != np.asarray(labels)))
+
+
+def _subsets(config, p_val, num_clusters, normalize):
+  s = config.specialists
+  subsets = list(sp.confusable_clusters(p_val, int(num_clusters),
+                                        seed=s.cluster_seed,
+                                        normalize=bool(normalize)))
   subsets += [list(x) for x in s.extra_subsets]
-  subsets = sp.as_subsets(subsets, NUM_CLASSES)
-  trained, sdata, loss_hist = train_all_specialists(config, params, subsets,
-                                                    pairs["train"], seed)
-  test = pairs["test"]
+  return sp.as_subsets(subsets, NUM_CLASSES)
+
+
+def _hard_probs(trained, sdata, images):
+  return [_softmax(sp.correct_dustbin(predict(a, p, images), d.dustbin_shift))
+          for (a, p), d in zip(trained, sdata)]
+
+
+def run_seed(config, pairs, seed: int, choice=None) -> dict:
+  """One seed; ``choice`` None chooses every hyperparameter on validation.
+
+  The grids: ``specialists.num_clusters`` x ``combine.top_n`` x
+  ``combine.num_steps`` for the dustbin specialists (validation errors of
+  the combination), then ``soft.temperatures`` x ``combine.top_n`` for the
+  soft specialists on the chosen clusters. With ``choice`` given (the
+  first seed's), the other seeds reuse it (their clusters are still their
+  own generalist's, found on validation).
+  """
+  t0 = time.time()
+  train, val, test = pairs["train"], pairs["val"], pairs["test"]
+  apply, params = train_generalist(config, train, seed)
+  p_val = _softmax(predict(apply, params, val.images))
   p_g = _softmax(predict(apply, params, test.images))
-  spec_probs = [_softmax(sp.correct_dustbin(predict(a, p, test.images),
-                                            d.dustbin_shift))
-                for (a, p), d in zip(trained, sdata)]
   c = config.combine
-  active = np.asarray(sp.active_specialists(p_g, subsets, top_n=c.top_n))
-  q = np.asarray(sp.combine(p_g, spec_probs, subsets, active=active,
-                            num_steps=c.num_steps,
-                            learning_rate=c.learning_rate))
+  selection = None
+  if choice is None:
+    grid, cache = [], {}
+    for norm, nc in itertools.product(config.specialists.normalize_columns,
+                                      config.specialists.num_clusters):
+      subsets = _subsets(config, p_val, nc, norm)
+      trained, sdata, loss_hist = train_all_specialists(
+          config, params, subsets, train, seed)
+      cache[(bool(norm), int(nc))] = (subsets, trained, sdata, loss_hist)
+      v_probs = _hard_probs(trained, sdata, val.images)
+      for top_n in c.top_n:
+        act = np.asarray(sp.active_specialists(p_val, subsets, top_n=top_n))
+        for steps in c.num_steps:
+          q = sp.combine(p_val, v_probs, subsets, active=act,
+                         num_steps=int(steps), learning_rate=c.learning_rate)
+          grid.append({"normalize_columns": bool(norm),
+                       "num_clusters": int(nc), "top_n": int(top_n),
+                       "num_steps": int(steps),
+                       "val_errors": _errors(q, val.labels)})
+    # Ties go to the first in grid order (plain covariance, fewer clusters,
+    # smaller top_n, fewer steps).
+    best = min(grid, key=lambda g: g["val_errors"])
+    choice = {k: best[k] for k in ("normalize_columns", "num_clusters",
+                                   "top_n", "num_steps")}
+    subsets, trained, sdata, loss_hist = cache[
+        (choice["normalize_columns"], choice["num_clusters"])]
+    selection = {"seed": int(seed), "grid": grid}
+  else:
+    subsets = _subsets(config, p_val, choice["num_clusters"],
+                       choice["normalize_columns"])
+    trained, sdata, loss_hist = train_all_specialists(config, params, subsets,
+                                                      train, seed)
+  t_hard = time.time() - t0
+
+  # Soft specialists on the same subsets.
+  t1 = time.time()
+  temps = (list(config.soft.temperatures) if "temperature" not in choice
+           else [choice["temperature"]])
+  g_train = predict(apply, params, train.images)
+  s_apply, s_params, s_sdata, s_hist = train_soft_specialists(
+      config, params, g_train, subsets, train, seed, temps)
+  if "temperature" not in choice:
+    soft_grid = []
+    for t, plist in zip(temps, s_params):
+      v_probs = soft_specialist_probs(s_apply, plist, s_sdata, subsets,
+                                      val.images)
+      for top_n in c.top_n:
+        act = np.asarray(sp.active_specialists(p_val, subsets, top_n=top_n))
+        soft_grid.append({"temperature": float(t), "top_n": int(top_n),
+                          "val_errors": _errors(
+                              combine_full(p_val, v_probs, act), val.labels)})
+    best = min(soft_grid, key=lambda g: g["val_errors"])
+    choice = {**choice, "temperature": best["temperature"],
+              "soft_top_n": best["top_n"]}
+    selection["soft_grid"] = soft_grid
+    selection["chosen"] = choice
+    t_index = temps.index(choice["temperature"])
+  else:
+    t_index = 0
+  s_params = s_params[t_index]
+  t_soft = time.time() - t1
+
+  # Test: the combinations at the chosen settings, and validation errors.
+  def hard_combined(p, images):
+    act = np.asarray(sp.active_specialists(p, subsets,
+                                           top_n=choice["top_n"]))
+    probs = _hard_probs(trained, sdata, images)
+    q = np.asarray(sp.combine(p, probs, subsets, active=act,
+                              num_steps=choice["num_steps"],
+                              learning_rate=c.learning_rate))
+    return q, act
+
+  def soft_combined(p, images):
+    act = np.asarray(sp.active_specialists(p, subsets,
+                                           top_n=choice["soft_top_n"]))
+    probs = soft_specialist_probs(s_apply, s_params, s_sdata, subsets, images)
+    return combine_full(p, probs, act), act
+
+  q, active = hard_combined(p_g, test.images)
   metrics = evaluate(p_g, q, test.labels, subsets, active)
-  metrics.update(seed=int(seed), subsets=[x.tolist() for x in subsets],
-                 dustbin_shifts=[float(d.dustbin_shift) for d in sdata],
-                 specialist_losses=loss_hist,
-                 mean_active=float(active.sum(1).mean()),
-                 seconds=time.time() - t0)
+  q_soft, active_soft = soft_combined(p_g, test.images)
+  soft = evaluate(p_g, q_soft, test.labels, subsets, active_soft)
+  val_q = (hard_combined(p_val, val.images)[0] if selection is None else None)
+  metrics.update(
+      seed=int(seed), subsets=[x.tolist() for x in subsets],
+      choice=choice, selection=selection,
+      generalist_val_errors=_errors(p_val, val.labels),
+      combined_val_errors=(
+          _errors(val_q, val.labels) if val_q is not None
+          else min(g["val_errors"] for g in selection["grid"])),
+      soft_val_errors=_errors(soft_combined(p_val, val.images)[0],
+                              val.labels),
+      dustbin_shifts=[float(d.dustbin_shift) for d in sdata],
+      specialist_losses=loss_hist, soft_specialist_losses=s_hist,
+      mean_active=float(active.sum(1).mean()),
+      soft_mean_active=float(active_soft.sum(1).mean()),
+      soft={k: soft[k] for k in ("combined_errors",
+                                 "combined_conditional_accuracy",
+                                 "generalist_conditional_accuracy",
+                                 "num_conditional", "by_covering")},
+      hard_seconds=round(t_hard, 1), soft_seconds=round(t_soft, 1),
+      seconds=round(time.time() - t0, 1))
   return metrics
 
 
 def run(config, workdir) -> dict:
-  """Runs every seed and writes ``<workdir>/results.json``; returns it."""
+  """Runs every seed and writes ``<workdir>/results.json`` (+ .md, .png)."""
   t0 = time.time()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -200,26 +459,61 @@ def run(config, workdir) -> dict:
       config.data_dir or None, config.train_pairs, config.val_pairs,
       config.test_pairs, seed=config.pair_seed, num_val=config.num_val,
       split_seed=config.split_seed)
-  seeds = [run_seed(config, pairs, int(s)) for s in config.seeds]
+  seeds, choice = [], None
+  for s in config.seeds:
+    seeds.append(run_seed(config, pairs, int(s), choice))
+    choice = seeds[0]["choice"]
+    print(f"seed {s}: generalist {seeds[-1]['generalist_errors']}, "
+          f"+specialists {seeds[-1]['combined_errors']}, +soft specialists "
+          f"{seeds[-1]['soft']['combined_errors']} test errors "
+          f"({seeds[-1]['seconds']:.0f}s; choice {choice})", flush=True)
   rows = []
-  for name, prefix in (("generalist", "generalist"),
-                       ("generalist_plus_specialists", "combined")):
+  for name, get, val_key in (
+      ("generalist", lambda r: (r["generalist_errors"],
+                                r["generalist_conditional_accuracy"]),
+       "generalist_val_errors"),
+      ("generalist_plus_specialists",
+       lambda r: (r["combined_errors"], r["combined_conditional_accuracy"]),
+       "combined_val_errors"),
+      ("generalist_plus_soft_specialists",
+       lambda r: (r["soft"]["combined_errors"],
+                  r["soft"]["combined_conditional_accuracy"]),
+       "soft_val_errors")):
     rows.append({
         "name": name,
-        "test_errors": [r[f"{prefix}_errors"] for r in seeds],
-        "conditional_accuracy": [r[f"{prefix}_conditional_accuracy"]
-                                 for r in seeds],
-        "num_conditional": [r["num_conditional"] for r in seeds],
+        "test_errors": [get(r)[0] for r in seeds],
+        "val_errors": [r[val_key] for r in seeds],
+        "conditional_accuracy": [get(r)[1] for r in seeds],
+        # The soft row's active set may differ (its own top_n).
+        "num_conditional": [
+            (r["soft"] if "soft" in name else r)["num_conditional"]
+            for r in seeds],
         "num_test": len(pairs["test"])})
+  env = provenance.environment()
   results = {
       "config": config.to_dict(),
       "git_commit": provenance.git_commit(str(pathlib.Path(__file__).parent)),
+      "jax_version": env["jax_version"],
       "device": provenance.device_description(),
-      "environment": provenance.environment(),
-      "total_seconds": time.time() - t0,
+      "environment": env,
+      "command": _command_line(),
+      "total_seconds": round(time.time() - t0, 1),
+      "choice": choice,
+      "chosen_on": f"validation, seed {seeds[0]['seed']}",
       "rows": rows,
       "seeds": seeds,
   }
   (workdir / "results.json").write_text(
       json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+  from experiments.specialists import report  # pylint: disable=g-import-not-at-top
+  report.write_all(results, workdir)
   return results
+
+
+def _command_line() -> str:
+  import sys  # pylint: disable=g-import-not-at-top
+  argv = list(sys.argv)
+  if argv and pathlib.PurePath(argv[0]).parent.name == "specialists":
+    stem = pathlib.PurePath(argv[0]).stem
+    argv[0] = f"python -m experiments.specialists.{stem}"
+  return " ".join(argv)

@@ -1,0 +1,50 @@
+"""Markdown tables of the examples' committed results (for the README).
+
+  python -m examples.report
+
+``tests/test_readme.py`` checks that the README holds these tables as
+printed here, so every example figure in it comes from a committed JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def _mean_std(values) -> str:
+  values = np.asarray(values, np.float64)
+  if values.size == 1:
+    return f"{values[0]:.0f}"
+  return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}"
+
+
+def batchnorm_table() -> str:
+  """Teacher / alone / distilled for the linen and NNX BatchNorm examples."""
+  lines = ["| framework | teacher | student alone | student distilled "
+           "| distilled, initial BN statistics | T (chosen on validation) |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for name in ("bn_cnn_linen_cpu", "bn_cnn_nnx_cpu"):
+    r = json.loads((RESULTS / f"{name}.json").read_text())
+    rows = {row["name"]: row for row in r["rows"]}
+    d = rows["student_distilled"]
+    lines.append(
+        f"| {r['example'].split('(')[-1].rstrip(')')} "
+        f"| {_mean_std(rows['teacher']['test_errors'])} "
+        f"| {_mean_std(rows['student_alone']['test_errors'])} "
+        f"| {_mean_std(d['test_errors'])} "
+        f"| {_mean_std(d['batch_stats']['test_errors_with_initial_stats'])} "
+        f"| {r['tuning']['temperature']:g} |")
+  return "\n".join(lines)
+
+
+def main() -> None:
+  print(batchnorm_table())
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,45 @@
+"""The worked examples run end to end at a tiny size (real MNIST)."""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bn_cnn_linen", "bn_cnn_nnx"])
+def test_batchnorm_example_tiny(name, mnist_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv("KDJAX_PROGRESS", "0")
+  module = __import__(f"examples.{name}", fromlist=["main"])
+  out = tmp_path / "results.json"
+  results = module.main(["--tiny", "--data-dir", str(mnist_dir),
+                         "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+  rows = {r["name"]: r for r in results["rows"]}
+  assert set(rows) == {"teacher", "student_alone", "student_distilled"}
+  for row in rows.values():
+    assert all(0 <= e <= 1000 for e in row["test_errors"])
+  stats = rows["student_distilled"]["batch_stats"]
+  # The statistics moved in training, and evaluation reads them: the
+  # initial ones give other predictions.
+  assert min(stats["rms_change_in_training"]) > 0
+  assert stats["test_errors_with_initial_stats"] != rows[
+      "student_distilled"]["test_errors"]
+  assert results["tuning"]["chosen_on"] == "validation"
+
+
+@pytest.mark.slow
+def test_grain_example_kills_resumes_and_reports(mnist_dir, tmp_path):
+  from examples import grain_mnist  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "grain.json"
+  results = grain_mnist.main([
+      "--data-dir", str(mnist_dir), "--out", str(out), "--workdir",
+      str(tmp_path / "work"), "--epochs", "2", "--train-limit", "2560",
+      "--checkpoint-every-steps", "5", "--quiet"])
+  assert results["steps"] == 2 * 20
+  # Killed after a mid-epoch checkpoint of epoch 2, then resumed from it.
+  assert results["resumed_from_step"] >= 25
+  assert results["resumed_from_step"] % 20
+  assert results["test_errors"] < 5000
+  assert results["throughput"]["host_grain_steps_per_s"] > 0
+  assert json.loads(out.read_text())["params_sha256"] == results[
+      "params_sha256"]
