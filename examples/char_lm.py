@@ -116,6 +116,11 @@ def _optimizer(lr: float, steps: int):
           0.0, lr, max(1, steps // 20), max(2, steps)), weight_decay=0.01))
 
 
+def _std(values) -> float:
+  """The sample standard deviation over seeds (ddof 1; 0 for one seed)."""
+  return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def make_model(vocab_size: int, length: int, sizes: dict, seed: int):
   module = CausalLM(vocab_size=vocab_size, max_len=length, **sizes)
   variables = module.init(jax.random.key(seed),
@@ -240,9 +245,9 @@ def run(args: argparse.Namespace) -> dict:
     test = [e["test_bpc"] for e in evals]
     out = {"name": name, "objective": objective, "val_bpc": val,
            "test_bpc": test, "val_bpc_mean": float(np.mean(val)),
-           "val_bpc_std": float(np.std(val)),
+           "val_bpc_std": _std(val),
            "test_bpc_mean": float(np.mean(test)),
-           "test_bpc_std": float(np.std(test)), "steps": steps,
+           "test_bpc_std": _std(test), "steps": steps,
            "seconds": round(time.perf_counter() - t0, 1)}
     if objective != "hard":
       out.update(temperature=temperature, alpha=alpha)
@@ -383,8 +388,9 @@ def write_table(results: dict, path: pathlib.Path) -> str:
           f"({c['num_documents']} documents, {c['num_characters']} "
           f"characters; {c['licence']}), {results['device']}: "
           f"{b['student_steps']} steps of batch {b['batch_size']} per student, "
-          f"seeds {b['seeds']}; {chosen}. Bits per character, mean ± std "
-          "over seeds, last step.\n\n" + markdown_table(results) + "\n")
+          f"seeds {b['seeds']}; {chosen}. Bits per character, mean ± "
+          "sample std over seeds, last step.\n\n"
+          + markdown_table(results) + "\n")
   checkpoint.write_atomic(path, text)
   return text
 
