@@ -362,9 +362,10 @@ def run(args: argparse.Namespace) -> dict:
 def markdown_table(results: dict) -> str:
   lines = ["| row | T | alpha | val BPC | test BPC |",
            "| --- | --- | --- | --- | --- |"]
-  def fmt(r, key):
-    mean, std = r[f"{key}_mean"], r.get(f"{key}_std")
-    return f"{mean:.3f}" + (f" ± {std:.3f}" if len(r[key]) > 1 else "")
+  def fmt(r, key):  # From the per-seed values: sample std (ddof 1).
+    values = r[key]
+    text = f"{np.mean(values):.3f}"
+    return text + (f" ± {_std(values):.3f}" if len(values) > 1 else "")
 
   for r in results["rows"]:
     lines.append(f"| {r['name']} | {r.get('temperature', '')} | "
@@ -374,7 +375,14 @@ def markdown_table(results: dict) -> str:
 
 
 def write_table(results: dict, path: pathlib.Path) -> str:
-  """Writes the rows' markdown table (with its setting) to ``path``."""
+  """Writes :func:`table_text` to ``path``; returns it."""
+  text = table_text(results)
+  checkpoint.write_atomic(path, text)
+  return text
+
+
+def table_text(results: dict) -> str:
+  """The rows' markdown table, after a sentence giving its setting."""
   c, b, t = results["corpus"], results["budget"], results["tuning"]
   if t.get("per_row"):
     first = next(iter(t["rows"].values()))["grid"]
@@ -391,7 +399,6 @@ def write_table(results: dict, path: pathlib.Path) -> str:
           f"seeds {b['seeds']}; {chosen}. Bits per character, mean ± "
           "sample std over seeds, last step.\n\n"
           + markdown_table(results) + "\n")
-  checkpoint.write_atomic(path, text)
   return text
 
 

@@ -154,3 +154,10 @@ def test_committed_results():
   _check_results(results, vocab_size=results["data"]["vocab_size"])
   for r in results["rows"][1:]:
     assert len(r["val_bpc"]) == 3
+  # The committed tables are made from this JSON.
+  assert RESULTS.with_suffix(".md").read_text() == char_lm.table_text(
+      results)
+  from examples import report  # pylint: disable=import-outside-toplevel
+  table = report.char_lm_table()
+  for r in results["rows"]:
+    assert f"{np.mean(r['test_bpc']):.3f}" in table
