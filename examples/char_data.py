@@ -32,8 +32,8 @@ Corpora (:func:`load_corpus`):
   (PSF licence), one paragraph per document.
 
 The arrays are host numpy; :func:`kdjax.fit` moves them to the device once.
-To stream host batches instead, only :func:`encode` is needed per batch of
-documents (it is pure and per-document), so switching is a change at the
+To stream host batches instead (:mod:`kdjax.hostdata`), call :func:`encode`
+on each batch of documents (it is pure and per document): a change at the
 call site, not here.
 """
 

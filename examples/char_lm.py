@@ -39,11 +39,13 @@ that row's seed 0. The numbers are the last step's; the test split chooses
 nothing. BPC = nats / ln 2 over real characters.
 
 Data reach the device whole (``kdjax.fit`` with device-resident arrays).
-Streaming host batches instead only changes :func:`train_student`'s call of
-``kdjax.fit`` (the arrays are built per document by
-:func:`examples.char_data.encode`).
+Streaming host batches instead (:mod:`kdjax.hostdata`: ``fit`` also takes a
+function ``epoch -> batches``) changes only the ``data`` that
+``train_student`` passes to ``kdjax.fit``: each batch is
+:func:`examples.char_data.encode` of a batch of documents (pure, per
+document), plus the teacher's (top-k) logits for the distilled rows.
 
-Time: about 25 minutes on the shared 2-core CPU (``--tiny``: under a minute).
+Time: 20 minutes on the shared 2-core CPU (``--tiny``: about a minute).
 """
 
 from __future__ import annotations
