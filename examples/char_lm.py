@@ -30,9 +30,9 @@ Rows, every student with the same budget (steps, batch, optimizer, data):
    cached as two extra batch fields (``Fields(extra=...)``); the teacher
    never runs in the student's training.
 
-The divergences are custom objective functions
-(:mod:`examples.lm_objectives`), using kdjax's versions once the
-``divergences`` branch is merged. Temperature and alpha are chosen on the
+The objectives are custom objective functions
+(:mod:`examples.lm_objectives`): kdjax's divergences, mixed with the hard
+labels by ``alpha``. Temperature and alpha are chosen on the
 validation split by a small grid on seed 0, for each distilled row
 (``--tune shared``: one forward-KL grid for all); the chosen point's run is
 that row's seed 0. The numbers are the last step's; the test split chooses

@@ -22,29 +22,23 @@ into the train step. With ``p = softmax(v/T)`` the teacher and
 ``alpha CE(y, softmax(z)) + (1 - alpha) * divergence`` (``alpha = 0``: the
 divergence alone).
 
-Where they come from: the branch ``divergences`` adds
-``kdjax.losses.reverse_distillation_loss``, ``generalized_jsd_loss`` and
-``kdjax.topk.topk_distillation_loss``. When this kdjax has them they are
-used; until then the same formulas are computed here from
-:func:`kdjax.losses.tempered_log_softmax` (``IMPLEMENTATION`` says which).
+The divergences are kdjax's (:func:`kdjax.losses.reverse_distillation_loss`,
+:func:`kdjax.losses.generalized_jsd_loss`,
+:func:`kdjax.topk.topk_distillation_loss`, merged from the ``divergences``
+branch). kdjax's registered ``"reverse_kl"``, ``"jsd"`` and ``"topk"``
+objectives are the pure divergences (they ignore ``alpha``); the rows here
+also mix in the hard labels, with ``alpha`` chosen on validation, which is
+what top-k targets need (without labels the student learns nothing about
+the characters outside the teacher's top k). The field names
+``topk_values`` / ``topk_indices`` are kdjax's.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from kdjax import losses
+from kdjax import topk as _topk
 
-try:  # The library's versions, once `divergences` is merged.
-  from kdjax.losses import generalized_jsd_loss as _lib_jsd
-  from kdjax.losses import reverse_distillation_loss as _lib_reverse
-  from kdjax.topk import topk_distillation_loss as _lib_topk
-  IMPLEMENTATION = "kdjax.losses / kdjax.topk (library)"
-except ImportError:
-  _lib_jsd = _lib_reverse = _lib_topk = None
-  IMPLEMENTATION = ("examples/lm_objectives.py (local, from "
-                    "kdjax.losses.tempered_log_softmax)")
+IMPLEMENTATION = "kdjax.losses / kdjax.topk (library)"
 
 __all__ = ["IMPLEMENTATION", "reverse_kl", "jsd", "topk_loss",
            "topk_targets", "objective", "TOPK_FIELDS"]
@@ -54,44 +48,22 @@ TOPK_FIELDS = ("topk_values", "topk_indices")
 
 def reverse_kl(s, t, temperature):
   """``T^2 KL(q || p)``, per position."""
-  if _lib_reverse is not None:
-    return _lib_reverse(s, t, temperature)
-  log_q = losses.tempered_log_softmax(s, temperature)
-  log_p = losses.tempered_log_softmax(t, temperature)
-  q = jnp.exp(log_q)
-  return temperature ** 2 * jnp.sum(q * (log_q - log_p), axis=-1)
+  return losses.reverse_distillation_loss(s, t, temperature)
 
 
 def jsd(s, t, temperature, beta: float = 0.5):
   """``T^2 JSD_beta(p, q) / (beta (1 - beta))`` (``beta`` weights p)."""
-  if _lib_jsd is not None:
-    return _lib_jsd(s, t, temperature, beta=beta)
-  log_q = losses.tempered_log_softmax(s, temperature)
-  log_p = losses.tempered_log_softmax(t, temperature)
-  # log m = logsumexp(log beta + log p, log(1 - beta) + log q): stable and
-  # in probability space (the mixture of the probabilities, not of logs).
-  log_m = jnp.logaddexp(jnp.log(beta) + log_p, jnp.log1p(-beta) + log_q)
-  kl_pm = jnp.sum(jnp.exp(log_p) * (log_p - log_m), axis=-1)
-  kl_qm = jnp.sum(jnp.exp(log_q) * (log_q - log_m), axis=-1)
-  return temperature ** 2 * (kl_pm / (1 - beta) + kl_qm / beta)
+  return losses.generalized_jsd_loss(s, t, temperature, beta=beta)
 
 
 def topk_targets(teacher_logits, k: int):
   """``(values, indices)``: the teacher's ``k`` largest logits per position."""
-  values, indices = jax.lax.top_k(jnp.asarray(teacher_logits, jnp.float32),
-                                  k)
-  return values, indices.astype(jnp.int32)
+  return _topk.topk_targets(teacher_logits, k)
 
 
 def topk_loss(s, values, indices, temperature):
   """``T^2 KL(p_K || q)`` with ``p`` renormalised over the top k classes."""
-  if _lib_topk is not None:
-    return _lib_topk(s, values, indices, temperature)
-  log_q = losses.tempered_log_softmax(s, temperature)
-  log_q_k = jnp.take_along_axis(log_q, indices, axis=-1)
-  log_p_k = jax.nn.log_softmax(values / temperature, axis=-1)
-  return temperature ** 2 * jnp.sum(jnp.exp(log_p_k) * (log_p_k - log_q_k),
-                                    axis=-1)
+  return _topk.topk_distillation_loss(s, values, indices, temperature)
 
 
 def _mix(divergence, s, batch, alpha):
