@@ -58,10 +58,37 @@ def grain_summary() -> str:
       f"({t['host_vs_device']:.2f}x).")
 
 
+def char_lm_table() -> str:
+  """Every row of the character-level LM example (bits per character)."""
+  r = json.loads((RESULTS / "char_lm_cpu.json").read_text())
+  tuning = r["tuning"].get("rows", {})
+
+  def bpc(values) -> str:
+    values = np.asarray(values, np.float64)
+    if values.size == 1:
+      return f"{values[0]:.3f}"
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+
+  lines = ["| row | T | alpha (hard-label weight) | validation BPC "
+           "| test BPC |", "| --- | --- | --- | --- | --- |"]
+  for row in r["rows"]:
+    name = row["name"].removeprefix("student_").replace("_", " ")
+    chosen = tuning.get(row["name"], {})
+    t = "" if row["objective"] in ("hard", "logit_matching") else (
+        f"{chosen.get('temperature', row.get('temperature')):g}")
+    a = "" if row["objective"] == "hard" else (
+        f"{chosen.get('alpha', row.get('alpha')):g}")
+    lines.append(f"| {name} | {t} | {a} | {bpc(row['val_bpc'])} "
+                 f"| {bpc(row['test_bpc'])} |")
+  return "\n".join(lines)
+
+
 def main() -> None:
   print(batchnorm_table())
   print()
   print(grain_summary())
+  print()
+  print(char_lm_table())
 
 
 if __name__ == "__main__":
