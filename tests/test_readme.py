@@ -74,6 +74,7 @@ def test_readme_example_tables_come_from_the_committed_jsons():
   from examples import report  # pylint: disable=g-import-not-at-top
   assert report.batchnorm_table() in (ROOT / "README.md").read_text()
   assert report.grain_summary() in (ROOT / "README.md").read_text()
+  assert report.char_lm_table() in (ROOT / "README.md").read_text()
 
 
 def test_readme_benchmark_table_comes_from_the_committed_json():
