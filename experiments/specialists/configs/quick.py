@@ -9,10 +9,10 @@ seeds); with the first seed, trains dustbin specialists for every
 (raw / unit-normalised covariance columns) x (10, 20 clusters) and picks
 those, top_n and the eq.-5 steps on the 5k validation pairs, then the soft
 (full-softmax, Section 6) specialists' T and top_n; the other seeds reuse
-the choice. Combines on 10k test pairs (eq. 5). Measured: 622 s wall on
-the 2-core CPU while shared with other runs (42% of the CPU, 271 s of
-user+system time: results/specialists_cpu.json), so under 10 minutes on
-an idle 2-core machine. The CI test runs a tiny version
+the choice. Combines on 10k test pairs (eq. 5). Measured: 152 s on the
+idle 2-core CPU (results/reruns/specialists_cpu_e4b9b4e.json, the same
+test errors as results/specialists_cpu.json), 622 s while the CPU was
+shared with other runs. The CI test runs a tiny version
 (tests/test_specialists_pipeline.py).
 """
 
