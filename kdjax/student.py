@@ -39,18 +39,12 @@ from typing import Callable, Optional, Sequence
 
 import flax
 import jax
-import jax.numpy as jnp
 from kdjax._types import PyTree
+from kdjax.trees import copy_arrays, split_variables
 
 __all__ = ["Student"]
 
 Forward = Callable[..., tuple[jax.Array, PyTree]]
-
-
-def _copy(tree: PyTree) -> PyTree:
-  """A copy of every array leaf (a snapshot no later update can reach)."""
-  return jax.tree.map(lambda x: jnp.array(x, copy=True)
-                      if isinstance(x, jax.Array) else x, tree)
 
 
 # One forward per wrapped function: states built from the same function then
@@ -206,13 +200,7 @@ class Student:
         train_kwargs)
     eval_kwargs = {"train": False} if eval_kwargs is None else dict(
         eval_kwargs)
-    variables = dict(variables)
-    if "params" not in variables:
-      raise ValueError(
-          "Student.from_linen expects the variables returned by module.init, "
-          f"with a 'params' collection; got keys {sorted(variables)}.")
-    params = variables.pop("params")
-    model_state = {k: v for k, v in variables.items()}
+    params, model_state = split_variables(variables, who="Student.from_linen")
     mutable = tuple(model_state) if mutable is None else tuple(mutable)
     forward, export = _linen_forward(
         module, tuple(sorted(train_kwargs.items())),
@@ -248,7 +236,8 @@ class Student:
         model, nnx.Param, nnx.RngState, ...)
     model.eval()
     graph_eval = nnx.graphdef(model)
-    params, rng_state, model_state = _copy((params, rng_state, model_state))
+    params, rng_state, model_state = copy_arrays(
+        (params, rng_state, model_state))
     streams = sorted({getattr(v, "tag", None) for v in jax.tree.leaves(
         rng_state, is_leaf=lambda v: isinstance(v, nnx.Variable))
                       if isinstance(v, nnx.RngKey)} - {None})
@@ -270,8 +259,8 @@ class Student:
       return logits, new_state
 
     def export(params, model_state):
-      return nnx.merge(graph_eval, params, _copy(rng_state),
-                       _copy(model_state))
+      return nnx.merge(graph_eval, params, copy_arrays(rng_state),
+                       copy_arrays(model_state))
 
     return cls(apply_fn=forward, params=params, model_state=model_state,
                export_fn=export)

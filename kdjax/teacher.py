@@ -43,6 +43,7 @@ import flax
 import jax
 import jax.numpy as jnp
 from kdjax._types import PyTree
+from kdjax.trees import copy_arrays, split_variables
 
 __all__ = ["Teacher", "ensemble"]
 
@@ -92,12 +93,7 @@ class Teacher:
     """
     if not eval_kwargs:
       eval_kwargs = {"train": False}
-    variables = dict(variables)
-    if "params" not in variables:
-      raise ValueError(
-          "Teacher.from_linen expects the variables returned by module.init, "
-          f"with a 'params' collection; got keys {sorted(variables)}.")
-    params = variables.pop("params")
+    params, variables = split_variables(variables, who="Teacher.from_linen")
 
     def apply_fn(params, state, *inputs):
       return module.apply({"params": params, **state}, *inputs, **eval_kwargs)
@@ -119,9 +115,7 @@ class Teacher:
     model = nnx.clone(model)
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = jax.tree.map(
-        lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
-        (params, rest))
+    params, rest = copy_arrays((params, rest))
 
     def apply_fn(params, state, *inputs):
       return nnx.merge(graphdef, params, state)(*inputs)

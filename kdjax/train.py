@@ -85,6 +85,7 @@ from kdjax import objectives, precision, validate
 from kdjax.student import Student
 from kdjax.teacher import Teacher
 from kdjax._types import PyTree
+from kdjax.trees import copy_arrays
 
 __all__ = [
     "OBJECTIVES",
@@ -189,7 +190,7 @@ class TrainState:
     validate.check_alpha(a0)
     # The state owns its buffers: the compiled steps donate them, which must
     # not delete the arrays of the student (or params) it was made from.
-    params, model_state = _copy_arrays((student.params, student.model_state))
+    params, model_state = copy_arrays((student.params, student.model_state))
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                model_state=model_state, opt_state=tx.init(params),
                temperature=jnp.asarray(t0, jnp.float32),
@@ -217,15 +218,6 @@ class TrainState:
     if self.export_fn is None:
       return self.params, self.model_state
     return self.export_fn(self.params, self.model_state)
-
-
-def _copy_arrays(tree: PyTree) -> PyTree:
-  """A copy of every concrete ``jax.Array`` leaf; tracers and others as is."""
-  def copy(x):
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-      return x.copy()
-    return x
-  return jax.tree.map(copy, tree)
 
 
 def global_norm(tree: PyTree) -> jax.Array:

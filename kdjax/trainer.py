@@ -60,6 +60,7 @@ from kdjax.fields import Fields
 from kdjax.checkpoint import Checkpointer, key_data, leaf_specs, write_atomic
 from kdjax.progress import MetricWriter, Progress
 from kdjax._types import PyTree
+from kdjax.trees import copy_arrays
 
 __all__ = ["fit", "check_run_config", "check_inputs", "choose_loop"]
 
@@ -208,14 +209,12 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
           "of arrays (e.g. {'image': ..., 'label': ...}); nothing was "
           "trained on.")
     first = jax.tree.map(np.asarray, dict(first))
-    batch_size = check_inputs(state, teacher, first, objective=obj,
-                              fields=fields, augment_fn=augment_fn,
-                              input_transform=input_transform,
-                              vmapped=vmapped)
+    batch_size, num_classes = _check_inputs(
+        state, teacher, first, obj=obj, fields=fields, augment_fn=augment_fn,
+        input_transform=input_transform, vmapped=vmapped)
     num_examples = batch_size * source.steps_per_epoch
-    checker = hostdata.BatchChecker(
-        first, fields, _num_classes(state, first, fields, input_transform,
-                                    vmapped), needs_labels=obj.needs_labels)
+    checker = hostdata.BatchChecker(first, fields, num_classes,
+                                    needs_labels=obj.needs_labels)
   else:
     if batch_size is None:
       raise ValueError("fit needs batch_size= for device-resident data.")
@@ -244,7 +243,7 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
   # The compiled epochs donate the state they are given: train a copy, so
   # that no array the caller holds (the params it created the state from,
   # say) is deleted.
-  state = _copy_arrays(state)
+  state = copy_arrays(state)
   # A run continues from the state's own position: a state that has trained
   # k epochs (an earlier fit call) starts at epoch k.
   done_steps = int(np.ravel(np.asarray(jax.device_get(state.step)))[0])
@@ -361,12 +360,6 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
     if ckpt is not None:
       ckpt.close()
   return state, history
-
-
-def _copy_arrays(tree: PyTree) -> PyTree:
-  """A copy of every ``jax.Array`` leaf (same sharding); others as they are."""
-  return jax.tree.map(
-      lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
 
 
 def _name(fn: Optional[Callable]) -> Optional[str]:
@@ -519,23 +512,28 @@ def _host_runner(obj, *, vmapped: bool, **step_kw) -> _HostRunner:
   return _cached(key, lambda: _HostRunner(obj, vmapped=vmapped, **step_kw))
 
 
-def _num_classes(state, batch, fields, input_transform, vmapped):
-  apply_fn = getattr(state, "apply_fn", None)
-  if apply_fn is None:
-    return None
-  member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
-      else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
-  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-      (1,) + tuple(np.shape(a)[1:]), np.asarray(a).dtype), batch)
+def _example_specs(data) -> PyTree:
+  """Shape structs of one example of ``data`` (a batch axis of 1)."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      (1,) + tuple(np.shape(a)[1:]), np.asarray(a).dtype
+      if not hasattr(a, "dtype") else a.dtype), data)
 
-  def inputs(b):
-    xs = [b[n] for n in fields.input_names]
-    return [input_transform(x) for x in xs] if input_transform else xs
 
-  shape = train.abstract_student_logits(
-      apply_fn, jax.tree.map(member, state.params),
-      jax.tree.map(member, state.model_state), inputs, one)
-  return shape[-1]
+def _member_specs(tree: PyTree, vmapped: bool) -> PyTree:
+  """Shape structs of one sweep member's leaves (all of them if not vmapped)."""
+  cut = 1 if vmapped else 0
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[cut:], a.dtype),
+                      tree)
+
+
+def _model_inputs(batch, names, input_transform=None, augment_fn=None):
+  """The model inputs the step builds from ``batch`` (abstractly here)."""
+  xs = [batch[n] for n in names]
+  if input_transform is not None:
+    xs = [input_transform(x) for x in xs]
+  if augment_fn is not None:
+    xs[0] = augment_fn(jax.random.key(0), xs[0])
+  return xs
 
 
 def _has_convolution(jaxpr) -> bool:
@@ -573,20 +571,14 @@ def choose_loop(state: PyTree, data: dict, *, fields: Optional[Fields] = None,
   apply_fn = getattr(state, "apply_fn", None)
   if apply_fn is None:
     return "scan"
-  member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
-      else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
-  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-      (1,) + tuple(np.shape(a)[1:]), a.dtype), data)
-
   def forward(params, model_state, batch):
-    xs = [batch[n] for n in fields.input_names]
-    if input_transform is not None:
-      xs = [input_transform(x) for x in xs]
+    xs = _model_inputs(batch, fields.input_names, input_transform)
     return apply_fn(params, model_state, *xs, train=True,
                     rng=jax.random.key(0))[0]
 
-  jaxpr = jax.make_jaxpr(forward)(jax.tree.map(member, state.params),
-                                  jax.tree.map(member, state.model_state), one)
+  jaxpr = jax.make_jaxpr(forward)(_member_specs(state.params, vmapped),
+                                  _member_specs(state.model_state, vmapped),
+                                  _example_specs(data))
   return "steps" if _has_convolution(jaxpr) else "scan"
 
 
@@ -614,34 +606,28 @@ def check_inputs(state: PyTree, teacher, data: dict, *,
     TypeError: the labels are not integers, or the objective has the wrong
       signature.
   """
-  obj = objectives.get(objective)
-  fields = Fields() if fields is None else fields
+  return _check_inputs(state, teacher, data, obj=objectives.get(objective),
+                       fields=Fields() if fields is None else fields,
+                       augment_fn=augment_fn, input_transform=input_transform,
+                       vmapped=vmapped)[0]
+
+
+def _check_inputs(state, teacher, data, *, obj, fields, augment_fn,
+                  input_transform, vmapped) -> tuple[int, Optional[int]]:
+  """:func:`check_inputs`, returning ``(num_examples, num_classes)``."""
   num_examples = fields_lib.check_batch(data, fields,
                                         needs_labels=obj.needs_labels,
                                         what="data")
   apply_fn = getattr(state, "apply_fn", None)
   params = getattr(state, "params", None)
   if apply_fn is None or params is None:
-    return num_examples
-  one = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct((1,) + tuple(np.shape(a)[1:]),
-                                     np.asarray(a).dtype if not hasattr(
-                                         a, "dtype") else a.dtype), data)
-  member = (lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype)) if vmapped \
-      else (lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype))
-
-  def model_inputs(names, batch):
-    xs = [batch[n] for n in names]
-    if input_transform is not None:
-      xs = [input_transform(x) for x in xs]
-    if augment_fn is not None:
-      xs[0] = augment_fn(jax.random.key(0), xs[0])
-    return xs
-
-  model_state = getattr(state, "model_state", {})
+    return num_examples, None
+  one = _example_specs(data)
+  model_inputs = lambda names, b: _model_inputs(b, names, input_transform,
+                                                augment_fn)
   student = train.abstract_student_logits(
-      apply_fn, jax.tree.map(member, params),
-      jax.tree.map(member, model_state),
+      apply_fn, _member_specs(params, vmapped),
+      _member_specs(getattr(state, "model_state", {}), vmapped),
       lambda b: model_inputs(fields.input_names, b), one)
   if fields.weights is not None:
     fields_lib.check_weights(np.shape(data[fields.weights]),
@@ -661,7 +647,7 @@ def check_inputs(state: PyTree, teacher, data: dict, *,
     if fields.weights is not None:
       labels = labels[np.asarray(data[fields.weights]) > 0]
     validate.validate_labels(labels, student[-1])
-  return num_examples
+  return num_examples, student[-1]
 
 
 def _nonfinite_message(epoch: int, epochs: int, first_bad: np.ndarray,
