@@ -43,13 +43,12 @@ from __future__ import annotations
 import itertools
 import json
 import pathlib
-import sys
 import time
 
 import ml_collections
 import numpy as np
 
-from experiments.mnist import pipeline
+from experiments.mnist import pipeline, report
 from kdjax import cache, checkpoint, models, provenance, sweep
 from kdjax.teacher import Teacher, ensemble
 from kdjax.trainer import check_run_config
@@ -279,13 +278,9 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: pathlib.Path) -> bool:
   """Member errors, ensembles, distilled and alone as a strip chart."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print("matplotlib is not installed: plot skipped.", file=sys.stderr)
+  plt = report.pyplot()
+  if plt is None:
     return False
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   by = {r["name"]: r for r in results["rows"]}
   fig, ax = plt.subplots(figsize=(7, 4))
   rng = np.random.default_rng(0)
@@ -305,9 +300,7 @@ def plot(results: dict, path: pathlib.Path) -> bool:
       "(paper, speech Table 1: 58.9% -> 61.1% ensemble, 60.8% distilled, "
       ">80% kept)", fontsize=9)
   ax.grid(True, axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  report.save_figure(fig, path)
   return True
 
 

@@ -74,7 +74,23 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _save(fig, path: pathlib.Path) -> None:
+def pyplot():
+  """``matplotlib.pyplot`` on the Agg backend, or None (with a message).
+
+  The experiments' plots are optional: a machine without matplotlib (a bare
+  accelerator image) still writes every number.
+  """
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    print("matplotlib is not installed: plot skipped.", file=sys.stderr)
+    return None
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
   """Saves a figure as PNG, atomically (no half-written plot), and closes it."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   png = io.BytesIO()
@@ -109,7 +125,7 @@ def plot_sweep(results: dict, path: pathlib.Path) -> bool:
   ax.set_title("Distilled students: errors vs temperature")
   ax.legend(title="student")
   ax.grid(True, which="both", alpha=0.3)
-  _save(fig, path)
+  save_figure(fig, path)
   return True
 
 
@@ -133,7 +149,7 @@ def plot_table(results: dict, path: pathlib.Path) -> bool:
   ax.set_xscale("log")
   ax.set_xlabel("test errors (of 10,000, log scale)")
   ax.legend()
-  _save(fig, path)
+  save_figure(fig, path)
   return True
 
 

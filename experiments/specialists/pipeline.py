@@ -78,7 +78,7 @@ import numpy as np
 import optax
 
 from experiments.specialists import data as pair_data
-from kdjax import losses, models, provenance, specialists as sp
+from kdjax import checkpoint, losses, models, provenance, specialists as sp
 from kdjax.train import TrainState
 from kdjax.trainer import fit
 
@@ -503,7 +503,8 @@ def run(config, workdir) -> dict:
       "rows": rows,
       "seeds": seeds,
   }
-  (workdir / "results.json").write_text(
+  checkpoint.write_atomic(
+      workdir / "results.json",
       json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
   from experiments.specialists import report  # pylint: disable=g-import-not-at-top
   report.write_all(results, workdir)

@@ -11,6 +11,9 @@ import sys
 
 import numpy as np
 
+from experiments.mnist import report as mnist_report
+from kdjax import checkpoint
+
 # Hinton, Vinyals & Dean 2015, JFT (Tables 3 and 4), transcribed by hand:
 # check against the paper before quoting.
 PAPER_TABLE3 = {"generalist": (0.250, 0.431),  # (test, conditional) accuracy
@@ -132,13 +135,9 @@ def markdown(results: dict) -> str:
 
 
 def plot(results: dict, path: pathlib.Path) -> bool:
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    print("matplotlib is not installed: plot skipped.", file=sys.stderr)
+  plt = mnist_report.pyplot()
+  if plt is None:
     return False
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   by = {r["name"]: r for r in results["rows"]}
   fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
   for i, name in enumerate(ROWS):
@@ -164,16 +163,14 @@ def plot(results: dict, path: pathlib.Path) -> bool:
   a2.set_title("cf. paper Table 4", fontsize=9)
   a2.legend()
   a2.grid(True, axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  mnist_report.save_figure(fig, path)
   return True
 
 
 def write_all(results: dict, workdir: pathlib.Path) -> None:
   workdir = pathlib.Path(workdir)
   md = markdown(results)
-  (workdir / "results.md").write_text(md)
+  checkpoint.write_atomic(workdir / "results.md", md)
   plot(results, workdir / "specialists.png")
   print(md, flush=True)
 
