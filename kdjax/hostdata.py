@@ -118,17 +118,22 @@ class HostSource:
           "dict of arrays (device-resident data), a grain dataset of "
           "batches, or a function epoch -> batches.")
     self._iterator = None
+    # A function's epoch-0 sequence, built once (for its length, the peek
+    # and epoch 0 itself) instead of once for each.
+    self._epoch0 = None
     if self.kind in ("map", "sequence"):
       n = len(data)
       if steps_per_epoch is not None and steps_per_epoch != n:
         raise ValueError(f"steps_per_epoch={steps_per_epoch}, but the "
                          f"dataset has {n} batches per epoch.")
       steps_per_epoch = n
-    elif self.kind == "fn" and steps_per_epoch is None:
+    elif self.kind == "fn":
       first = data(0)
       _refuse_iterator(first, "data(0)")
       if _is_sequence(first):
-        steps_per_epoch = len(first)
+        self._epoch0 = first
+        if steps_per_epoch is None:
+          steps_per_epoch = len(first)
     if steps_per_epoch is None:
       raise ValueError(
           "the number of batches per epoch is unknown for this source: pass "
@@ -146,11 +151,9 @@ class HostSource:
     if self.kind in ("map", "sequence"):
       return self._data[0]
     if self.kind == "fn":
-      first = self._data(0)
-      _refuse_iterator(first, "data(0)")
-      if _is_sequence(first):
-        return first[0]
-      return next(iter(first))
+      if self._epoch0 is not None:
+        return self._epoch0[0]
+      return next(iter(self._data(0)))
     return next(iter(self._data))  # A grain IterDataset: a fresh iterator.
 
   def batches(self, epoch: int, start: int, state: Optional[dict]):
@@ -164,7 +167,8 @@ class HostSource:
         yield self._data[i], None
       return
     if self.kind == "fn":
-      obj = self._data(epoch)
+      obj = self._epoch0 if epoch == 0 and self._epoch0 is not None else (
+          self._data(epoch))
       _refuse_iterator(obj, f"data({epoch})")
       if _is_sequence(obj):
         if len(obj) != n:
