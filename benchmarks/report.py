@@ -72,17 +72,19 @@ def chunked_table(path: pathlib.Path = RESULTS / "chunked_loss_cpu.json"
                   ) -> str:
   """Chunked / unchunked value-and-grad: time and memory ratios."""
   r = json.loads(path.read_text())
-  lines = ["| V | chunk | time | compiled temporaries | compiled total | "
-           "process RSS increase |", "| --- | --- | --- | --- | --- | --- |"]
+  lines = ["| V | tokens | chunk | time | compiled temporaries | "
+           "compiled total | process RSS increase |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
   for res in r["results"]:
+    tokens = res.get("tokens", r["tokens"])  # Older JSONs: one N for all.
     for name, q in res["ratios_chunked_over_unchunked"].items():
       lines.append(
-          f"| {res['vocab']:,} | {name.split('_')[-1]} | "
+          f"| {res['vocab']:,} | {tokens:,} | {name.split('_')[-1]} | "
           f"{q['time_median']:.2f}x | {q['compiled_temp']:.3f} | "
           f"{q['compiled_total']:.2f} | "
           f"{q['process_rss_increase_during_call']:.2f} |")
-  lines.append(f"\n{r['tokens']:,} tokens, hidden {r['hidden']}, "
-               f"commit `{r['git_commit'][:7]}`, {r['machine']}.")
+  lines.append(f"\nHidden width {r['hidden']}, float32, commit "
+               f"`{r['git_commit'][:7]}`, {r['machine']}.")
   return "\n".join(lines)
 
 
