@@ -31,10 +31,12 @@ Corpora (:func:`load_corpus`):
   ``LICENSE`` text and the docstrings of Python's standard library modules
   (PSF licence), one paragraph per document.
 
-The arrays are host numpy; :func:`kdjax.fit` moves them to the device once.
-To stream host batches instead (:mod:`kdjax.hostdata`), call :func:`encode`
-on each batch of documents (it is pure and per document): a change at the
-call site, not here.
+Training streams from the host (:func:`train_batches`): a grain pipeline
+of shuffled document indices, batched, each batch encoded from its
+documents' text by :func:`encode` as it is read (plus any per-document
+host arrays, such as cached teacher logits, gathered by the same indices),
+which :func:`kdjax.fit` prefetches to the device. The validation and test
+splits are encoded whole (host numpy) for evaluation.
 """
 
 from __future__ import annotations
@@ -47,11 +49,12 @@ import re
 import sqlite3
 from typing import Optional, Sequence
 
+import grain
 import numpy as np
 
 __all__ = ["PAD", "BOS", "UNK", "CorpusMissingError", "Corpus",
            "load_corpus", "Vocab", "build_vocab", "encode", "split_documents",
-           "Splits", "make_splits"]
+           "Splits", "make_splits", "train_batches"]
 
 PAD, BOS, UNK = 0, 1, 2
 _SPECIALS = ("<pad>", "<bos>", "<unk>")
@@ -246,11 +249,14 @@ def split_documents(num_documents: int, *, seed: int,
 
 @dataclasses.dataclass(frozen=True)
 class Splits:
+  """Encoded splits (``train``/``val``/``test`` dicts of ``[N, L]`` arrays),
+  the vocabulary, each split's corpus indices and its document texts."""
   train: dict
   val: dict
   test: dict
   vocab: Vocab
   indices: dict
+  documents: dict
 
   def describe(self) -> dict:
     def count(d):
@@ -281,4 +287,37 @@ def make_splits(corpus: Corpus, *, length: int, seed: int = 0,
   return Splits(train=encode(docs["train"], vocab, length),
                 val=encode(docs["val"], vocab, length),
                 test=encode(docs["test"], vocab, length), vocab=vocab,
-                indices=idx)
+                indices=idx, documents=docs)
+
+
+def train_batches(documents: Sequence[str], vocab: Vocab, length: int, *,
+                  batch_size: int, seed: int,
+                  extra: Optional[dict] = None) -> grain.MapDataset:
+  """The training split as a ``grain.MapDataset`` of host batches.
+
+  grain shuffles the document indices (seeded, a new order each epoch:
+  :func:`kdjax.fit` reads batch ``i`` of epoch ``e`` as ``ds[e * len(ds) +
+  i]``) and batches them, dropping the remainder; each batch is then
+  :func:`encode` of its documents' text, plus ``{name: array[idx]}`` for
+  every per-document host array in ``extra`` (leading axis: the document,
+  in the order of ``documents``), e.g. the teacher's cached logits. Random
+  access, so a resumed run jumps to its batch.
+  """
+  documents = tuple(documents)
+  extra = dict(extra or {})
+  for name, a in extra.items():
+    if len(a) != len(documents):
+      raise ValueError(f"extra[{name!r}] has {len(a)} rows for "
+                       f"{len(documents)} documents.")
+  if batch_size > len(documents):
+    raise ValueError(f"batch_size={batch_size} exceeds the "
+                     f"{len(documents)} training documents.")
+
+  def load(idx):
+    idx = np.asarray(idx)
+    batch = encode([documents[i] for i in idx], vocab, length)
+    batch.update({name: np.asarray(a[idx]) for name, a in extra.items()})
+    return batch
+
+  return (grain.MapDataset.range(len(documents)).seed(seed).shuffle()
+          .batch(batch_size, drop_remainder=True).map(load))

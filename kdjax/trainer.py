@@ -130,7 +130,8 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
       to it).
     rng: the run's key (a stacked key per member when ``vmapped``).
     batch_size: examples per step for device-resident data (the remainder
-      of each epoch is dropped); host batches bring their own.
+      of each epoch is dropped); host batches bring their own (a
+      different ``batch_size`` with host data is an error).
     objective: see :func:`kdjax.train.make_train_step`.
     fields: see :func:`kdjax.train.make_train_step`.
     augment_fn: see :func:`kdjax.train.make_train_step`.
@@ -209,9 +210,15 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
           "of arrays (e.g. {'image': ..., 'label': ...}); nothing was "
           "trained on.")
     first = jax.tree.map(np.asarray, dict(first))
+    given_batch_size = batch_size
     batch_size, num_classes = _check_inputs(
         state, teacher, first, obj=obj, fields=fields, augment_fn=augment_fn,
         input_transform=input_transform, vmapped=vmapped)
+    if given_batch_size is not None and given_batch_size != batch_size:
+      raise ValueError(
+          f"fit got batch_size={given_batch_size}, but the host source's "
+          f"batches hold {batch_size} examples: host batches bring their own "
+          "size; drop batch_size= or batch the source by it.")
     num_examples = batch_size * source.steps_per_epoch
     checker = hostdata.BatchChecker(first, fields, num_classes,
                                     needs_labels=obj.needs_labels)

@@ -53,6 +53,34 @@ def test_split_is_by_document_and_seeded():
   assert len(a["val"]) == len(a["test"]) == 100
 
 
+def test_train_batches_stream_the_encoded_split_with_its_extras():
+  corpus = char_data.load_corpus("fallback")
+  splits = char_data.make_splits(corpus, length=24, seed=0,
+                                 max_train_documents=50,
+                                 max_eval_documents=8)
+  docs = splits.documents["train"]
+  n = len(docs)
+  tag = np.arange(n) * 10.0  # one row per document
+  ds = char_data.train_batches(docs, splits.vocab, 24, batch_size=8, seed=5,
+                               extra={"tag": tag})
+  assert len(ds) == n // 8  # the remainder is dropped
+  for epoch in range(2):
+    seen = []
+    for i in range(len(ds)):
+      b = ds[epoch * len(ds) + i]
+      rows = (b["tag"] / 10).astype(int)  # which documents, via the extra
+      seen += rows.tolist()
+      for key in ("tokens", "targets", "mask"):  # = the whole-split encoding
+        np.testing.assert_array_equal(b[key], splits.train[key][rows])
+    assert len(set(seen)) == len(seen) == 8 * (n // 8)  # no repeats
+    if epoch == 0:
+      first = seen
+  assert seen != first  # a new order in epoch 2
+  with pytest.raises(ValueError, match=r"extra\['tag'\] has 3 rows"):
+    char_data.train_batches(docs, splits.vocab, 24, batch_size=8, seed=5,
+                            extra={"tag": tag[:3]})
+
+
 def test_attention_mask_is_causal_and_hides_padding():
   tokens = jnp.array([[char_data.BOS, 5, 6, char_data.PAD]])
   m = np.asarray(attention_mask(tokens))[0, 0]
