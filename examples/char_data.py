@@ -35,8 +35,10 @@ Training streams from the host (:func:`train_batches`): a grain pipeline
 of shuffled document indices, batched, each batch encoded from its
 documents' text by :func:`encode` as it is read (plus any per-document
 host arrays, such as cached teacher logits, gathered by the same indices),
-which :func:`kdjax.fit` prefetches to the device. The validation and test
-splits are encoded whole (host numpy) for evaluation.
+which :func:`kdjax.fit` prefetches to the device. :func:`make_splits`
+also encodes every split whole (host numpy): validation and test for
+evaluation, train for caching the teacher's logits on it once (the same
+rows the batches encode again, tested).
 """
 
 from __future__ import annotations

@@ -33,16 +33,17 @@ multiple of ``chunk_size``: the last chunk is padded with weight 0.
 Peak memory, chunked: the arguments (``W_s``, ``W_t``: ``4 D V`` bytes each
 in float32), the gradient ``dW_s`` (``4 D V``, accumulated over the chunks
 and held until the backward pass) and ``O(chunk_size V)`` temporaries
-(on XLA:CPU about four ``[chunk_size, V]`` float32 arrays and one ``[D,
-V]`` gradient update), instead of ``O(N V)`` (about five ``[N, V]``
+(measured on XLA:CPU: about four ``[chunk_size, V]`` float32 arrays, or
+for small chunks one ``[D, V]`` gradient update plus one or two ``[chunk_size,
+V]``), instead of ``O(N V)`` (about five ``[N, V]``
 float32 arrays for the unchunked value-and-grad). The chunk size trades
 memory for speed: each chunk is a rank-``chunk_size`` update of the whole
 ``[D, V]`` gradient, which runs below peak matmul speed for small chunks.
 Measured on a 2-core CPU (``benchmarks/chunked_loss.py``, D = 1,024), the
 default of 512 takes 0.96x the unchunked time with 0.025 of its
 temporaries at V = 32,000 and 16,384 tokens, and 0.85x with 0.10 at V =
-128,000 and 4,096 tokens; 256 halves the temporaries again at 1.0-1.3x the
-time.
+128,000 and 4,096 tokens; 256 cuts the temporaries by a further quarter
+to a third at 1.0-1.3x the time. A chunk larger than ``N`` is cut to ``N``.
 ``chunk_size=None`` computes the plain unchunked loss with autodiff (the
 reference, and the benchmark's baseline).
 """
@@ -334,7 +335,7 @@ def chunked_distillation_loss(
   else:
     if isinstance(chunk_size, bool) or int(chunk_size) < 1:
       raise ValueError(f"chunk_size must be a positive int, got {chunk_size}.")
-    chunk_size = int(chunk_size)
+    chunk_size = min(int(chunk_size), max(n, 1))  # No padding past N.
     num_chunks = -(-n // chunk_size)
     total_rows = num_chunks * chunk_size
     padded = {name: _pad_rows(a, total_rows) for name, a in rows.items()}

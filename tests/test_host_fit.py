@@ -121,17 +121,20 @@ def test_an_iterator_is_refused_unread():
               epochs=1, rng=jax.random.key(0), progress=False)
 
 
-def test_a_batch_size_that_is_not_the_host_batches_is_an_error():
+def test_a_batch_size_that_is_not_the_host_batches_is_an_error(tmp_path):
   batches = _device_order_batches(_data(), jax.random.key(0), 0)
   state = _state()
   with pytest.raises(ValueError, match=rf"batch_size=7.*hold {BATCH} "):
     kdjax.fit(state, _teacher(), lambda e: batches, epochs=1, batch_size=7,
-              rng=jax.random.key(0), progress=False)
-  assert int(state.step) == 0
+              rng=jax.random.key(0), progress=False,
+              workdir=tmp_path / "refused")
+  assert not (tmp_path / "refused").exists()  # refused before the run began
   # The batches' own size is accepted, as is none.
-  out, _ = kdjax.fit(state, _teacher(), lambda e: batches[:2], epochs=1,
-                     batch_size=BATCH, rng=jax.random.key(0), progress=False)
-  assert int(out.step) == 2
+  for given in (BATCH, None):
+    out, _ = kdjax.fit(state, _teacher(), lambda e: batches[:2], epochs=1,
+                       batch_size=given, rng=jax.random.key(0),
+                       progress=False)
+    assert int(out.step) == 2
 
 
 @pytest.mark.parametrize("bad", ["shape", "label"])
