@@ -52,7 +52,7 @@ test-lowest: venv
 	rm -rf .venv-lowest
 	$(VENV)/bin/uv venv -q --python $(PYTHON) .venv-lowest
 	$(VENV)/bin/uv pip install -q --python .venv-lowest/bin/python --resolution lowest-direct -e '.[test]'
-	$(VENV)/bin/uv pip list --python .venv-lowest/bin/python | grep -i -E '^(jax|jaxlib|flax|optax|chex|orbax-checkpoint|numpy|ml-collections|tensorflow-datasets|tqdm|matplotlib) '
+	$(VENV)/bin/uv pip list --python .venv-lowest/bin/python | grep -i -E '^(jax|jaxlib|flax|optax|chex|orbax-checkpoint|numpy|ml-collections|tensorflow-datasets|tqdm|matplotlib|grain) '
 	.venv-lowest/bin/python -m pytest -n 2 -q $(PYTEST_ARGS) tests kdjax
 
 demo: venv
