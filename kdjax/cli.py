@@ -3,7 +3,7 @@
 A wrong config value, missing or corrupt data, a workdir that holds another
 run or a checkpoint of another model is the user's to fix, and a traceback
 through kdjax's internals only hides the one line that says how. The
-``python -m experiments.mnist.*`` entry points run their ``main`` through
+``python -m experiments.*`` entry points run their ``main`` through
 :func:`run_main`, which prints such an error as::
 
   error: <the exception's message>
@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Callable, Iterator, NoReturn, Optional, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
 from kdjax import checkpoint, data, validate
 
 __all__ = ["InputError", "InputNotFoundError", "USER_ERRORS",
            "TRACEBACK_FLAG", "EXIT_USER_ERROR", "HELP_EPILOG",
-           "traceback_requested", "user_errors", "run_main"]
+           "traceback_requested", "user_errors", "run_main",
+           "run_config_main"]
 
 
 class InputError(ValueError):
@@ -96,3 +97,64 @@ def run_main(main: Callable[[list[str]], Optional[int]],
   with user_errors(show):
     status = main(args)
   sys.exit(status)
+
+
+def _parse_config_flags(argv):
+  """absl's flag parsing, with an unknown ``--config.KEY`` as a ConfigError.
+
+  ml_collections raises a bare AttributeError (with a traceback through
+  absl) for an override of a key the config does not have.
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    # str(e) is "'key'", then maybe a line "Did you mean ...?"; KeyError's
+    # repr quotes it once more.
+    lines = str(e).strip("\"'").replace("\\n", "\n").split("\n")
+    key = lines[0].strip("\\'\"")
+    culprits = [a for a in argv[1:] if a.startswith("--config.")
+                and key in a.split("=", 1)[0].split(".")]
+    if not culprits:
+      raise
+    hint = " ".join(line.strip("\\'\"") for line in lines[1:])
+    raise validate.ConfigError(
+        f"unknown config key {key!r} in {', '.join(culprits)}"
+        + (f". {hint}" if hint else "")) from e
+
+
+def run_config_main(run: Callable[[Any, str], Any],
+                    config_help: str) -> NoReturn:
+  """A ``python -m`` entry point: ``--config=FILE --workdir=DIR``, then
+  ``run(config, workdir)``.
+
+  ``--config`` is an ml_collections config file (locked; any field can be
+  overridden as ``--config.KEY=VALUE``, an unknown key is a
+  :class:`kdjax.validate.ConfigError`), ``--workdir`` the output
+  directory; both are required and no positional argument is accepted.
+  absl parses the flags (its own usage errors are unchanged), orbax's
+  per-save INFO lines are kept out of the console, and the whole runs
+  through :func:`run_main` (one-line user errors, ``--traceback``).
+
+  Args:
+    run: ``run(config, workdir)``, the experiment.
+    config_help: the ``--config`` flag's help text.
+  """
+  # pylint: disable=g-import-not-at-top
+  from absl import app, flags, logging
+  from ml_collections import config_flags
+  # pylint: enable=g-import-not-at-top
+  config = config_flags.DEFINE_config_file("config", None, config_help,
+                                           lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Output directory.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # Keep orbax's per-save INFO lines out of the console; progress is tqdm's.
+    logging.set_verbosity(logging.WARNING)
+    run(config.value, workdir.value)
+
+  run_main(lambda args: app.run(main, argv=[sys.argv[0], *args],
+                                flags_parser=_parse_config_flags))

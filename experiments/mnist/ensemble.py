@@ -319,20 +319,7 @@ def write_all(results: dict, workdir: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------
 
 
-def main(argv):
-  from absl import app, logging  # pylint: disable=g-import-not-at-top
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", None, "Path to experiments/mnist/configs/ensemble_cpu.py.",
-      lock_config=True)
-  _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from kdjax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_config_main(
+      run, "Path to experiments/mnist/configs/ensemble_cpu.py.")
