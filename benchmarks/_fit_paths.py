@@ -96,7 +96,7 @@ def run(images, labels, *, teacher, batch_size: int, steps: int,
       "device_scan": _chained(mlp_state(), None, cached,
                               batch_size=batch_size, rng=rng, loop="scan"),
       "host_grain": _chained(mlp_state(), None, ds, rng=rng,
-                             block_steps=16),
+                             loop=kdjax.Loop(block_steps=16)),
   }, repeats)
 
   m = cnn_steps * batch_size
@@ -109,8 +109,8 @@ def run(images, labels, *, teacher, batch_size: int, steps: int,
         params=models.init_params(cnn, jax.random.key(2), (1, 28, 28)),
         tx=optax.sgd(0.01, momentum=0.9))
 
-  chosen = kdjax.trainer.choose_loop(cnn_state(), cnn_data)
-  kw = dict(batch_size=batch_size, rng=rng, objective="hard")
+  chosen = kdjax.fitting.choose_loop(cnn_state(), cnn_data)
+  kw = dict(batch_size=batch_size, rng=rng, spec="hard")
   cnn_times = _round_robin({
       form: _chained(cnn_state(), None, cnn_data, loop=form, **kw)
       for form in ("scan", "steps", "auto")}, repeats)

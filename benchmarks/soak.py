@@ -230,8 +230,9 @@ def run_phase(args: argparse.Namespace) -> int:
   from kdjax import (cache, checkpoint, data, evaluate, models, optim,
                      provenance)
   from kdjax.teacher import Teacher
-  from kdjax.train import TrainState
-  from kdjax.trainer import fit
+  from kdjax.step import TrainState
+  from kdjax.fitting import fit
+  from kdjax.options import Checkpointing, Evaluation, StepSpec
   # pylint: enable=g-import-not-at-top
 
   distill = DISTILL
@@ -303,9 +304,9 @@ def run_phase(args: argparse.Namespace) -> int:
   t_fit = time.perf_counter()
   state, history = fit(
       state, None, transfer, epochs=args.phase_epochs, batch_size=batch_size,
-      rng=jax.random.key(1000 + args.seed), objective="kd", workdir=workdir,
-      checkpoint_every=1, run_config=run_config, eval_fn=eval_fn,
-      eval_every=1, desc=f"soak {args.phase}")
+      rng=jax.random.key(1000 + args.seed), spec=StepSpec("kd"),
+      checkpoint=Checkpointing(workdir, run_config=run_config),
+      evaluation=Evaluation(eval_fn, every=1), desc=f"soak {args.phase}")
   jax.block_until_ready(state)
   fit_seconds = time.perf_counter() - t_fit
   after = _sample(args.phase_epochs, t_start, ckpt_dir)  # After fit closed.

@@ -6,7 +6,7 @@ trained with momentum SGD (``optax.sgd(0.01, momentum=0.9)``) on the ``"kd"``
 objective (``T = 20``, ``alpha = 0.1``), batch 128 by default. One run times:
 
 ==============================  ==============================================
-``kdjax_online``                :func:`kdjax.loops.make_epoch_fn` over
+``kdjax_online``                :func:`kdjax.loop.make_epoch_fn` over
                                 ``make_train_step("kd")``, the whole epoch in
                                 one ``lax.scan``, jitted with
                                 ``donate_argnums=0``; online teacher.
@@ -20,7 +20,7 @@ objective (``T = 20``, ``alpha = 0.1``), batch 128 by default. One run times:
                                 shuffling (permutation + gather), online
                                 teacher.
 ``python_loop``                 a Python loop calling
-                                :func:`kdjax.train.jit_train_step` with
+                                :func:`kdjax.step.jit_train_step` with
                                 batches sliced from host NumPy arrays.
 ``torch_eager``                 PyTorch eager (teacher ``nn.Sequential`` in
                                 ``eval()`` under ``no_grad``, student trained,
@@ -122,10 +122,10 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from kdjax import cache
-from kdjax import loops
+from kdjax import loop
 from kdjax import models
 from kdjax import provenance
-from kdjax import train
+from kdjax import step as step_lib
 from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
 import _fit_paths  # benchmarks/ is sys.path[0]
 from kdjax.teacher import Teacher
@@ -197,7 +197,7 @@ def make_handwritten_epoch(teacher_module, student_module, tx, *,
 
   ``epoch((params, opt_state), teacher_params, data, rng, epoch_index) ->
   ((params, opt_state), mean_loss)``. The batch order is a permutation keyed
-  like :func:`kdjax.loops.epoch_key`, so it matches kdjax's order exactly.
+  like :func:`kdjax.loop.epoch_key`, so it matches kdjax's order exactly.
   """
   steps = num_examples // batch_size
   t = TEMPERATURE
@@ -491,7 +491,7 @@ def main(args: argparse.Namespace) -> int:
   student_apply = models.linen_student_apply(student_module)
 
   def new_state():
-    return train.TrainState.create(
+    return step_lib.TrainState.create(
         apply_fn=student_apply, params=copy_tree(student_params), tx=tx,
         temperature=TEMPERATURE, alpha=ALPHA)
 
@@ -511,7 +511,7 @@ def main(args: argparse.Namespace) -> int:
   }
   for name, (objective, t_arg, d_arg) in scan_specs.items():
     t0 = time.perf_counter()
-    epoch_fn = loops.make_epoch_fn(train.make_train_step(objective),
+    epoch_fn = loop.make_epoch_fn(step_lib.make_train_step(objective),
                                    batch_size=bs, num_examples=n)
     state = new_state()
     compiled = jax.jit(epoch_fn, donate_argnums=0).lower(
@@ -537,13 +537,15 @@ def main(args: argparse.Namespace) -> int:
 
   # One compiled kd train step (online teacher) for the memory section.
   step_batch = {"image": data["image"][:bs], "label": data["label"][:bs]}
-  step_compiled = jax.jit(train.make_train_step("kd"), donate_argnums=0).lower(
-      new_state(), teacher, step_batch, k_run).compile()
+  step_compiled = jax.jit(step_lib.make_train_step("kd"),
+                          donate_argnums=0).lower(
+                              new_state(), teacher, step_batch,
+                              k_run).compile()
   kd_step_memory = compiled_memory(step_compiled)
   costs["kd_train_step"] = compiled_cost(step_compiled)
 
   runners["python_loop"] = PythonLoopRunner(
-      train.jit_train_step("kd"), new_state(), teacher, images, labels,
+      step_lib.jit_train_step("kd"), new_state(), teacher, images, labels,
       batch_size=bs, steps=steps, rng=k_run, seed=args.seed)
 
   torch_device = None

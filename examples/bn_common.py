@@ -117,7 +117,7 @@ def run(args: argparse.Namespace, *, framework: str,
                                                args.batch_size) *
                                      teacher_epochs))
   t_state, _ = kdjax.fit(t_state, None, train_data, epochs=teacher_epochs,
-                         rng=jax.random.key(100), objective="hard",
+                         rng=jax.random.key(100), spec="hard",
                          desc="teacher", **common)
   teacher = to_teacher(t_state)
   # No augmentation: the teacher's (eval-mode) logits are computed once.
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace, *, framework: str,
           alpha=args.alpha if objective == "kd" else 1.0)
       state, history = kdjax.fit(
           state, None, cached if objective == "kd" else train_data,
-          epochs=epochs, rng=jax.random.key(seed), objective=objective,
+          epochs=epochs, rng=jax.random.key(seed), spec=objective,
           desc=f"{objective} T={temperature:g} seed {seed}", **common)
       out.append((student, state, history))
     return out

@@ -11,7 +11,7 @@ characters and right-padded:
 ================  ========================================================
 
 so a document of ``n <= L`` characters has ``n`` predicted characters and
-the loss (``sum(mask * loss) / sum(mask)``, :mod:`kdjax.train`) and the
+the loss (``sum(mask * loss) / sum(mask)``, :mod:`kdjax.step`) and the
 bits per character count real characters only. The vocabulary is the
 training split's characters plus ``PAD`` (0), ``BOS`` (1) and ``UNK`` (2);
 a validation/test character never seen in training reads as ``UNK``.

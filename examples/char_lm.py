@@ -201,8 +201,9 @@ def run(args: argparse.Namespace) -> dict:
       kdjax.Student.from_linen(t_module, t_vars),
       tx=_optimizer(args.lr, teacher_steps))
   t_state, _ = kdjax.fit(t_state, None, batches(100), epochs=teacher_epochs,
-                         rng=jax.random.key(100), objective="hard",
-                         fields=FIELDS, desc="teacher", **common)
+                         rng=jax.random.key(100),
+                         spec=kdjax.StepSpec("hard", fields=FIELDS),
+                         desc="teacher", **common)
   teacher = kdjax.Teacher.from_linen(t_module, t_state.export())
   t_eval = evaluate(t_state)
   rows = [{"name": "teacher", "objective": "hard",
@@ -242,7 +243,7 @@ def run(args: argparse.Namespace) -> dict:
     label = objective if k is None else f"top{k}"
     state, history = kdjax.fit(
         state, None, data, epochs=epochs, rng=jax.random.key(seed),
-        objective=obj, fields=fields,
+        spec=kdjax.StepSpec(obj, fields=fields),
         desc=f"{label} T={temperature:g} a={alpha:g} seed {seed}", **common)
     return state, history
 

@@ -105,8 +105,8 @@ def train(args) -> dict:
   t0 = time.perf_counter()
   state, history = kdjax.fit(
       state, models.load_shipped_teacher(), ds, epochs=args.epochs,
-      rng=jax.random.key(args.seed), workdir=args.workdir,
-      checkpoint_every_steps=args.checkpoint_every_steps,
+      rng=jax.random.key(args.seed), checkpoint=kdjax.Checkpointing(
+          args.workdir, every_steps=args.checkpoint_every_steps),
       progress=not args.quiet)
   logits = np.concatenate([np.asarray(state.predict(x)) for x in np.split(
       splits.test_images, 10)])
@@ -131,7 +131,8 @@ def device_throughput(args) -> float:
   _, history = kdjax.fit(state, models.load_shipped_teacher(), train_data,
                          epochs=2, batch_size=args.batch_size,
                          rng=jax.random.key(args.seed),
-                         augment_fn=augment.make_jitter(2), progress=False)
+                         spec=kdjax.StepSpec(augment=augment.make_jitter(2)),
+                         progress=False)
   return float(history[-1]["steps_per_s"])  # The second: no compile.
 
 

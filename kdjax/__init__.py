@@ -15,18 +15,22 @@ Modules, one concern each:
 * :mod:`kdjax.fields`: :class:`Fields`, which batch fields are inputs,
   labels, weights and cached teacher logits.
 * :mod:`kdjax.objectives`: the objective registry (``kd``, ``soft``, ...).
-* :mod:`kdjax.train`: :class:`TrainState` and the train step (jit, pmap,
+* :mod:`kdjax.options`: the option types :class:`StepSpec`,
+  :class:`Precision`, :class:`Checkpointing`, :class:`Evaluation` and
+  :class:`Loop`.
+* :mod:`kdjax.step`: :class:`TrainState` and the train step (jit, pmap,
   sharded jit).
 * :mod:`kdjax.precision`, :mod:`kdjax.preprocess`: mixed precision, the
   pixel-scaling rule.
-* :mod:`kdjax.loops`: on-device ``lax.scan`` epochs and the host-batch loop.
+* :mod:`kdjax.loop`: the epoch forms (a whole-epoch scan, a loop of jitted
+  steps, jitted blocks over host batches) and the epoch's metric summary.
 * :mod:`kdjax.cache`: the teacher-logit cache.
 * :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
 * :mod:`kdjax.specialists`: the paper's specialist models (Section 5):
   confusable clusters, specialist data and initialisation, vmapped
   training, the dustbin correction and the eq. 5 combination.
-* :mod:`kdjax.trainer`: :func:`kdjax.fit`, the resumable outer loop
-  (progress, metrics, checkpoints).
+* :mod:`kdjax.fitting`: :func:`kdjax.fit`, the resumable run (progress,
+  metrics, checkpoints, evaluation).
 * :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
 * :mod:`kdjax.models`, :mod:`kdjax.constraints`, :mod:`kdjax.augment`: the
   paper's MLPs, the max-norm constraint, ±2-pixel jitter.
@@ -35,13 +39,20 @@ Modules, one concern each:
   and labels (before anything compiles).
 * :mod:`kdjax.cli`: command-line entry points (a user's mistake is one line
   and exit status 2).
+
+``kdjax.train``, ``kdjax.trainer``, ``kdjax.loops`` and ``kdjax.hostdata``
+are the deprecated names of :mod:`kdjax.step`, :mod:`kdjax.fitting` and
+:mod:`kdjax.loop`, kept for one release.
 """
 
 from kdjax import (augment, cache, chunked, constraints, evaluate, fields,
-                   losses, loops, models, objectives, optim, precision,
-                   preprocess, specialists, sweep, topk, train, validate)
+                   fitting, loop, losses, models, objectives, optim, options,
+                   precision, preprocess, specialists, step, sweep, topk,
+                   validate)
+from kdjax import loops, train  # noqa: F401  (deprecated names, one cycle)
 from kdjax.fields import Fields
-from kdjax.trainer import fit
+from kdjax.fitting import fit
+from kdjax.options import Checkpointing, Evaluation, Loop, Precision, StepSpec
 from kdjax.losses import (
     distillation_loss,
     generalized_jsd_loss,
@@ -55,13 +66,14 @@ from kdjax.losses import (
 )
 from kdjax.student import Student
 from kdjax.teacher import Teacher, ensemble
-from kdjax.train import TrainState, make_train_step
+from kdjax.step import TrainState, make_train_step
 
 __all__ = [
     # Modules.
     "augment", "cache", "chunked", "constraints", "evaluate", "fields",
-    "losses", "loops", "models", "objectives", "optim", "precision",
-    "preprocess", "specialists", "sweep", "topk", "train", "validate",
+    "fitting", "loop", "losses", "models", "objectives", "optim", "options",
+    "precision", "preprocess", "specialists", "step", "sweep", "topk",
+    "validate",
     # The losses.
     "distillation_loss", "generalized_jsd_loss", "hard_label_loss",
     "kd_objective", "logit_matching_loss", "reverse_distillation_loss",
@@ -69,6 +81,8 @@ __all__ = [
     # Student, teacher, batch fields, train state and step, the outer loop.
     "Fields", "Student", "Teacher", "ensemble", "TrainState",
     "make_train_step", "fit",
+    # The option types of the step and of fit.
+    "StepSpec", "Precision", "Checkpointing", "Evaluation", "Loop",
 ]
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ so computing them once (jitted, in batches) and training from
 step. The result is the same as an online teacher (tested).
 
 With augmentation the cache would be stale (the teacher must see the same
-jittered image as the student): :func:`kdjax.train.make_train_step` refuses
+jittered image as the student): :func:`kdjax.make_train_step` refuses
 that combination with a ValueError.
 """
 

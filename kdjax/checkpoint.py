@@ -1,10 +1,10 @@
 """Checkpoints of the student's training state, with orbax.
 
-What is saved: the student's :class:`kdjax.train.TrainState` leaves (params,
+What is saved: the student's :class:`kdjax.step.TrainState` leaves (params,
 optimizer state, step, skipped-step count, temperature and alpha; works for
 stacked sweep states too), the run's key, and the data-order state (the
 number of finished epochs; the order of epoch ``e`` is a pure function of
-the key and ``e``, see :func:`kdjax.loops.epoch_key`). The teacher is never
+the key and ``e``, see :func:`kdjax.loop.epoch_key`). The teacher is never
 saved: it is an input of the run, not part of its state.
 
 Safety:

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +192,101 @@ def _pad_rows(a: Array, total: int, value=0) -> Array:
   return jnp.pad(a, pad, constant_values=value)
 
 
+def _teacher_rows(teacher, n: int, num_classes: int):
+  """``(rows, consts)`` of an online teacher ``(h_t, W_t[, b_t])``."""
+  if len(teacher) not in (2, 3):
+    raise ValueError("teacher must be (h_t, W_t) or (h_t, W_t, b_t).")
+  h_t, w_t = jnp.asarray(teacher[0]), jnp.asarray(teacher[1])
+  b_t = (jnp.zeros((num_classes,), jnp.float32) if len(teacher) == 2
+         else jnp.asarray(teacher[2]))
+  if (h_t.ndim != 2 or h_t.shape[0] != n or w_t.shape !=
+      (h_t.shape[1], num_classes) or b_t.shape != (num_classes,)):
+    raise ValueError(
+        f"teacher shapes must be h_t [N={n}, D_t], W_t [D_t, V={num_classes}]"
+        f", b_t [V], got {h_t.shape}, {w_t.shape}, {b_t.shape}.")
+  return {"h_t": h_t}, {"w_t": w_t, "b_t": b_t}
+
+
+def _topk_rows(topk, tail: str, n: int) -> dict:
+  """The per-position rows of cached top-k targets."""
+  if tail == "bucket" and len(topk) != 3:
+    raise ValueError("tail='bucket' needs topk=(values, indices, "
+                     "tail_logit).")
+  if tail != "bucket" and len(topk) != 2:
+    raise ValueError("topk must be (values, indices) with "
+                     f"tail={tail!r} (a tail_logit is for 'bucket').")
+  rows = {"values": jnp.asarray(topk[0]), "indices": jnp.asarray(topk[1])}
+  if rows["values"].shape[0] != n or rows["indices"].shape[0] != n:
+    raise ValueError(
+        f"topk arrays must have N={n} rows, got "
+        f"{rows['values'].shape} and {rows['indices'].shape}.")
+  if tail == "bucket":
+    rows["tail_logit"] = jnp.asarray(topk[2])
+  return rows
+
+
+def _chunked(per_position, mode, tail, has_labels, h_s, w_s, b_s, consts,
+             rows, temperature, alpha, chunk_size, reduction):
+  """The chunked total (``"mean"``, ``"sum"``) or ``[N]`` weighted values."""
+  n = h_s.shape[0]
+  if isinstance(chunk_size, bool) or int(chunk_size) < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size}.")
+  chunk_size = min(int(chunk_size), max(n, 1))  # No padding past N.
+  num_chunks = -(-n // chunk_size)
+  total_rows = num_chunks * chunk_size
+  padded = {name: _pad_rows(a, total_rows) for name, a in rows.items()}
+  if "indices" in padded and total_rows > n:  # Distinct, valid indices.
+    k = padded["indices"].shape[1]
+    pad_idx = jnp.broadcast_to(jnp.arange(k, dtype=padded["indices"].dtype),
+                               (total_rows - n, k))
+    padded["indices"] = jnp.concatenate([rows["indices"], pad_idx])
+  h_pad = _pad_rows(h_s, total_rows)
+  if reduction == "none":
+    return _per_position_chunked(
+        per_position, h_pad, w_s, b_s, consts, padded, temperature, alpha,
+        num_chunks, chunk_size)[:n]
+  static = lambda x: (float(x) if isinstance(x, numbers.Real) and
+                      not isinstance(x, bool) else None)
+  fused = _make_fused(mode, tail, has_labels, num_chunks, chunk_size,
+                      static(temperature), static(alpha))
+  return fused(h_pad, w_s, b_s, consts, padded, temperature, alpha)
+
+
+def _student_head(h_s, w_s, b_s):
+  """``(h_s [N, D], W_s [D, V], b_s [V])`` as arrays, shapes checked."""
+  h_s, w_s = jnp.asarray(h_s), jnp.asarray(w_s)
+  if h_s.ndim != 2 or w_s.ndim != 2 or h_s.shape[1] != w_s.shape[0]:
+    raise ValueError(
+        f"h_s must be [N, D] and w_s [D, V], got h_s.shape={h_s.shape} and "
+        f"w_s.shape={w_s.shape}.")
+  num_classes = w_s.shape[1]
+  b_s = (jnp.zeros((num_classes,), jnp.float32) if b_s is None
+         else jnp.asarray(b_s))
+  if b_s.shape != (num_classes,):
+    raise ValueError(f"b_s.shape={b_s.shape} must be (V,) = ({num_classes},).")
+  return h_s, w_s, b_s
+
+
+def _label_weight_rows(labels, weights, alpha, n: int) -> dict:
+  """The ``labels`` (if any) and ``weights`` rows, shapes checked."""
+  rows = {}
+  if labels is not None:
+    rows["labels"] = jnp.asarray(labels)
+    if rows["labels"].shape != (n,):
+      raise ValueError(f"labels.shape={rows['labels'].shape} must be (N,) = "
+                       f"({n},).")
+  else:
+    a = losses._concrete(alpha)  # pylint: disable=protected-access
+    if a is None or np.any(a != 0):
+      raise ValueError("alpha > 0 (or a traced alpha) needs labels.")
+  w = (jnp.ones((n,), jnp.float32) if weights is None
+       else jnp.asarray(weights, jnp.float32))
+  if w.shape != (n,):
+    raise ValueError(f"weights.shape={w.shape} must be (N,) = ({n},).")
+  rows["weights"] = w
+  return rows
+
+
 def chunked_distillation_loss(
     h_s: ArrayLike, w_s: ArrayLike, b_s: Optional[ArrayLike] = None, *,
     temperature: float | ArrayLike,
@@ -267,64 +362,15 @@ def chunked_distillation_loss(
                      f"{reduction!r}.")
   losses._check_temperature(temperature)  # pylint: disable=protected-access
   losses._check_alpha(alpha)  # pylint: disable=protected-access
-  h_s, w_s = jnp.asarray(h_s), jnp.asarray(w_s)
-  if h_s.ndim != 2 or w_s.ndim != 2 or h_s.shape[1] != w_s.shape[0]:
-    raise ValueError(
-        f"h_s must be [N, D] and w_s [D, V], got h_s.shape={h_s.shape} and "
-        f"w_s.shape={w_s.shape}.")
+  h_s, w_s, b_s = _student_head(h_s, w_s, b_s)
   n, num_classes = h_s.shape[0], w_s.shape[1]
-  b_s = (jnp.zeros((num_classes,), jnp.float32) if b_s is None
-         else jnp.asarray(b_s))
-  if b_s.shape != (num_classes,):
-    raise ValueError(f"b_s.shape={b_s.shape} must be (V,) = ({num_classes},).")
-
-  rows: dict[str, Any] = {}
-  consts: dict[str, Any] = {}
   if teacher is not None:
-    mode = "teacher"
-    if len(teacher) not in (2, 3):
-      raise ValueError("teacher must be (h_t, W_t) or (h_t, W_t, b_t).")
-    h_t, w_t = jnp.asarray(teacher[0]), jnp.asarray(teacher[1])
-    b_t = (jnp.zeros((num_classes,), jnp.float32) if len(teacher) == 2
-           else jnp.asarray(teacher[2]))
-    if (h_t.ndim != 2 or h_t.shape[0] != n or w_t.shape !=
-        (h_t.shape[1], num_classes) or b_t.shape != (num_classes,)):
-      raise ValueError(
-          f"teacher shapes must be h_t [N={n}, D_t], W_t [D_t, V={num_classes}]"
-          f", b_t [V], got {h_t.shape}, {w_t.shape}, {b_t.shape}.")
-    rows["h_t"] = h_t
-    consts = {"w_t": w_t, "b_t": b_t}
+    mode, rows, consts = "teacher", *_teacher_rows(teacher, n, num_classes)
   else:
-    mode = "topk"
-    if tail == "bucket" and len(topk) != 3:
-      raise ValueError("tail='bucket' needs topk=(values, indices, "
-                       "tail_logit).")
-    if tail != "bucket" and len(topk) != 2:
-      raise ValueError("topk must be (values, indices) with "
-                       f"tail={tail!r} (a tail_logit is for 'bucket').")
-    rows["values"] = jnp.asarray(topk[0])
-    rows["indices"] = jnp.asarray(topk[1])
-    if rows["values"].shape[0] != n or rows["indices"].shape[0] != n:
-      raise ValueError(
-          f"topk arrays must have N={n} rows, got "
-          f"{rows['values'].shape} and {rows['indices'].shape}.")
-    if tail == "bucket":
-      rows["tail_logit"] = jnp.asarray(topk[2])
+    mode, rows, consts = "topk", _topk_rows(topk, tail, n), {}
   has_labels = labels is not None
-  if has_labels:
-    rows["labels"] = jnp.asarray(labels)
-    if rows["labels"].shape != (n,):
-      raise ValueError(f"labels.shape={rows['labels'].shape} must be (N,) = "
-                       f"({n},).")
-  else:
-    a = losses._concrete(alpha)  # pylint: disable=protected-access
-    if a is None or np.any(a != 0):
-      raise ValueError("alpha > 0 (or a traced alpha) needs labels.")
-  w = (jnp.ones((n,), jnp.float32) if weights is None
-       else jnp.asarray(weights, jnp.float32))
-  if w.shape != (n,):
-    raise ValueError(f"weights.shape={w.shape} must be (N,) = ({n},).")
-  rows["weights"] = w
+  rows.update(_label_weight_rows(labels, weights, alpha, n))
+  w = rows["weights"]
   per_position = _make_per_position(mode, tail, has_labels)
 
   if chunk_size is None:  # The unchunked reference: plain autodiff.
@@ -333,31 +379,10 @@ def chunked_distillation_loss(
     weighted = jnp.where(w != 0, w * ell, 0.0)
     total = jnp.sum(weighted)
   else:
-    if isinstance(chunk_size, bool) or int(chunk_size) < 1:
-      raise ValueError(f"chunk_size must be a positive int, got {chunk_size}.")
-    chunk_size = min(int(chunk_size), max(n, 1))  # No padding past N.
-    num_chunks = -(-n // chunk_size)
-    total_rows = num_chunks * chunk_size
-    padded = {name: _pad_rows(a, total_rows) for name, a in rows.items()}
-    if "indices" in padded and total_rows > n:  # Distinct, valid indices.
-      k = padded["indices"].shape[1]
-      pad_idx = jnp.broadcast_to(jnp.arange(k, dtype=padded["indices"].dtype),
-                                 (total_rows - n, k))
-      padded["indices"] = jnp.concatenate([rows["indices"], pad_idx])
-    h_pad = _pad_rows(h_s, total_rows)
-    if reduction == "none":
-      weighted = _per_position_chunked(
-          per_position, h_pad, w_s, b_s, consts, padded, temperature, alpha,
-          num_chunks, chunk_size)[:n]
-    else:
-      static = lambda x: (float(x) if isinstance(x, numbers.Real) and
-                          not isinstance(x, bool) else None)
-      fused = _make_fused(mode, tail, has_labels, num_chunks, chunk_size,
-                          static(temperature), static(alpha))
-      total = fused(h_pad, w_s, b_s, consts, padded, temperature, alpha)
-  if reduction == "none":
-    return weighted
-  if reduction == "sum":
-    return total
+    out = _chunked(per_position, mode, tail, has_labels, h_s, w_s, b_s,
+                   consts, rows, temperature, alpha, chunk_size, reduction)
+    weighted = total = out
+  if reduction != "mean":
+    return weighted if reduction == "none" else total
   denom = jnp.sum(w)
   return jnp.where(denom > 0, total / jnp.where(denom > 0, denom, 1.0), 0.0)

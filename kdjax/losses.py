@@ -490,6 +490,36 @@ def _log_mixture_ratio(x, b, log_b, log_1mb):
   return jnp.where(small, near, far)
 
 
+def _mixture_kls(z, v, t, b):
+  r"""``(KL(p || m), KL(q || m))`` of :func:`generalized_jsd_loss`.
+
+  The mixture is taken in probability space, never by averaging
+  log-probabilities: :math:`\log(m_i/q_i) = \mathrm{logsumexp}(\log(1 -
+  \beta), \log\beta + \log p_i - \log q_i)`, evaluated as
+  ``log1p(beta * expm1(log p_i - log q_i))`` where that is small (the
+  ``logsumexp`` would cancel there), and likewise :math:`\log(m_i/p_i)`.
+  The log-ratio :math:`\log p_i - \log q_i` comes from the raw logit
+  differences, so there is no ``eps T^2 log C`` error floor: equal inputs
+  give exactly 0, the value is accurate at small ``beta``, and its absolute
+  error is ``~eps T max|z - v|`` (relative ``~eps T / |z - v|`` for a
+  value of order ``|z - v|^2``), as for :func:`distillation_loss` from
+  ``T = 8`` on.
+  """
+  log_p, log_q, d = _log_probs_and_ratio(z, v, t)
+  b_k = b[..., None] if b.ndim else b  # Broadcasts against [..., C].
+  one_minus_b = 1.0 - b_k
+  log_b, log_1mb = jnp.log(b_k), jnp.log1p(-b_k)
+  log_m_over_q = _log_mixture_ratio(d, b_k, log_b, log_1mb)
+  log_m_over_p = _log_mixture_ratio(-d, one_minus_b, log_1mb, log_b)
+  p, q = jnp.exp(log_p), jnp.exp(log_q)
+  kl_p_m = -jnp.sum(p * log_m_over_p, axis=-1)
+  kl_q_m = -jnp.sum(q * log_m_over_q, axis=-1)
+  # Each KL is >= 0; clip the rounding error of the value only.
+  sg = jax.lax.stop_gradient
+  return (kl_p_m + sg(jnp.maximum(-kl_p_m, 0.0)),
+          kl_q_m + sg(jnp.maximum(-kl_q_m, 0.0)))
+
+
 def generalized_jsd_loss(student_logits: ArrayLike,
                          teacher_logits: ArrayLike,
                          temperature: float | ArrayLike,
@@ -541,18 +571,11 @@ def generalized_jsd_loss(student_logits: ArrayLike,
   ``normalize=False`` (TRL's values inside ``(0, 1)``) a concrete ``beta``
   of 0 or 1 raises ``ValueError``; a traced one cannot be checked.
 
-  Numerics: the mixture is taken in probability space, never by averaging
-  log-probabilities: :math:`\log(m_i/q_i) = \mathrm{logsumexp}(\log(1 -
-  \beta), \log\beta + \log p_i - \log q_i)`, evaluated as
-  ``log1p(beta * expm1(log p_i - log q_i))`` where that is small (the
-  ``logsumexp`` would cancel there), and likewise :math:`\log(m_i/p_i)`.
-  The log-ratio :math:`\log p_i - \log q_i` comes from the raw logit
-  differences, so there is no ``eps T^2 log C`` error floor: equal inputs
-  give exactly 0, the value is accurate at small ``beta``, and its absolute
-  error is ``~eps T max|z - v|`` (relative ``~eps T / |z - v|`` for a
-  value of order ``|z - v|^2``), as for :func:`distillation_loss` from
-  ``T = 8`` on.
-  Always finite for finite ``beta`` in ``[0, 1]`` (:math:`\mathrm{KL}(p\|m)
+  Numerics (details in ``_mixture_kls``): the mixture is taken in
+  probability space from the raw logit differences, with no ``eps T^2 log
+  C`` error floor: equal inputs give exactly 0, the value is accurate at
+  small ``beta``, its absolute error is ``~eps T max|z - v|``. Always
+  finite for finite ``beta`` in ``[0, 1]`` (:math:`\mathrm{KL}(p\|m)
   \le \log(1/\beta)`), except at the endpoints where the KL itself is
   infinite (then a huge finite value, as for the two KLs). ``beta`` is a
   hyperparameter: no gradient w.r.t. it is promised.
@@ -589,30 +612,21 @@ def generalized_jsd_loss(student_logits: ArrayLike,
   _check_same_shape(student_logits, teacher_logits)
   _check_beta(beta, normalize)
   z, v, t = _clamped_logits(student_logits, teacher_logits, temperature, where)
-  log_p, log_q, d = _log_probs_and_ratio(z, v, t)
   b = jnp.asarray(beta, dtype=v.dtype)
-  b_k = b[..., None] if b.ndim else b  # Broadcasts against [..., C].
-  one_minus_b = 1.0 - b_k
-  log_b, log_1mb = jnp.log(b_k), jnp.log1p(-b_k)
-  log_m_over_q = _log_mixture_ratio(d, b_k, log_b, log_1mb)
-  log_m_over_p = _log_mixture_ratio(-d, one_minus_b, log_1mb, log_b)
-  p, q = jnp.exp(log_p), jnp.exp(log_q)
-  kl_p_m = -jnp.sum(p * log_m_over_p, axis=-1)
-  kl_q_m = -jnp.sum(q * log_m_over_q, axis=-1)
-  # Each KL is >= 0; clip the rounding error of the value only.
-  sg = jax.lax.stop_gradient
-  kl_p_m = kl_p_m + sg(jnp.maximum(-kl_p_m, 0.0))
-  kl_q_m = kl_q_m + sg(jnp.maximum(-kl_q_m, 0.0))
-  if normalize:
-    # KL(q||m) / beta -> 0 as beta -> 0 (it is O(beta^2)), and likewise at
-    # 1: selects (with safe divisors) instead of 0/0 at the endpoints.
-    safe_b = jnp.where(b > 0.0, b, 1.0)
-    safe_1mb = jnp.where(b < 1.0, 1.0 - b, 1.0)
-    js = (jnp.where(b < 1.0, kl_p_m / safe_1mb, 0.0) +
+  kl_p_m, kl_q_m = _mixture_kls(z, v, t, b)
+  return jnp.square(t) * _jsd(kl_p_m, kl_q_m, b, normalize)
+
+
+def _jsd(kl_p_m, kl_q_m, b, normalize: bool):
+  """``JSD_beta``, divided by ``beta (1 - beta)`` if ``normalize``."""
+  if not normalize:
+    return b * kl_p_m + (1.0 - b) * kl_q_m
+  # KL(q||m) / beta -> 0 as beta -> 0 (it is O(beta^2)), and likewise at
+  # 1: selects (with safe divisors) instead of 0/0 at the endpoints.
+  safe_b = jnp.where(b > 0.0, b, 1.0)
+  safe_1mb = jnp.where(b < 1.0, 1.0 - b, 1.0)
+  return (jnp.where(b < 1.0, kl_p_m / safe_1mb, 0.0) +
           jnp.where(b > 0.0, kl_q_m / safe_b, 0.0))
-  else:
-    js = b * kl_p_m + (1.0 - b) * kl_q_m
-  return jnp.square(t) * js
 
 
 def logit_matching_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,

@@ -9,7 +9,7 @@ returning the **per-position** loss, of shape ``student_logits.shape[:-1]``
 (one value per example, or per token for sequences), and optionally a dict
 ``aux`` of per-position values to be logged (weighted like the loss). The
 train step reduces it as ``sum(w * loss) / sum(w)`` over the global batch
-(:mod:`kdjax.train`). ``batch`` is the step's batch, with the labels under
+(:mod:`kdjax.step`). ``batch`` is the step's batch, with the labels under
 ``"label"`` whatever field :class:`kdjax.fields.Fields` names them;
 ``teacher_logits`` is None for an objective that needs no teacher.
 

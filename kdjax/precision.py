@@ -1,7 +1,7 @@
 """Mixed precision: forward passes in a compute dtype, everything else float32.
 
 With ``compute_dtype=jnp.bfloat16`` the train step
-(:func:`kdjax.train.make_train_step`) casts, for the forward passes only,
+(:func:`kdjax.make_train_step`) casts, for the forward passes only,
 
 * the student's and the teacher's floating-point params,
 * the floating-point model inputs (integer inputs such as token ids are

@@ -7,7 +7,7 @@ choice made explicitly:
   with :func:`scale_pixels`;
 * for a model of your own that expects floats, pass
   ``input_transform=kdjax.preprocess.scale_pixels`` to the train step
-  (:func:`kdjax.train.make_train_step`, :func:`kdjax.fit`) and to the
+  (:func:`kdjax.make_train_step`, :func:`kdjax.fit`) and to the
   teacher-logit cache (:func:`kdjax.cache.with_teacher_logits`); teacher
   and student then see the same floats.
 

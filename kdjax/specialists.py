@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import losses, precision
+from kdjax import loop, losses, precision
 from kdjax._types import PyTree
 
 Array = jax.Array
@@ -610,11 +610,14 @@ def train_specialists(apply_fn: Callable, params: PyTree, images: ArrayLike,
 
 @functools.lru_cache(maxsize=32)
 def _train_fn(apply_fn, tx, epochs, batch_size, train):
-  """The jitted, vmapped run (cached per static configuration)."""
+  """The jitted, vmapped run (cached per static configuration).
+
+  The epochs are :func:`kdjax.loop.scan_epochs`'s: epoch ``e`` permutes the
+  specialist's examples with ``fold_in(key, e)``, step ``s`` draws its
+  dropout key as ``fold_in(fold_in(key, e), s + 1)``.
+  """
 
   def one(params, images, idx, y, key):
-    n = idx.shape[0]
-    steps = n // batch_size
 
     def loss_fn(p, x, t, k):
       logits = apply_fn(p, x, train, k)
@@ -628,16 +631,9 @@ def _train_fn(apply_fn, tx, epochs, batch_size, train):
       updates, opt = tx.update(grads, opt, p)
       return (optax.apply_updates(p, updates), opt), loss
 
-    def epoch(carry, e):
-      k = jax.random.fold_in(key, e)
-      perm = jax.random.permutation(k, n)[:steps * batch_size]
-      batches = perm.reshape(steps, batch_size)
-      keys = jax.vmap(lambda s: jax.random.fold_in(k, s + 1))(jnp.arange(steps))
-      carry, step_losses = jax.lax.scan(step, carry, (batches, keys))
-      return carry, jnp.mean(step_losses)
-
-    (params, _), epoch_losses = jax.lax.scan(
-        epoch, (params, tx.init(params)), jnp.arange(epochs))
+    (params, _), epoch_losses = loop.scan_epochs(
+        step, (params, tx.init(params)), key=key, epochs=epochs,
+        num_examples=idx.shape[0], batch_size=batch_size, step_keys=True)
     return params, epoch_losses
 
   return jax.jit(jax.vmap(one, in_axes=(0, None, 0, 0, 0)))

@@ -9,7 +9,7 @@ A :class:`Student` holds
   (``train=False``) it reads ``model_state`` and returns it unchanged;
 * ``params``: what the optimizer trains;
 * ``model_state``: every other collection (``{}`` for a stateless model).
-  It lives in :class:`kdjax.train.TrainState` beside the params, is
+  It lives in :class:`kdjax.step.TrainState` beside the params, is
   checkpointed with them, never enters the optimizer, and is left unchanged
   by a skipped (non-finite) step.
 
@@ -42,7 +42,8 @@ import jax
 from kdjax._types import PyTree
 from kdjax.trees import copy_arrays, split_variables
 
-__all__ = ["Student"]
+__all__ = ["Student", "model_inputs", "student_forward",
+           "abstract_student_logits"]
 
 Forward = Callable[..., tuple[jax.Array, PyTree]]
 
@@ -140,7 +141,7 @@ class Student:
              model_state: Optional[PyTree] = None):
     """The model with ``params`` and ``model_state`` (default: its own).
 
-    Pass a trained :class:`kdjax.train.TrainState`'s ``params`` and
+    Pass a trained :class:`kdjax.step.TrainState`'s ``params`` and
     ``model_state``. linen: the variables dict ``{'params': ...,
     'batch_stats': ...}`` for ``module.apply``; NNX: a new ``nnx.Module``
     in eval mode (call ``.train()`` on it to train on); a plain function:
@@ -264,3 +265,67 @@ class Student:
 
     return cls(apply_fn=forward, params=params, model_state=model_state,
                export_fn=export)
+
+
+def model_inputs(batch, names, *, input_transform: Optional[Callable] = None,
+                 augment: Optional[Callable] = None, rng=None) -> list:
+  """The model inputs of ``batch``: its ``names`` fields, transformed.
+
+  ``input_transform`` is applied to every input, then ``augment(rng, x)``
+  to the first one. The one rule for the step, its abstract input checks
+  and the loop choice (which pass an abstract key).
+  """
+  xs = [batch[n] for n in names]
+  if input_transform is not None:
+    xs = [input_transform(x) for x in xs]
+  if augment is not None:
+    xs[0] = augment(jax.random.key(0) if rng is None else rng, xs[0])
+  return xs
+
+
+def _shapes(inputs) -> str:
+  return ", ".join(str(tuple(getattr(x, "shape", ()))) for x in inputs)
+
+
+def student_forward(apply_fn, params, model_state, inputs, *, train: bool,
+                    rng):
+  """``apply_fn``, with one-line errors for inputs the student cannot take.
+
+  Raises:
+    ValueError: a stateful model missing its model state, or an input of a
+      shape the student's params were not built for (Flax's
+      ``ScopeParamShapeError``).
+  """
+  try:
+    return apply_fn(params, model_state, *inputs, train=train, rng=rng)
+  except flax.errors.ScopeCollectionNotFound as e:
+    raise ValueError(
+        f"the student reads a model-state collection that its state does not "
+        f"hold ({e}). It is a stateful model (BatchNorm, say): build it with "
+        "kdjax.Student.from_linen(module, variables), passing every "
+        "collection of module.init(...) (not only 'params'), or "
+        "kdjax.Student.from_nnx(module).") from None
+  except flax.errors.ScopeParamShapeError as e:
+    raise ValueError(
+        f"the student was not built for inputs of shape {_shapes(inputs)} "
+        f"(per example, after input_transform): {str(e).splitlines()[0]} "
+        "Initialise the student on an example of the data it trains on "
+        "(module.init(rng, x[:1])), or reshape the data's inputs to what "
+        "it was built for.") from None
+
+
+def abstract_student_logits(apply_fn, params, model_state,
+                            inputs_fn: Callable, batch) -> tuple[int, ...]:
+  """The student's training-mode logits shape on ``batch`` (no compiling).
+
+  ``params``, ``model_state`` and ``batch`` may be ``ShapeDtypeStruct``
+  trees; ``inputs_fn(batch)`` returns the model's inputs.
+  """
+
+  def logits(params, model_state, batch, rng):
+    out, _ = student_forward(apply_fn, params, model_state, inputs_fn(batch),
+                             train=True, rng=rng)
+    return out
+
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  return tuple(jax.eval_shape(logits, params, model_state, batch, key).shape)

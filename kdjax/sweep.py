@@ -1,14 +1,14 @@
 """Vectorised sweeps: K students trained in one compiled program.
 
-Because :class:`kdjax.train.TrainState` carries the temperature and alpha as
+Because :class:`kdjax.step.TrainState` carries the temperature and alpha as
 arrays, a ``jax.vmap`` over a stacked state is a sweep over seeds,
 temperatures and alphas: the paper's temperature sweep becomes one run.
 
 >>> import jax, jax.numpy as jnp, optax
->>> from kdjax import sweep, train
+>>> from kdjax import step, sweep
 >>> def init(rng, temperature, alpha):
 ...   params = {"w": jax.random.normal(rng, (4, 3))}
-...   return train.TrainState.create(
+...   return step.TrainState.create(
 ...       apply_fn=lambda p, x, train, rng: x @ p["w"], params=params,
 ...       tx=optax.sgd(0.1), temperature=temperature, alpha=alpha)
 >>> states = sweep.create_sweep(init, seeds=[0, 1], temperatures=[2.0, 20.0],

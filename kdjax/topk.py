@@ -27,6 +27,42 @@ What the cache must hold depends on the ``tail`` mode of
   logits themselves. **Bucket mode fixes T at caching time** (cache one
   ``tail_logit`` per temperature you want, 4 bytes per position each).
 
+The tail modes' errors. With the teacher's top-k classes :math:`K`, the
+student's full tempered softmax :math:`q` and its tail mass
+:math:`Q = \sum_{i \notin K} q_i`, :func:`topk_distillation_loss` is a KL
+over ``k + 1`` outcomes with targets :math:`\hat p_j` on :math:`K`, tail
+target :math:`\hat\varepsilon` and gradient :math:`T (q_i - \tilde p_i)`:
+
+* ``tail="renormalize"`` (cache: values, indices; any ``T``): the teacher
+  is renormalised over its top k,
+  :math:`\hat p_j = e^{v_j/T} / \sum_{l \in K} e^{v_l/T}`,
+  :math:`\hat\varepsilon = 0`; :math:`\tilde p = \hat p` on :math:`K`,
+  0 elsewhere. With :math:`p` the teacher's full softmax at ``T`` and
+  :math:`\varepsilon = 1 - \sum_K p_j` its mass outside the top k (which
+  grows with ``T``), against the full loss :math:`L_V`:
+
+  .. math::
+    L - L_V = \varepsilon L + T^2 H_2(\varepsilon)
+              - T^2 \varepsilon\, C_{\rm tail} \le
+              \varepsilon L + T^2 H_2(\varepsilon), \qquad
+    \|\nabla_z L - \nabla_z L_V\|_1 = 2 T \varepsilon,
+
+  with :math:`H_2(\varepsilon) = -\varepsilon\log\varepsilon -
+  (1-\varepsilon)\log(1-\varepsilon)` and :math:`C_{\rm tail} =
+  \sum_{i \notin K} (p_i/\varepsilon) \log((p_i/\varepsilon)/q_i) \ge 0`
+  (an exact identity; the top-k loss misses the tail's term and
+  overweights the head by :math:`1/(1-\varepsilon)`).
+* ``tail="bucket"`` (cache: values, indices, ``tail_logit`` at this very
+  ``T``; see :func:`tail_logit`): the teacher keeps its true top-k
+  probabilities :math:`\hat p_j = p_j` and its tail mass
+  :math:`\hat\varepsilon = \varepsilon`;
+  :math:`\tilde p_i = \varepsilon q_i / Q` outside :math:`K`. By the
+  chain rule of the KL,
+  :math:`L_V - L = T^2 \varepsilon\, \mathrm{KL}(p^{\rm tail} \|
+  q^{\rm tail}) \ge 0` (tail distributions renormalised) and
+  :math:`\|\nabla_z L - \nabla_z L_V\|_1 \le 2 T \varepsilon`; at
+  ``k = V - 1`` it is exact too.
+
 All functions are pure and follow :mod:`kdjax.losses`' conventions: float32
 (or wider) computation, per-position outputs ``[...]``, ``T^2`` included.
 """
@@ -217,6 +253,53 @@ def topk_cache(teacher_logits: Any, k: int, *, chunk_size: int = 256,
   return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
+def _check_topk_args(student_logits, topk_values, topk_indices, temperature,
+                     tail, tail_logit):
+  """``(z, v, indices)`` as arrays; every argument of the loss checked."""
+  if tail not in _TAILS:
+    raise ValueError(f"tail must be one of {_TAILS}, got {tail!r}.")
+  if tail == "bucket" and tail_logit is None:
+    raise ValueError(
+        "tail='bucket' needs the teacher's tail_logit at this temperature "
+        "(topk.tail_logit, or topk_cache(..., bucket_temperature=T)).")
+  if tail == "renormalize" and tail_logit is not None:
+    raise ValueError(
+        "tail_logit is only used by tail='bucket'; with tail='renormalize' "
+        "it would be silently ignored.")
+  z = losses._as_float(student_logits)  # pylint: disable=protected-access
+  v = losses._as_float(topk_values)  # pylint: disable=protected-access
+  indices = jnp.asarray(topk_indices)
+  if z.ndim == 0:
+    raise ValueError("student_logits must have a class axis, got a scalar.")
+  if v.shape != indices.shape or v.shape[:-1] != z.shape[:-1]:
+    raise ValueError(
+        f"topk_values.shape={v.shape} and topk_indices.shape={indices.shape} "
+        f"must both be student_logits.shape[:-1] + (k,) = {z.shape[:-1]} + "
+        "(k,).")
+  if not jnp.issubdtype(indices.dtype, jnp.integer):
+    raise TypeError(f"topk_indices must be integers, got {indices.dtype}.")
+  _check_k(v.shape[-1], z.shape[-1])
+  losses._check_temperature(temperature)  # pylint: disable=protected-access
+  return z, v, indices
+
+
+def _mask_positions(where, lead, z, v, indices):
+  """``(valid, z, v, indices)`` with masked (padding) rows made harmless."""
+  where = jnp.asarray(where, bool)
+  try:
+    valid = jnp.broadcast_to(where, lead)
+  except ValueError:
+    raise ValueError(
+        f"where.shape={where.shape} must broadcast to the positions' shape "
+        f"{lead} (a position mask).") from None
+  # Padding may hold garbage: make those rows harmless before any math.
+  z = jnp.where(valid[..., None], z, 0.0)
+  v = jnp.where(valid[..., None], v, 0.0)
+  indices = jnp.where(valid[..., None], indices,
+                      jnp.arange(v.shape[-1], dtype=indices.dtype))
+  return valid, z, v, indices
+
+
 def topk_distillation_loss(student_logits: ArrayLike,
                            topk_values: ArrayLike,
                            topk_indices: ArrayLike,
@@ -244,35 +327,8 @@ def topk_distillation_loss(student_logits: ArrayLike,
   :func:`kdjax.losses.distillation_loss` (to float32 rounding: only the
   order of the sum over classes differs).
 
-  * ``tail="renormalize"`` (cache: values, indices; any ``T``): the teacher
-    is renormalised over its top k,
-    :math:`\hat p_j = e^{v_j/T} / \sum_{l \in K} e^{v_l/T}`,
-    :math:`\hat\varepsilon = 0`; :math:`\tilde p = \hat p` on :math:`K`,
-    0 elsewhere. With :math:`p` the teacher's full softmax at ``T`` and
-    :math:`\varepsilon = 1 - \sum_K p_j` its mass outside the top k (which
-    grows with ``T``), against the full loss :math:`L_V`:
-
-    .. math::
-      L - L_V = \varepsilon L + T^2 H_2(\varepsilon)
-                - T^2 \varepsilon\, C_{\rm tail} \le
-                \varepsilon L + T^2 H_2(\varepsilon), \qquad
-      \|\nabla_z L - \nabla_z L_V\|_1 = 2 T \varepsilon,
-
-    with :math:`H_2(\varepsilon) = -\varepsilon\log\varepsilon -
-    (1-\varepsilon)\log(1-\varepsilon)` and :math:`C_{\rm tail} =
-    \sum_{i \notin K} (p_i/\varepsilon) \log((p_i/\varepsilon)/q_i) \ge 0`
-    (an exact identity; the top-k loss misses the tail's term and
-    overweights the head by :math:`1/(1-\varepsilon)`).
-  * ``tail="bucket"`` (cache: values, indices, ``tail_logit`` at this very
-    ``T``; see :func:`tail_logit`): the teacher keeps its true top-k
-    probabilities :math:`\hat p_j = p_j` and its tail mass
-    :math:`\hat\varepsilon = \varepsilon`;
-    :math:`\tilde p_i = \varepsilon q_i / Q` outside :math:`K`. By the
-    chain rule of the KL,
-    :math:`L_V - L = T^2 \varepsilon\, \mathrm{KL}(p^{\rm tail} \|
-    q^{\rm tail}) \ge 0` (tail distributions renormalised) and
-    :math:`\|\nabla_z L - \nabla_z L_V\|_1 \le 2 T \varepsilon`; at
-    ``k = V - 1`` it is exact too.
+  The two modes, and their error against the full loss :math:`L_V`, are
+  derived in the module docstring (*The tail modes' errors*).
 
   It is computed as ``distillation_loss([z_K, z_tail], [v_K, ṽ], T)`` on
   the ``k + 1`` bucket logits (``z_tail`` the student's :func:`tail_logit`,
@@ -306,46 +362,13 @@ def topk_distillation_loss(student_logits: ArrayLike,
     >>> losses.distillation_loss(z, v, 2.0).round(4)  # k = V: the same
     Array([0.3657], dtype=float32)
   """
-  if tail not in _TAILS:
-    raise ValueError(f"tail must be one of {_TAILS}, got {tail!r}.")
-  if tail == "bucket" and tail_logit is None:
-    raise ValueError(
-        "tail='bucket' needs the teacher's tail_logit at this temperature "
-        "(topk.tail_logit, or topk_cache(..., bucket_temperature=T)).")
-  if tail == "renormalize" and tail_logit is not None:
-    raise ValueError(
-        "tail_logit is only used by tail='bucket'; with tail='renormalize' "
-        "it would be silently ignored.")
-  z = losses._as_float(student_logits)  # pylint: disable=protected-access
-  v = losses._as_float(topk_values)  # pylint: disable=protected-access
-  indices = jnp.asarray(topk_indices)
-  if z.ndim == 0:
-    raise ValueError("student_logits must have a class axis, got a scalar.")
-  if v.shape != indices.shape or v.shape[:-1] != z.shape[:-1]:
-    raise ValueError(
-        f"topk_values.shape={v.shape} and topk_indices.shape={indices.shape} "
-        f"must both be student_logits.shape[:-1] + (k,) = {z.shape[:-1]} + "
-        "(k,).")
-  if not jnp.issubdtype(indices.dtype, jnp.integer):
-    raise TypeError(f"topk_indices must be integers, got {indices.dtype}.")
-  _check_k(v.shape[-1], z.shape[-1])
-  losses._check_temperature(temperature)  # pylint: disable=protected-access
+  z, v, indices = _check_topk_args(student_logits, topk_values, topk_indices,
+                                   temperature, tail, tail_logit)
   t = jnp.asarray(temperature, z.dtype)
   lead = z.shape[:-1]
   valid = None
   if where is not None:
-    where = jnp.asarray(where, bool)
-    try:
-      valid = jnp.broadcast_to(where, lead)
-    except ValueError:
-      raise ValueError(
-          f"where.shape={where.shape} must broadcast to the positions' shape "
-          f"{lead} (a position mask).") from None
-    # Padding may hold garbage: make those rows harmless before any math.
-    z = jnp.where(valid[..., None], z, 0.0)
-    v = jnp.where(valid[..., None], v, 0.0)
-    indices = jnp.where(valid[..., None], indices,
-                        jnp.arange(v.shape[-1], dtype=indices.dtype))
+    valid, z, v, indices = _mask_positions(where, lead, z, v, indices)
   z_k = jnp.take_along_axis(z, indices, axis=-1)
   z_tail = _tail_logit(z, indices, t)
   if tail == "bucket":

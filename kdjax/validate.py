@@ -15,7 +15,7 @@ followed by a cryptic error or, worse, a silently wrong run.
 * :func:`validate_labels`: labels must be integer class indices in
   ``[0, num_classes)``.
 
-:func:`kdjax.trainer.fit` runs the last two on its inputs; the MNIST pipeline
+:func:`kdjax.fit` runs the last two on its inputs; the MNIST pipeline
 runs :func:`validate_config` on its config.
 """
 
@@ -25,15 +25,20 @@ import difflib
 import math
 import numbers
 import reprlib
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
+if TYPE_CHECKING:
+  from kdjax.fields import Fields
+
 __all__ = ["ConfigError", "ConfigTypeError", "WorkdirMismatchError",
            "validate_config",
            "validate_choices", "validate_batch", "validate_models",
-           "validate_labels"]
+           "validate_labels", "BatchError", "leading_size", "check_batch",
+           "check_weights", "check_inputs", "BatchChecker", "check_key",
+           "check_workdir"]
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
@@ -52,7 +57,7 @@ class ConfigTypeError(ConfigError, TypeError):
 class WorkdirMismatchError(ValueError):
   """The workdir holds a run of another configuration.
 
-  Raised by :func:`kdjax.trainer.check_run_config` (so by :func:`kdjax.fit`
+  Raised by :func:`kdjax.fitting.check_run_config` (so by :func:`kdjax.fit`
   and the MNIST pipeline) instead of mixing two runs in one workdir.
   """
 
@@ -383,3 +388,275 @@ def validate_labels(labels, num_classes: int) -> None:
         f"label {int(flat[i])} (at index {i}) is out of range: labels must "
         f"lie in [0, {num_classes - 1}] for {num_classes} classes; "
         f"{bad.size} label(s) out of range (min {int(lo)}, max {int(hi)}).")
+
+
+# ----------------------------------------------------------------------------
+# Batches (the step's batch contract, kdjax.fields.Fields).
+# ----------------------------------------------------------------------------
+
+
+class BatchError(ValueError):
+  """A batch that does not match the step's :class:`Fields`."""
+
+
+def leading_size(batch: Mapping, *, what: str = "batch") -> int:
+  """The common leading axis of every leaf of ``batch``.
+
+  Raises:
+    BatchError: a leaf is a scalar, or the leaves' leading axes differ
+      (every top-level field's shapes are named).
+  """
+  sizes = {}
+  for name, value in batch.items():
+    for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+      key = name + jax.tree_util.keystr(path)
+      if not np.shape(leaf):
+        raise BatchError(
+            f"{what} field {key!r} is a scalar; every leaf of a {what} needs "
+            "a leading example axis.")
+      sizes[key] = np.shape(leaf)
+  if not sizes:
+    raise BatchError(f"the {what} has no arrays.")
+  leading = {s[0] for s in sizes.values()}
+  if len(leading) > 1:
+    shapes = ", ".join(f"{k}: {'x'.join(map(str, s))}"
+                       for k, s in sizes.items())
+    raise BatchError(
+        f"the {what}'s leaves must share their leading (example) axis, got "
+        f"{shapes}. Give every field one row per example.")
+  return int(leading.pop())
+
+
+def check_batch(batch, fields: Fields, *, needs_labels: bool = False,
+                what: str = "batch") -> int:
+  """Checks ``batch`` against ``fields`` (shapes only); returns its size.
+
+  Raises:
+    BatchError: ``batch`` is not a dict, its leaves' leading axes differ,
+      a configured field is missing (the fields present are named), a
+      field is not one the step reads (with the :class:`Fields` argument
+      that would use it), or ``needs_labels`` and ``fields.labels`` is None.
+  """
+  if not isinstance(batch, Mapping):
+    raise BatchError(
+        f"a {what} must be a dict of arrays (e.g. {{'image': ..., "
+        f"'label': ...}}), got {type(batch).__name__}.")
+  present = sorted(map(str, batch))
+  required = [*fields.input_names]
+  if fields.teacher_logits not in batch:
+    required += [n for n in fields.teacher_input_names if n not in required]
+  if fields.labels is not None:
+    required.append(fields.labels)
+  if fields.weights is not None:
+    required.append(fields.weights)
+  missing = [n for n in required if n not in batch]
+  if missing:
+    hint = ""
+    if missing == [fields.labels] and not needs_labels:
+      hint = (" This objective reads no labels: pass "
+              "fields=kdjax.Fields(labels=None) for an unlabelled batch.")
+    raise BatchError(
+        f"the {what} has no field {', '.join(repr(m) for m in missing)} "
+        f"(fields present: {', '.join(present) or 'none'}).{hint} Name the "
+        "fields with kdjax.Fields(inputs=..., labels=..., weights=...).")
+  if needs_labels and fields.labels is None:
+    raise BatchError(
+        "this objective needs labels, but Fields(labels=None) says the "
+        "batch has none.")
+  known = fields.known()
+  unknown = [k for k in present if k not in known]
+  if unknown:
+    raise BatchError(_unknown_message(unknown, known, what))
+  return leading_size(batch, what=what)
+
+
+def _unknown_message(unknown, known, what) -> str:
+  parts = []
+  for k in unknown:
+    close = difflib.get_close_matches(k, known, n=1, cutoff=0.6)
+    parts.append(repr(k) + (f" (did you mean {close[0]!r}?)" if close else ""))
+  return (
+      f"the {what} has field(s) {', '.join(parts)} that the step does not "
+      f"read (it reads: {', '.join(known)}); a field is never silently "
+      "ignored. Use it (kdjax.Fields(weights='mask') for a padding mask, "
+      "labels=..., inputs=(...) for more model inputs), declare it for a "
+      "custom objective (Fields(extra=('name',))), or drop it.")
+
+
+def check_weights(weights_shape, logits_shape, name: str) -> None:
+  """Weights must have the logits' shape without the class axis.
+
+  Raises:
+    BatchError: naming both shapes.
+  """
+  want = tuple(logits_shape)[:-1]
+  if tuple(weights_shape) != want:
+    raise BatchError(
+        f"weights field {name!r} has shape {tuple(weights_shape)}, but the "
+        f"logits have shape {tuple(logits_shape)}: weights need shape {want} "
+        "(one per example, or per position for sequences; 0 for padding).")
+
+
+def _describe(spec) -> str:
+  return ", ".join(f"{k}: {v}" for k, v in sorted(spec.items()))
+
+
+class BatchChecker:
+  """Checks every host batch against the first one (fields, shapes, labels).
+
+  Args:
+    first: the first batch (fixes the fields, shapes and dtypes).
+    fields: the step's :class:`kdjax.fields.Fields`.
+    num_classes: the student's number of classes (for the label range).
+  """
+
+  def __init__(self, first, fields, num_classes: Optional[int],
+               needs_labels: bool = False):
+    check_batch(first, fields, needs_labels=needs_labels)
+    self.fields = fields
+    self.num_classes = num_classes
+    self.spec = jax.tree.map(lambda x: (np.shape(x), np.asarray(x).dtype),
+                             dict(first))
+
+  def __call__(self, batch, epoch: int, index: int) -> dict:
+    where = f"batch {index + 1} of epoch {epoch + 1}"
+    if not isinstance(batch, Mapping):
+      raise BatchError(f"{where} is a {type(batch).__name__}, not a dict of "
+                       "arrays.")
+    batch = {k: np.asarray(v) if not isinstance(v, Mapping) else v
+             for k, v in batch.items()}
+    spec = jax.tree.map(lambda x: (np.shape(x), np.asarray(x).dtype), batch)
+    if spec != self.spec:
+      raise BatchError(
+          f"{where} has fields/shapes {_describe(spec)}, the first batch "
+          f"had {_describe(self.spec)}; every batch needs the same (drop "
+          "or pad the last, short batch).")
+    f = self.fields
+    if f.labels is not None and self.num_classes is not None:
+      labels = np.asarray(batch[f.labels])
+      if f.weights is not None:
+        labels = labels[np.asarray(batch[f.weights]) > 0]
+      try:
+        validate_labels(labels, self.num_classes)
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return batch
+
+
+# ----------------------------------------------------------------------------
+# fit's inputs: the models against the data (abstractly, nothing compiles).
+# ----------------------------------------------------------------------------
+
+
+def example_specs(data) -> Any:
+  """Shape structs of one example of ``data`` (a batch axis of 1)."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+      (1,) + tuple(np.shape(a)[1:]), np.asarray(a).dtype
+      if not hasattr(a, "dtype") else a.dtype), data)
+
+
+def member_specs(tree, vmapped: bool) -> Any:
+  """Shape structs of one sweep member's leaves (all of them if not vmapped)."""
+  cut = 1 if vmapped else 0
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[cut:], a.dtype),
+                      tree)
+
+
+def check_inputs(state, teacher, data, spec, *,
+                 vmapped: bool = False) -> tuple[int, Optional[int]]:
+  """Host-side checks of :func:`kdjax.fit`'s inputs; nothing is compiled.
+
+  The student's (and teacher's) logits shapes come from ``jax.eval_shape``
+  on one example, which traces the models abstractly without compiling.
+
+  Args:
+    state: the :class:`kdjax.TrainState` (a stacked one if ``vmapped``).
+    teacher: the :class:`kdjax.Teacher` or None.
+    data: a dict of arrays with a shared leading axis (device data, or the
+      first host batch).
+    spec: the run's :class:`kdjax.StepSpec`.
+    vmapped: ``state`` is a stacked sweep.
+
+  Returns:
+    ``(num_examples, num_classes)``: the data's leading axis and the
+    student's classes (None for a state without a student).
+
+  Raises:
+    kdjax.fields.BatchError: the data does not match ``spec.fields``.
+    ValueError: teacher and student predict different numbers of classes,
+      a label (of positive weight) lies outside ``[0, num_classes)``, the
+      student was built for inputs of another shape, or a stateful student
+      came without its model state.
+    TypeError: the labels are not integers.
+  """
+  from kdjax import student as student_lib  # pylint: disable=g-import-not-at-top
+  fields, obj = spec.fields, spec.objective
+  num_examples = check_batch(data, fields, needs_labels=obj.needs_labels,
+                             what="data")
+  apply_fn = getattr(state, "apply_fn", None)
+  params = getattr(state, "params", None)
+  if apply_fn is None or params is None:
+    return num_examples, None
+  one = example_specs(data)
+  inputs = lambda names, b: student_lib.model_inputs(
+      b, names, input_transform=spec.input_transform, augment=spec.augment)
+  student = student_lib.abstract_student_logits(
+      apply_fn, member_specs(params, vmapped),
+      member_specs(getattr(state, "model_state", {}), vmapped),
+      lambda b: inputs(fields.input_names, b), one)
+  if fields.weights is not None:
+    check_weights(np.shape(data[fields.weights]),
+                  (num_examples,) + tuple(student[1:]), fields.weights)
+  teacher_shape = None
+  if obj.needs_teacher:
+    if fields.teacher_logits in data:
+      teacher_shape = (1,) + tuple(np.shape(data[fields.teacher_logits])[1:])
+    elif teacher is not None:
+      teacher_shape = jax.eval_shape(
+          lambda t, b: t(*inputs(fields.teacher_input_names, b)),
+          teacher, one).shape
+  validate_models(teacher_shape, student)
+  if fields.labels is not None:
+    labels = np.asarray(data[fields.labels])
+    if fields.weights is not None:
+      labels = labels[np.asarray(data[fields.weights]) > 0]
+    validate_labels(labels, student[-1])
+  return num_examples, student[-1]
+
+
+def check_key(rng, *, vmapped: bool = False, what: str = "rng") -> None:
+  """``rng`` must be a JAX PRNG key (one per member when ``vmapped``).
+
+  Raises:
+    TypeError: an int (``rng=0``) or another non-key, naming the fix.
+  """
+  dtype = getattr(rng, "dtype", None)
+  typed = dtype is not None and jax.dtypes.issubdtype(
+      dtype, jax.dtypes.prng_key)
+  raw = (dtype == np.uint32 and np.ndim(rng) >= 1
+         and np.shape(rng)[-1] in (2, 4))
+  rank = np.ndim(rng) - (0 if typed else 1)
+  if (typed or raw) and rank == (1 if vmapped else 0):
+    return
+  want = ("a stacked key per member (kdjax.sweep.sweep_keys(seeds))"
+          if vmapped else "a JAX key such as jax.random.key(0)")
+  got = (f"{type(rng).__name__} {rng!r}" if np.ndim(rng) == 0 and not typed
+         else f"{type(rng).__name__} of shape {np.shape(rng)}")
+  raise TypeError(f"{what} must be {want}, got {got}: pass "
+                  f"{what}=jax.random.key(seed).")
+
+
+def check_workdir(workdir) -> None:
+  """A workdir must be a directory (or not exist yet).
+
+  Raises:
+    ValueError: ``workdir`` or one of its parents is a file.
+  """
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(workdir)
+  for p in (path, *path.parents):
+    if p.exists() and not p.is_dir():
+      what = "is" if p == path else f"is inside {p}, which is"
+      raise ValueError(f"workdir={str(path)!r} {what} a file, not a "
+                       "directory: pass workdir= a directory path (a new "
+                       "one starts a run).")

@@ -7,7 +7,8 @@ import sys
 import jax
 import pytest
 
-from kdjax import augment, trainer, validate
+import kdjax
+from kdjax import augment, fitting, validate
 
 SCRIPT_DIR = pathlib.Path(__file__).parent
 
@@ -22,9 +23,8 @@ def _tiny_run():
 
 
 def _record(state, augment_fn):
-  return trainer._fit_record(  # pylint: disable=protected-access
-      state, objective="kd", batch_size=32, num_examples=256,
-      augment_fn=augment_fn, vmapped=False, skip_nonfinite=True)
+  return fitting.fit_record(state, kdjax.StepSpec("kd", augment=augment_fn),
+                            batch_size=32, num_examples=256)
 
 
 def _jitter_kw(rng, images, *, max_shift):  # a module-level plain function
@@ -70,18 +70,18 @@ def test_record_names_the_shift():
 
 def test_a_different_shift_is_refused(tmp_path):
   state, _, _ = _tiny_run()
-  trainer.check_run_config(tmp_path, _record(state, augment.make_jitter(2)),
+  fitting.check_run_config(tmp_path, _record(state, augment.make_jitter(2)),
                            filename="fit.json")
   assert json.loads((tmp_path / "fit.json").read_text())["augment"] == (
       "jitter(max_shift=2)")
-  trainer.check_run_config(tmp_path, _record(state, augment.make_jitter(2)),
+  fitting.check_run_config(tmp_path, _record(state, augment.make_jitter(2)),
                            filename="fit.json")  # the same run resumes
   with pytest.raises(validate.WorkdirMismatchError,
                      match=r"fit.json: keys differing: \['augment'\]"):
-    trainer.check_run_config(tmp_path, _record(state, augment.make_jitter(1)),
+    fitting.check_run_config(tmp_path, _record(state, augment.make_jitter(1)),
                              filename="fit.json")
   with pytest.raises(ValueError):  # still a ValueError, as before
-    trainer.check_run_config(tmp_path, _record(state, None),
+    fitting.check_run_config(tmp_path, _record(state, None),
                              filename="fit.json")
 
 
@@ -105,16 +105,40 @@ def test_same_fit_record_legacy_rule():
 def test_old_partial_workdir_resumes(tmp_path):
   """A workdir written when fit.json said "partial" for make_jitter resumes."""
   kw = {"batch_size": 32, "rng": jax.random.key(0), "progress": False,
-        "workdir": tmp_path, "augment_fn": augment.make_jitter(2)}
-  trainer.fit(*_tiny_run(), epochs=1, **kw)
+        "checkpoint": kdjax.Checkpointing(tmp_path),
+        "spec": kdjax.StepSpec(augment=augment.make_jitter(2))}
+  kdjax.fit(*_tiny_run(), epochs=1, **kw)
   path = tmp_path / "fit.json"
   record = json.loads(path.read_text())
   assert record["augment"] == "jitter(max_shift=2)"
   path.write_text(json.dumps({**record, "augment": "partial"}))  # the old form
-  _, history = trainer.fit(*_tiny_run(), epochs=2, **kw)
+  _, history = kdjax.fit(*_tiny_run(), epochs=2, **kw)
   assert len(history) == 1  # resumed after epoch 1, ran epoch 2 only
   epochs = [json.loads(line)["epoch"] for line in
             (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert epochs == [1, 2]
   # The old record is kept as it was (nothing rewritten on resume).
   assert json.loads(path.read_text())["augment"] == "partial"
+
+
+# The keys of fit.json as written before the option types (StepSpec): a run
+# with default fields, precision and loop writes exactly these, so the
+# workdirs of earlier runs (experiments/mnist's) still match and resume.
+_OLD_KEYS = {"objective", "batch_size", "num_examples", "augment", "vmapped",
+             "skip_nonfinite", "temperature", "alpha", "state"}
+
+
+def test_default_record_has_the_old_keys():
+  state, _, _ = _tiny_run()
+  for policy in ("skip", "raise"):
+    record = fitting.fit_record(state, kdjax.StepSpec(on_nonfinite=policy),
+                                batch_size=32, num_examples=256)
+    assert set(record) == _OLD_KEYS
+    assert record["skip_nonfinite"] is True
+  record = fitting.fit_record(state, kdjax.StepSpec(on_nonfinite="apply"),
+                              batch_size=32, num_examples=256)
+  assert record["skip_nonfinite"] is False  # what skip_nonfinite=False wrote
+  # The deprecated keywords give the same record (and the same spec).
+  with pytest.warns(DeprecationWarning):
+    old = kdjax.options.step_spec("kd", skip_nonfinite=False)
+  assert old == kdjax.StepSpec(on_nonfinite="apply")

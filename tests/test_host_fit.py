@@ -272,3 +272,37 @@ def test_vmapped_sweep_on_host_batches_equals_members_alone():
                          lambda e: batches, rng=jax.random.key(seed), **kw)
     jax.tree.map(lambda x, y, i=i: np.testing.assert_allclose(
         x[i], y, rtol=1e-5, atol=1e-6), swept.params, alone.params)
+
+
+def test_a_generator_function_is_called_again_each_epoch(tmp_path):
+  """Issue #19 part 7: ``def batches(epoch): ... yield`` is a host source."""
+  data, rng, teacher = _data(), jax.random.key(0), _teacher()
+  calls = []
+
+  def batches(epoch):
+    calls.append(epoch)
+    yield from _device_order_batches(data, rng, epoch)
+
+  kw = dict(rng=rng, progress=False, spec=kdjax.StepSpec("kd"))
+  listed, _ = kdjax.fit(_state(), teacher,
+                        lambda e: _device_order_batches(data, rng, e),
+                        epochs=2, **kw)
+  got, history = kdjax.fit(_state(), teacher, batches, epochs=2, **kw)
+  assert len(history) == 2 and set(calls) == {0, 1}
+  jax.tree.map(np.testing.assert_array_equal, got.params, listed.params)
+  # Resumed from a workdir: the function is called again for the epoch.
+  ckpt = kdjax.Checkpointing(tmp_path)
+  kdjax.fit(_state(), teacher, batches, epochs=1, checkpoint=ckpt, **kw)
+  calls.clear()
+  resumed, _ = kdjax.fit(_state(), teacher, batches, epochs=2,
+                         checkpoint=ckpt, **kw)
+  assert 1 in calls
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, listed.params)
+
+
+def test_a_function_returning_one_iterator_twice_is_refused():
+  batches = iter(_device_order_batches(_data(), jax.random.key(0), 0))
+  with pytest.raises(hostdata.SourceError, match="fresh one"):
+    kdjax.fit(_state(), _teacher(), lambda e: batches, epochs=1,
+              rng=jax.random.key(0), progress=False,
+              loop=kdjax.Loop(steps_per_epoch=NUM // BATCH))

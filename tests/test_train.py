@@ -589,31 +589,6 @@ def test_make_epoch_fn_validates():
     epoch(_state(), _teacher(), data, jax.random.key(0), 0)
 
 
-def test_run_host_batches_equals_epoch():
-  rng, teacher = jax.random.key(0), _teacher()
-  state, metrics = _epoch_fn()(_state(), teacher, _device_data(), rng, 0)
-  batches = _batches_in_epoch_order(_data(), rng, 0)
-
-  class Progress:
-    calls = 0
-
-    def update(self, n, metrics):
-      del metrics
-      self.calls += n
-
-  progress = Progress()
-  host_state, host_metrics = loops.run_host_batches(
-      _jit_step("kd"), _state(), teacher, batches, rng, progress=progress)
-  assert progress.calls == len(batches)
-  assert int(host_state.step) == len(batches)
-  chex.assert_trees_all_close(host_state.params, state.params, rtol=1e-5,
-                              atol=1e-6)
-  assert set(host_metrics) == set(metrics)
-  for k, v in host_metrics.items():
-    assert isinstance(v, float)
-    np.testing.assert_allclose(v, metrics[k], rtol=1e-5, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------
 # Vectorised sweeps.
 # ----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ import numpy as np
 from experiments.mnist import pipeline, report
 from kdjax import cache, checkpoint, models, provenance, sweep
 from kdjax.teacher import Teacher, ensemble
-from kdjax.trainer import check_run_config
+from kdjax.fitting import check_run_config
 
 # Hinton, Vinyals & Dean 2015, Table 1 (speech, frame accuracy): a baseline
 # net, the 10-net ensemble and one net distilled from it.

@@ -60,11 +60,12 @@ import numpy as np
 
 from kdjax import (augment, cache, checkpoint, data, evaluate, models, optim,
                    provenance, sweep, validate)
-from kdjax.trainer import check_run_config, fit
+from kdjax.fitting import check_run_config, fit
+from kdjax.options import Checkpointing, Evaluation, StepSpec
 
 from experiments.mnist import transfer
 from kdjax.teacher import Teacher
-from kdjax.train import TrainState
+from kdjax.step import TrainState
 
 PAPER = {"teacher": 67, "student_alone": 146, "distilled_T20": 74,
          "omit3_before_shift": 206, "omit3_after_shift": 109,
@@ -186,10 +187,11 @@ def train_teacher(config, splits, workdir: pathlib.Path):
 
   state, history = fit(
       state, None, train_data, epochs=t.epochs, batch_size=t.batch_size,
-      rng=jax.random.key(t.seed), objective="hard",
-      augment_fn=augment.make_jitter(t.jitter) if t.jitter else None,
-      workdir=workdir / "teacher", run_config=t.to_dict(), eval_fn=eval_fn,
-      eval_every=t.get("eval_every", 10), desc="teacher")
+      rng=jax.random.key(t.seed), spec=StepSpec(
+          "hard", augment=augment.make_jitter(t.jitter) if t.jitter else None),
+      checkpoint=Checkpointing(workdir / "teacher", run_config=t.to_dict()),
+      evaluation=Evaluation(eval_fn, every=t.get("eval_every", 10)),
+      desc="teacher")
   return state.params, history
 
 
@@ -280,11 +282,12 @@ def train_students(config, *, name: str, width: int, transfer: dict,
   states, _ = fit(states, teacher, transfer, epochs=epochs,
                   batch_size=batch_size, rng=sweep.sweep_keys(
                       [1000 + s for s in seeds]),
-                  objective=objective,
-                  augment_fn=augment.make_jitter(jitter) if jitter else None,
-                  workdir=workdir / "students" / name,
-                  run_config=run_cfg, vmapped=True, desc=name,
-                  checkpoint_every=config.get("checkpoint_every", 5))
+                  spec=StepSpec(objective, augment=augment.make_jitter(
+                      jitter) if jitter else None),
+                  checkpoint=Checkpointing(
+                      workdir / "students" / name, run_config=run_cfg,
+                      every_epochs=config.get("checkpoint_every", 5)),
+                  vmapped=True, desc=name)
   jax.block_until_ready(states)
   return states.params, apply, time.perf_counter() - t0
 

@@ -78,9 +78,10 @@ import numpy as np
 import optax
 
 from experiments.specialists import data as pair_data
+import kdjax.loop
 from kdjax import checkpoint, losses, models, provenance, specialists as sp
-from kdjax.train import TrainState
-from kdjax.trainer import fit
+from kdjax.step import TrainState
+from kdjax.fitting import fit
 
 NUM_CLASSES = pair_data.NUM_CLASSES
 IMAGE_SHAPE = (28, 56)
@@ -120,7 +121,7 @@ def train_generalist(config, train: pair_data.Pairs, seed: int):
   state, _ = fit(state, None, {"image": jnp.asarray(train.images),
                                "label": jnp.asarray(train.labels)},
                  epochs=g.epochs, batch_size=g.batch_size,
-                 rng=jax.random.fold_in(key, 1), objective="hard",
+                 rng=jax.random.fold_in(key, 1), spec="hard",
                  progress=False, desc="generalist")
   return apply, state.params
 
@@ -195,8 +196,6 @@ def _soft_train_fn(apply_fn, tx, epochs, batch_size):
   """The jitted run of :func:`train_soft_specialists`, vmapped over members."""
 
   def one(params, images, g_logits, idx, y, in_subset, temperature, key):
-    n = idx.shape[0]
-    steps = n // batch_size
 
     def loss_fn(p, x, t, v):
       z = apply_fn(p, x, False, None)
@@ -213,15 +212,11 @@ def _soft_train_fn(apply_fn, tx, epochs, batch_size):
       updates, opt = tx.update(grads, opt, p)
       return (optax.apply_updates(p, updates), opt), loss
 
-    def epoch(carry, e):
-      k = jax.random.fold_in(key, e)
-      perm = jax.random.permutation(k, n)[:steps * batch_size]
-      carry, step_losses = jax.lax.scan(step, carry,
-                                        perm.reshape(steps, batch_size))
-      return carry, jnp.mean(step_losses)
-
-    (params, _), epoch_losses = jax.lax.scan(
-        epoch, (params, tx.init(params)), jnp.arange(epochs))
+    # The epochs are kdjax's (kdjax.loop.scan_epochs): epoch e permutes the
+    # member's examples with fold_in(key, e).
+    (params, _), epoch_losses = kdjax.loop.scan_epochs(
+        step, (params, tx.init(params)), key=key, epochs=epochs,
+        num_examples=idx.shape[0], batch_size=batch_size)
     return params, epoch_losses
 
   return jax.jit(jax.vmap(one, in_axes=(0, None, None, 0, 0, 0, 0, 0)))

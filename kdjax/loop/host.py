@@ -1,0 +1,387 @@
+"""Batches that stream from the host: sources, checks, device prefetch.
+
+:func:`kdjax.fit` trains on device-resident arrays (a dict: the whole set is
+moved to the device once) or on batches that come from the host, one at a
+time. A host source is one of:
+
+* a ``grain.MapDataset`` of batches: batch ``i`` of epoch ``e`` is
+  ``ds[e * len(ds) + i]``, and grain shuffles each epoch anew at indices past
+  its length (``ds.shuffle(seed).batch(B)``). Random access: a resumed run
+  jumps to its batch, nothing is replayed;
+* a function ``epoch -> batches``, where ``batches`` is a ``MapDataset`` or
+  a sequence (indexed from the resumed position), a grain iterable (its
+  iterator's ``get_state`` is saved in the checkpoint and restored), any
+  re-iterable, or a fresh iterator (a generator function ``def
+  batches(epoch): ... yield batch``). The function is called again for
+  every epoch; a resumed epoch calls it again and skips the batches already
+  trained on, so it must be deterministic in ``epoch``. A function that
+  returns iterators has its epoch length counted on a first call (pass
+  ``kdjax.Loop(steps_per_epoch=...)`` to skip that pass);
+* a grain ``IterDataset`` or ``DataLoader``: one iterator for the whole
+  run, cut into epochs of ``steps_per_epoch`` batches; its state is
+  checkpointed.
+
+An iterator itself (a generator object, say) is refused before anything is
+read from it: it can be neither re-iterated each epoch nor resumed; pass
+the function that makes it. A batch is a
+dict of NumPy arrays with a shared leading axis; every batch must have the
+first batch's fields, shapes and dtypes (the compiled step is built for
+them), and its labels must lie in ``[0, num_classes)`` where its weight is
+positive: each is checked on the host as it arrives, and a bad one raises an
+error naming its epoch and index.
+
+:class:`Prefetcher` moves batches to the device ahead of the step on a
+background thread (double buffering by default), already placed with the
+step's sharding, so that the device does not wait on the host; with
+``block > 1`` it stacks that many batches into one ``[block, B, ...]``
+transfer for a jitted block of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Callable, Iterable, Optional
+
+import jax
+import numpy as np
+import jax.numpy as jnp
+
+from kdjax.loop.summary import summarise
+from kdjax.validate import BatchChecker  # noqa: F401  (its home is validate)
+
+__all__ = ["HostSource", "as_host_source", "is_host_source", "Prefetcher",
+           "HostRunner", "SourceError"]
+
+
+class SourceError(TypeError):
+  """``fit`` was given something it cannot stream batches from."""
+
+
+def _grain_map_dataset():
+  try:
+    import grain  # pylint: disable=g-import-not-at-top
+    return grain.MapDataset
+  except ImportError:  # grain is optional for device-resident data.
+    return None
+
+
+def _is_map_dataset(x) -> bool:
+  cls = _grain_map_dataset()
+  return cls is not None and isinstance(x, cls)
+
+
+def _is_sequence(x) -> bool:
+  return (hasattr(x, "__getitem__") and hasattr(x, "__len__")
+          and not isinstance(x, (Mapping, str, bytes)))
+
+
+def is_host_source(data) -> bool:
+  """Whether ``data`` is a host source rather than device-resident arrays."""
+  return not isinstance(data, Mapping)
+
+
+def _refuse_iterator(data, what: str) -> None:
+  if isinstance(data, Iterator):
+    raise SourceError(
+        f"{what} is an iterator ({type(data).__name__}), which fit can "
+        "neither read again each epoch nor resume after an interruption; "
+        "nothing was read from it. Pass a function epoch -> batches (e.g. "
+        "lambda epoch: my_batches(epoch), called again each epoch), a "
+        "grain.MapDataset of batches, "
+        "or a grain.IterDataset / DataLoader with "
+        "loop=kdjax.Loop(steps_per_epoch=...).")
+
+
+@dataclasses.dataclass
+class _Position:
+  """Where the next batch comes from; ``state`` is JSON-able."""
+  epoch: int
+  step: int
+  state: Optional[dict] = None
+
+
+class HostSource:
+  """A uniform view of the host sources above (see the module docstring).
+
+  ``batches(epoch, start, state)`` yields ``(batch, data_state)`` pairs from
+  step ``start`` of ``epoch`` on, where ``data_state`` is what a checkpoint
+  taken after that batch must hold to resume right after it.
+  """
+
+  def __init__(self, data, steps_per_epoch: Optional[int] = None):
+    _refuse_iterator(data, "the data")
+    self._data = data
+    self.kind = ("map" if _is_map_dataset(data) else
+                 "sequence" if _is_sequence(data) else
+                 "fn" if callable(data) else
+                 "iterable" if isinstance(data, Iterable) else None)
+    if self.kind is None:
+      raise SourceError(
+          f"fit cannot stream batches from a {type(data).__name__}: pass a "
+          "dict of arrays (device-resident data), a grain dataset of "
+          "batches, or a function epoch -> batches.")
+    self._iterator = None
+    self._last_iterator = None
+    # A function's epoch-0 sequence, built once (for its length, the peek
+    # and epoch 0 itself) instead of once for each.
+    self._epoch0 = None
+    if self.kind in ("map", "sequence"):
+      n = len(data)
+      if steps_per_epoch is not None and steps_per_epoch != n:
+        raise ValueError(f"Loop(steps_per_epoch={steps_per_epoch}), but the "
+                         f"dataset has {n} batches per epoch.")
+      steps_per_epoch = n
+    elif self.kind == "fn":
+      first = self._call(0)
+      if _is_sequence(first):
+        self._epoch0 = first
+        if steps_per_epoch is None:
+          steps_per_epoch = len(first)
+      elif isinstance(first, Iterator) and steps_per_epoch is None:
+        # A generator function: count epoch 0 on this generator (the
+        # epochs themselves call the function again for fresh ones).
+        steps_per_epoch = sum(1 for _ in first)
+    if steps_per_epoch is None:
+      raise ValueError(
+          "the number of batches per epoch is unknown for this source: pass "
+          "loop=kdjax.Loop(steps_per_epoch=...).")
+    if steps_per_epoch <= 0:
+      raise ValueError(f"an epoch needs at least one batch, got "
+                       f"{steps_per_epoch}.")
+    self.steps_per_epoch = int(steps_per_epoch)
+
+  def _call(self, epoch: int):
+    """``data(epoch)``; an iterator must be a fresh one on every call."""
+    obj = self._data(epoch)
+    if isinstance(obj, Iterator):
+      if obj is self._last_iterator:
+        raise SourceError(
+            f"data({epoch}) returned the iterator it returned before; fit "
+            "calls the function once per epoch (and again on resume), so it "
+            "must return a fresh one each time: a generator function "
+            "(def batches(epoch): ... yield batch) or a new iterator.")
+      self._last_iterator = obj
+    return obj
+
+  def describe(self) -> str:
+    return f"{self.kind}:{type(self._data).__name__}"
+
+  def peek(self):
+    """The first batch, read without consuming anything the run will use."""
+    if self.kind in ("map", "sequence"):
+      return self._data[0]
+    if self.kind == "fn":
+      if self._epoch0 is not None:
+        return self._epoch0[0]
+      return next(iter(self._call(0)))
+    return next(iter(self._data))  # A grain IterDataset: a fresh iterator.
+
+  def batches(self, epoch: int, start: int, state: Optional[dict]):
+    n = self.steps_per_epoch
+    if self.kind == "map":
+      for i in range(start, n):
+        yield self._data[epoch * n + i], None
+      return
+    if self.kind == "sequence":
+      for i in range(start, n):
+        yield self._data[i], None
+      return
+    if self.kind == "fn":
+      obj = self._epoch0 if epoch == 0 and self._epoch0 is not None else (
+          self._call(epoch))
+      if _is_sequence(obj):
+        if len(obj) != n:
+          raise ValueError(f"data({epoch}) has {len(obj)} batches, epoch 0 "
+                           f"had {n}; every epoch needs the same number.")
+        for i in range(start, n):
+          yield obj[i], None
+        return
+      it = iter(obj)
+      stateful = hasattr(it, "get_state") and hasattr(it, "set_state")
+      if start and stateful and state is not None:
+        it.set_state(state)
+      else:
+        for _ in range(start):  # The documented replay rule.
+          next(it)
+      for i in range(start, n):
+        try:
+          batch = next(it)
+        except StopIteration:
+          raise ValueError(f"data({epoch}) ended after {i} batches; epochs "
+                           f"have {n}.") from None
+        yield batch, (it.get_state() if stateful else None)
+      return
+    # One iterator for the whole run (grain IterDataset / DataLoader).
+    if self._iterator is None:
+      self._iterator = iter(self._data)
+      if state is not None:
+        self._iterator.set_state(state)
+      elif epoch or start:
+        for _ in range(epoch * n + start):
+          next(self._iterator)
+    it = self._iterator
+    for i in range(start, n):
+      try:
+        batch = next(it)
+      except StopIteration:
+        raise ValueError(f"the data ended in epoch {epoch + 1} after {i} "
+                         "batches.") from None
+      yield batch, (it.get_state() if hasattr(it, "get_state") else None)
+
+
+def as_host_source(data, steps_per_epoch: Optional[int] = None) -> HostSource:
+  return data if isinstance(data, HostSource) else HostSource(
+      data, steps_per_epoch)
+
+
+_DONE = object()
+
+
+class Prefetcher:
+  """Moves host batches to the device ahead of the step, on a thread.
+
+  Iterating yields ``(device_batch, count, data_state)``: ``count`` host
+  batches (``block`` of them, stacked on a new leading axis, or one when
+  ``block`` is 1) and the data state after the last of them. At most
+  ``size`` prepared transfers wait in the queue (2: double buffering).
+  An exception in the producer (a bad batch) is raised in the consumer.
+
+  Args:
+    batches: an iterable of ``(host_batch, data_state)``.
+    block: batches per transfer (the steps of one jitted block).
+    size: the queue depth.
+    sharding: a ``jax.sharding.Sharding`` for every leaf (e.g. the batch
+      axis split over a mesh), or None for the default device. With
+      ``block > 1`` it must take the extra leading (block) axis into account.
+    block_sharding: the sharding of a stacked block (default device if
+      None).
+    check: optional ``(batch, index) -> batch`` run on each host batch.
+    total: the number of batches to expect; the last ``total % block`` are
+      transferred one by one (so that blocks keep one compiled shape).
+  """
+
+  def __init__(self, batches: Iterable, *, block: int = 1, size: int = 2,
+               sharding=None, block_sharding=None,
+               check: Optional[Callable] = None, total: Optional[int] = None):
+    self._q: "queue.Queue" = queue.Queue(maxsize=max(1, size))
+    self._stop = threading.Event()
+    self._args = (batches, block, sharding, block_sharding, check, total)
+    self._thread = threading.Thread(target=self._produce, daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _produce(self):
+    batches, block, sharding, block_sharding, check, total = self._args
+
+    def singles(pending) -> bool:
+      return all(self._put((jax.device_put(b, sharding), 1, st))
+                 for b, st in pending)
+
+    try:
+      pending, index = [], 0
+      for batch, data_state in batches:
+        if check is not None:
+          batch = check(batch, index)
+        index += 1
+        pending.append((batch, data_state))
+        if len(pending) == block and block > 1:
+          stacked = jax.tree.map(lambda *x: np.stack(x),
+                                 *[b for b, _ in pending])
+          if not self._put((jax.device_put(stacked, block_sharding), block,
+                            data_state)):
+            return
+          pending = []
+        elif block == 1 or (total is not None and index == total):
+          if not singles(pending):  # One step, or the epoch's short tail.
+            return
+          pending = []
+        if self._stop.is_set():
+          return
+      if not singles(pending):
+        return
+      self._put(_DONE)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._put(("error", e))
+
+  def __iter__(self):
+    while True:
+      item = self._q.get()
+      if item is _DONE:
+        return
+      if isinstance(item, tuple) and len(item) == 2 and item[0] == "error":
+        raise item[1]
+      yield item
+
+  def close(self) -> None:
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+
+class HostRunner:
+  """Host epochs: jitted steps, or jitted blocks of steps, over prefetched
+  host batches.
+
+  Args:
+    step: the raw (un-jitted) train step.
+    vmapped: the state is a stacked sweep (the step and blocks are vmapped
+      over members; teacher and batches are shared).
+  """
+
+  def __init__(self, step: Callable, *, vmapped: bool):
+    raw_step = step
+
+    def block(state, teacher, batches, rng):
+      return jax.lax.scan(lambda s, b: raw_step(s, teacher, b, rng), state,
+                          batches)
+
+    if vmapped:
+      step = jax.vmap(step, in_axes=(0, None, None, 0))
+      block = jax.vmap(block, in_axes=(0, None, None, 0), out_axes=(0, 1))
+    self.vmapped = vmapped
+    self.step = jax.jit(step, donate_argnums=(0,))
+    self.block = jax.jit(block, donate_argnums=(0,))
+    self.summarise = jax.jit(lambda per_step, state: summarise(
+        per_step, state, diagnostics=True, vmapped=vmapped))
+    self.position = 0
+
+  def run_epoch(self, state, teacher, source: HostSource, rng, epoch: int,
+                start: int, data_state, *, block: int, check: Callable,
+                on_block: Callable):
+    """Steps ``start..`` of ``epoch``; ``(state, summary, data_state)``.
+
+    ``check(batch, epoch, index)`` runs on each host batch before it is
+    transferred; ``on_block(state, position, data_state)`` after each
+    block (for progress and mid-epoch checkpoints).
+    """
+    n = source.steps_per_epoch
+    self.position = start
+    prefetch = Prefetcher(
+        source.batches(epoch, start, data_state), block=block,
+        check=lambda b, i: check(b, epoch, start + i), total=n - start)
+    per_step = []
+    try:
+      for batch, count, dstate in prefetch:
+        if count > 1:
+          state, metrics = self.block(state, teacher, batch, rng)
+        else:
+          state, metrics = self.step(state, teacher, batch, rng)
+          metrics = jax.tree.map(lambda m: m[None], metrics)
+        per_step.append(metrics)
+        self.position += count
+        data_state = dstate
+        on_block(state, self.position, dstate)
+    finally:
+      prefetch.close()
+    stacked = jax.tree.map(lambda *m: jnp.concatenate(m), *per_step)
+    return state, self.summarise(stacked, state), data_state
