@@ -81,8 +81,14 @@ __all__ = ["fit", "fit_record", "check_run_config", "check_inputs",
 
 
 def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
-                     filename: str = "run_config.json") -> None:
+                     filename: str = "run_config.json",
+                     write: bool = True) -> None:
   """Records ``run_config`` in ``workdir/filename``, or checks it matches.
+
+  With ``write=False`` only an existing record is checked (nothing is
+  created): a command checks early, before loading its data, and records
+  the run once the data has loaded, so that a run that fails on its inputs
+  leaves no record to refuse its corrected rerun.
 
   Raises:
     ValueError: if the workdir holds a run of a different configuration,
@@ -90,8 +96,10 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
   """
   validate.check_workdir(workdir)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / filename
+  if not write and not path.exists():
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
   canonical = json.loads(json.dumps(run_config, sort_keys=True, default=str))
   if path.exists():
     old = json.loads(path.read_text())
@@ -100,10 +108,12 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
                     if old.get(k) != canonical.get(k))
       raise validate.WorkdirMismatchError(
           f"workdir {workdir} holds a run with a different configuration "
-          f"({path.name}: keys differing: {diff}). Pass a new workdir=, or "
-          f"delete {workdir} to start over.")
+          f"({path.name}: keys differing: {diff}). Pass a new workdir= "
+          f"(--workdir on the command line), or delete {workdir} to start "
+          "over.")
     return
-  write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
+  if write:
+    write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
 
 
 # fit's keyword arguments before the option types, and where each went.

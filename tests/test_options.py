@@ -167,9 +167,8 @@ def test_a_different_run_in_the_workdir_names_the_workdir_argument(tmp_path):
   kw = dict(epochs=1, rng=jax.random.key(0), progress=False,
             checkpoint=tmp_path)
   kdjax.fit(_state(), _teacher(), _data(), batch_size=BATCH, **kw)
-  with pytest.raises(ValueError, match="new workdir=") as e:
+  with pytest.raises(ValueError, match="Pass a new workdir="):
     kdjax.fit(_state(), _teacher(), _data(), batch_size=BATCH // 2, **kw)
-  assert "--workdir" not in str(e.value)
 
 
 def test_an_input_shape_the_student_was_not_built_for_is_one_line():
