@@ -1,5 +1,9 @@
 """Fail-fast checks: one clear error line, raised before anything compiles.
 
+The one home of kdjax's input checks: configs, batch sizes, batches
+against their :class:`kdjax.Fields`, the models against the data, host
+batches as they arrive, keys and workdirs.
+
 Everything here runs on the host with plain Python and NumPy (shapes come
 from ``jax.eval_shape``, which traces but never compiles), so a mistake in
 a config file, a batch size or the data costs a second, not a compilation
@@ -15,8 +19,17 @@ followed by a cryptic error or, worse, a silently wrong run.
 * :func:`validate_labels`: labels must be integer class indices in
   ``[0, num_classes)``.
 
-:func:`kdjax.fit` runs the last two on its inputs; the MNIST pipeline
-runs :func:`validate_config` on its config.
+* :func:`check_batch`, :func:`check_weights`: a batch against the step's
+  :class:`kdjax.Fields` (shapes only; also run inside the step, at trace
+  time).
+* :func:`check_inputs`: :func:`kdjax.fit`'s state, teacher and data
+  against each other (abstractly, nothing compiles); :class:`BatchChecker`:
+  every host batch against the first.
+* :func:`check_key`, :func:`check_workdir`: ``rng=0`` and a workdir that is
+  a file, as one line naming the fix.
+
+:func:`kdjax.fit` runs the checks on its inputs; the MNIST pipeline runs
+:func:`validate_config` on its config.
 """
 
 from __future__ import annotations
@@ -29,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
+
+from kdjax import student as student_lib
 
 if TYPE_CHECKING:
   from kdjax.fields import Fields
@@ -589,7 +604,6 @@ def check_inputs(state, teacher, data, spec, *,
       came without its model state.
     TypeError: the labels are not integers.
   """
-  from kdjax import student as student_lib  # pylint: disable=g-import-not-at-top
   fields, obj = spec.fields, spec.objective
   num_examples = check_batch(data, fields, needs_labels=obj.needs_labels,
                              what="data")
