@@ -14,7 +14,10 @@ Modules, one concern each:
   (linen, NNX or a pure function).
 * :mod:`kdjax.fields`: :class:`Fields`, which batch fields are inputs,
   labels, weights and cached teacher logits.
-* :mod:`kdjax.objectives`: the objective registry (``kd``, ``soft``, ...).
+* :mod:`kdjax.objectives`: the objective registry (``kd``, ``soft``, ...);
+  each objective declares the hyperparameters it reads.
+* :mod:`kdjax.hparams`: the state's hyperparameters (``temperature``,
+  ``alpha``, ``beta``, ...: numbers or schedules) and their records.
 * :mod:`kdjax.options`: the option types :class:`StepSpec`,
   :class:`Precision`, :class:`Checkpointing`, :class:`Evaluation` and
   :class:`Loop`.
@@ -25,7 +28,7 @@ Modules, one concern each:
 * :mod:`kdjax.loop`: the epoch forms (a whole-epoch scan, a loop of jitted
   steps, jitted blocks over host batches) and the epoch's metric summary.
 * :mod:`kdjax.cache`: the teacher-logit cache.
-* :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
+* :mod:`kdjax.sweep`: vmapped sweeps over seeds and hyperparameters.
 * :mod:`kdjax.specialists`: the paper's specialist models (Section 5):
   confusable clusters, specialist data and initialisation, vmapped
   training, the dustbin correction and the eq. 5 combination.
@@ -46,9 +49,9 @@ are the deprecated names of :mod:`kdjax.step`, :mod:`kdjax.fitting` and
 """
 
 from kdjax import (augment, cache, chunked, constraints, evaluate, fields,
-                   fitting, loop, losses, models, objectives, optim, options,
-                   precision, preprocess, specialists, step, sweep, topk,
-                   validate)
+                   fitting, hparams, loop, losses, models, objectives, optim,
+                   options, precision, preprocess, specialists, step, sweep,
+                   topk, validate)
 from kdjax import loops, train  # noqa: F401  (deprecated names, one cycle)
 from kdjax.fields import Fields
 from kdjax.fitting import fit
@@ -71,9 +74,9 @@ from kdjax.step import TrainState, make_train_step
 __all__ = [
     # Modules.
     "augment", "cache", "chunked", "constraints", "evaluate", "fields",
-    "fitting", "loop", "losses", "models", "objectives", "optim", "options",
-    "precision", "preprocess", "specialists", "step", "sweep", "topk",
-    "validate",
+    "fitting", "hparams", "loop", "losses", "models", "objectives", "optim",
+    "options", "precision", "preprocess", "specialists", "step", "sweep",
+    "topk", "validate",
     # The losses.
     "distillation_loss", "generalized_jsd_loss", "hard_label_loss",
     "kd_objective", "logit_matching_loss", "reverse_distillation_loss",

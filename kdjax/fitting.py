@@ -62,6 +62,9 @@ import jax
 import numpy as np
 
 from kdjax import augment as augment_lib
+from kdjax import hparams as hparams_lib
+from kdjax import mesh as mesh_lib
+from kdjax import objectives
 from kdjax import step as step_lib
 from kdjax import student as student_lib
 from kdjax import sweep, validate
@@ -71,7 +74,7 @@ from kdjax.loop import device as device_loop
 from kdjax.loop import host as host_loop
 from kdjax.loop.summary import nonfinite_message
 from kdjax.options import (Checkpointing, Evaluation, Loop, StepSpec,
-                           callable_name, step_spec)
+                           step_spec)
 from kdjax.progress import MetricWriter, Progress
 from kdjax._types import PyTree
 from kdjax.trees import copy_arrays
@@ -103,6 +106,8 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
   canonical = json.loads(json.dumps(run_config, sort_keys=True, default=str))
   if path.exists():
     old = json.loads(path.read_text())
+    if filename == "fit.json":  # Written by an older kdjax?
+      old = hparams_lib.upgrade_fit_record(old)
     if old != canonical and not augment_lib.same_fit_record(old, canonical):
       diff = sorted(k for k in set(old) | set(canonical)
                     if old.get(k) != canonical.get(k))
@@ -112,7 +117,7 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
           f"(--workdir on the command line), or delete {workdir} to start "
           "over.")
     return
-  if write:
+  if write and mesh_lib.is_primary():  # Under jax.distributed, process 0.
     write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
 
 
@@ -205,8 +210,14 @@ def fit(state: PyTree, teacher, data, *, epochs: int, rng: jax.Array,
     batch_size: examples per step for device-resident data (the remainder
       of each epoch is dropped); host batches bring their own (a
       different ``batch_size`` with host data is an error).
-    mesh: reserved for data-parallel and FSDP training over a
-      ``jax.sharding.Mesh``; only None (one device) is implemented.
+    mesh: the ``jax.sharding.Mesh`` to train on (:mod:`kdjax.mesh`); None:
+      :func:`kdjax.mesh.default_mesh`, every device on a ``"data"`` axis
+      (data parallel; on one device nothing changes). ``batch_size`` is the
+      global batch (host batches: each process's batches hold its
+      ``1/process_count`` part); the batch axes must divide it. An
+      ``"fsdp"`` axis also shards the student's params, its optimizer
+      state and the teacher's params. Under ``jax.distributed`` every
+      process makes the same call (see :mod:`kdjax.mesh`).
     checkpoint: a :class:`kdjax.Checkpointing` (or just its workdir): where
       checkpoints, ``metrics.jsonl``, ``fit.json`` and ``run_config.json``
       go, and how often; None trains in memory only.
@@ -238,30 +249,19 @@ def fit(state: PyTree, teacher, data, *, epochs: int, rng: jax.Array,
   """
   spec, checkpoint, evaluation, loop = _options(spec, checkpoint, evaluation,
                                                 loop, deprecated)
-  _check_arguments(epochs, rng, mesh, checkpoint, vmapped)
-  run = _prepare(state, teacher, data, spec, loop, batch_size, vmapped)
+  _check_arguments(epochs, rng, checkpoint, vmapped)
+  objectives.check_hparams(spec.objective, state.hparams)
+  run = _prepare(state, teacher, data, spec, loop, batch_size, vmapped,
+                 mesh_lib.plan(mesh))
   # The compiled epochs donate the state they are given: train a copy, so
   # that no array the caller holds (the params it created the state from,
   # say) is deleted.
-  state = copy_arrays(state)
-  # A run continues from the state's own position: a state that has trained
-  # k epochs (an earlier fit call) starts at epoch k.
-  done_steps = int(np.ravel(np.asarray(jax.device_get(state.step)))[0])
-  start, start_step = divmod(done_steps, run.steps_per_epoch)
-  if start_step and not run.host:
-    raise ValueError(
-        f"the state has taken {done_steps} steps, not a whole number of "
-        f"epochs of {run.steps_per_epoch} steps; fit continues runs from "
-        "epoch boundaries on device-resident data.")
-  resumed = _Resume(start, start_step)
+  state = copy_arrays(state) if run.plan.trivial else run.plan.place_state(
+      state, lead=int(vmapped))
+  teacher, run.rng = run.plan.place_teacher(teacher), run.plan.place_rng(rng)
+  resumed = _position(state, run, epochs, checkpoint is None)
   if checkpoint is not None:
     state, resumed = _open_workdir(state, run, checkpoint, rng)
-  elif start >= epochs and epochs > 0:
-    raise ValueError(
-        f"the state has already trained {start} epoch(s) and epochs={epochs} "
-        f"is the run's total: pass epochs={start + 1} to train one more "
-        "(fit continues a run from the state's step; a per-epoch loop is "
-        "`for e in range(E): state, _ = fit(state, ..., epochs=e + 1)`).")
   return _train(run, state, teacher, rng, epochs, resumed, checkpoint,
                 evaluation, Progress(
                     epochs * run.steps_per_epoch,
@@ -269,12 +269,9 @@ def fit(state: PyTree, teacher, data, *, epochs: int, rng: jax.Array,
                     resumed.step, desc=desc, enabled=progress))
 
 
-def _check_arguments(epochs, rng, mesh, checkpoint, vmapped) -> None:
+def _check_arguments(epochs, rng, checkpoint, vmapped) -> None:
   if epochs < 0:
     raise ValueError(f"epochs must be >= 0, got {epochs}.")
-  if mesh is not None:
-    raise NotImplementedError("fit(mesh=...) is not implemented yet: pass "
-                              "mesh=None (one device).")
   validate.check_key(rng, vmapped=vmapped)
   if checkpoint is not None:
     validate.check_workdir(checkpoint.workdir)
@@ -291,6 +288,8 @@ class _Run:
   steps_per_epoch: int
   form: str
   vmapped: bool
+  plan: mesh_lib.Plan
+  rng: Any = None  # The run's key, placed for the plan.
   run_epoch: Optional[Callable] = None  # device data
   runner: Optional[host_loop.HostRunner] = None  # host data
   source: Optional[host_loop.HostSource] = None
@@ -309,7 +308,8 @@ class _Resume:
 
 
 def _prepare(state, teacher, data, spec: StepSpec, loop: Loop,
-             batch_size: Optional[int], vmapped: bool) -> _Run:
+             batch_size: Optional[int], vmapped: bool,
+             plan: mesh_lib.Plan) -> _Run:
   """Checks the inputs (nothing compiles) and builds the epoch form."""
   if host_loop.is_host_source(data):
     source = host_loop.as_host_source(data, loop.steps_per_epoch)
@@ -322,18 +322,22 @@ def _prepare(state, teacher, data, spec: StepSpec, loop: Loop,
     first = jax.tree.map(np.asarray, dict(first))
     size, num_classes = validate.check_inputs(state, teacher, first, spec,
                                               vmapped=vmapped)
+    size = plan.global_batch_size(size)
     if batch_size is not None and batch_size != size:
       raise ValueError(
           f"fit got batch_size={batch_size}, but the host source's batches "
           f"hold {size} examples: host batches bring their own size; drop "
           "batch_size= or batch the source by it.")
+    plan.check_batch_size(size)
     form = loop.form if loop.form != "auto" else choose_loop(
         state, first, spec=spec, vmapped=vmapped)
     steps = source.steps_per_epoch
     return _Run(
-        spec, True, None, size, size * steps, steps, form, vmapped,
-        runner=_cached(("host", spec, vmapped), lambda: host_loop.HostRunner(
-            step_lib.make_train_step(spec), vmapped=vmapped)),
+        spec, True, None, size, size * steps, steps, form, vmapped, plan,
+        runner=_cached(("host", spec, vmapped, plan),
+                       lambda: host_loop.HostRunner(
+                           step_lib.make_train_step(spec), vmapped=vmapped,
+                           plan=_nontrivial(plan))),
         source=source, checker=validate.BatchChecker(
             first, spec.fields, num_classes,
             needs_labels=spec.objective.needs_labels),
@@ -343,12 +347,32 @@ def _prepare(state, teacher, data, spec: StepSpec, loop: Loop,
     raise ValueError("fit needs batch_size= for device-resident data.")
   num_examples = validate.check_inputs(state, teacher, data, spec,
                                        vmapped=vmapped)[0]
+  plan.check_batch_size(batch_size)
   form = loop.form if loop.form != "auto" else choose_loop(
       state, data, spec=spec, vmapped=vmapped)
   run_epoch, steps = _device_runner(spec, form, batch_size, num_examples,
-                                    vmapped)
-  return _Run(spec, False, jax.device_put(data), batch_size, num_examples,
-              steps, form, vmapped, run_epoch=run_epoch)
+                                    vmapped, _nontrivial(plan))
+  return _Run(spec, False, plan.place_data(data), batch_size, num_examples,
+              steps, form, vmapped, plan, run_epoch=run_epoch)
+
+
+def _position(state, run: _Run, epochs: int, in_memory: bool) -> _Resume:
+  """Where the state is: a state that has trained k epochs (an earlier fit
+  call) starts at epoch k."""
+  done_steps = int(np.ravel(mesh_lib.to_host(state.step))[0])
+  start, start_step = divmod(done_steps, run.steps_per_epoch)
+  if start_step and not run.host:
+    raise ValueError(
+        f"the state has taken {done_steps} steps, not a whole number of "
+        f"epochs of {run.steps_per_epoch} steps; fit continues runs from "
+        "epoch boundaries on device-resident data.")
+  if in_memory and start >= epochs and epochs > 0:
+    raise ValueError(
+        f"the state has already trained {start} epoch(s) and epochs={epochs} "
+        f"is the run's total: pass epochs={start + 1} to train one more "
+        "(fit continues a run from the state's step; a per-epoch loop is "
+        "`for e in range(E): state, _ = fit(state, ..., epochs=e + 1)`).")
+  return _Resume(start, start_step)
 
 
 def _open_workdir(state, run: _Run, checkpoint: Checkpointing, rng):
@@ -361,7 +385,7 @@ def _open_workdir(state, run: _Run, checkpoint: Checkpointing, rng):
                    filename="fit.json")
   if checkpoint.run_config is not None:
     check_run_config(workdir, checkpoint.run_config)
-  done = int(np.ravel(np.asarray(jax.device_get(state.step)))[0])
+  done = int(np.ravel(mesh_lib.to_host(state.step))[0])
   resume = _Resume(*divmod(done, run.steps_per_epoch))
   resume.ckpt = Checkpointer(workdir / "checkpoints")
   restored = resume.ckpt.restore_latest(state)
@@ -375,9 +399,11 @@ def _open_workdir(state, run: _Run, checkpoint: Checkpointing, rng):
       raise ValueError(
           f"workdir {workdir} was checkpointed with a different rng key; "
           "resume with the same seed or pass a new workdir=.")
-  resume.writer = MetricWriter(workdir)
-  # Steps after the restored checkpoint run again: drop their records.
-  resume.writer.drop_after(resume.epoch * run.steps_per_epoch + resume.step)
+  if mesh_lib.is_primary():  # Under jax.distributed, process 0 writes.
+    resume.writer = MetricWriter(workdir)
+    # Steps after the restored checkpoint run again: drop their records.
+    resume.writer.drop_after(resume.epoch * run.steps_per_epoch +
+                             resume.step)
   return state, resume
 
 
@@ -430,12 +456,13 @@ def _train(run: _Run, state, teacher, rng, epochs: int, resume: _Resume,
       first_step = resume.step if epoch == resume.epoch else 0
       if run.host:
         state, metrics, data_state = _host_epoch(
-            run, state, teacher, rng, epoch, first_step,
+            run, state, teacher, run.rng, epoch, first_step,
             data_state if epoch == resume.epoch else None, bar, save,
             checkpoint.every_steps if checkpoint is not None else 0)
       else:
-        state, metrics = run.run_epoch(state, teacher, run.data, rng, epoch)
-      record = _epoch_record(run, state, jax.device_get(metrics), epoch,
+        state, metrics = run.run_epoch(state, teacher, run.data, run.rng,
+                                       epoch)
+      record = _epoch_record(run, state, mesh_lib.to_host(metrics), epoch,
                              epochs, run.steps_per_epoch - first_step,
                              time.perf_counter() - t0, resume, evaluation)
       history.append(record)
@@ -465,7 +492,7 @@ def _epoch_record(run: _Run, state, metrics: dict, epoch: int, epochs: int,
   if run.spec.on_nonfinite == "raise" and np.any(first_bad >= 0):
     raise FloatingPointError(nonfinite_message(
         epoch, epochs, first_bad, bad_metrics, metrics,
-        np.asarray(jax.device_get(state.step)), epoch_steps,
+        mesh_lib.to_host(state.step), epoch_steps,
         resume.ckpt.all_epochs() if resume.ckpt is not None else None))
   record = {k: np.asarray(v) for k, v in metrics.items()}
   if evaluation is not None and (epoch + 1 == epochs or (
@@ -484,27 +511,26 @@ def fit_record(state: PyTree, spec: StepSpec, *, batch_size: int,
   """What ``fit`` sees of a run, for ``<workdir>/fit.json`` (not ``epochs``).
 
   The spec's :meth:`~kdjax.StepSpec.record` plus the sizes, the sweep flag,
-  the state's temperature and alpha (and schedules' names) and every
+  the state's hyperparameters (and its schedules' values) and every
   array's name, shape and dtype. Settings added to ``fit`` later are
   recorded only when they differ from their defaults (a ``"scan"`` loop,
-  no host source), so that the records of earlier runs still match and
-  resume.
+  no host source, no schedule), so that the records of earlier runs still
+  match and resume (``temperature`` and ``alpha``, once keys of their own,
+  are read as ``hparams``: :func:`kdjax.hparams.upgrade_fit_record`).
   """
   record = {**spec.record(), "batch_size": int(batch_size),
             "num_examples": int(num_examples), "vmapped": bool(vmapped),
-            "temperature": np.asarray(
-                jax.device_get(state.temperature)).tolist(),
-            "alpha": np.asarray(jax.device_get(state.alpha)).tolist(),
+            "hparams": {k: np.asarray(mesh_lib.to_host(v)).tolist()
+                        for k, v in state.hparams.items()},
             "state": leaf_specs(state)}
   if loop != "scan":
     record["loop"] = loop  # A resumed run replays the same form.
   if source is not None:
     record["source"] = source
     record["block"] = int(block)
-  for k in ("temperature_fn", "alpha_fn"):
-    fn = getattr(state, k, None)
-    if fn is not None:
-      record[k] = callable_name(fn)
+  if state.schedules:  # A schedule is identified by its values.
+    record["schedules"] = {k: hparams_lib.schedule_record(fn)
+                           for k, fn in state.schedules}
   return record
 
 
@@ -525,7 +551,7 @@ def _cached(key, build):
 
 
 def _device_runner(spec: StepSpec, form: str, batch_size: int,
-                   num_examples: int, vmapped: bool):
+                   num_examples: int, vmapped: bool, plan):
   """``(run_epoch, steps_per_epoch)`` for device-resident data."""
 
   def build():
@@ -533,18 +559,24 @@ def _device_runner(spec: StepSpec, form: str, batch_size: int,
     if form == "steps":
       run = device_loop.make_stepwise_epoch_fn(
           step, batch_size=batch_size, num_examples=num_examples,
-          vmapped=vmapped, nonfinite_diagnostics=True)
+          vmapped=vmapped, nonfinite_diagnostics=True, plan=plan)
       return run, run.steps_per_epoch
     epoch_fn = device_loop.make_epoch_fn(step, batch_size=batch_size,
                                          num_examples=num_examples,
-                                         nonfinite_diagnostics=True)
+                                         nonfinite_diagnostics=True,
+                                         plan=plan)
     steps = epoch_fn.steps_per_epoch
     if vmapped:
       epoch_fn = sweep.vmap_epoch(epoch_fn)
     return jax.jit(epoch_fn, donate_argnums=(0,)), steps
 
-  return _cached(("device", spec, form, batch_size, num_examples, vmapped),
-                 build)
+  return _cached(("device", spec, form, batch_size, num_examples, vmapped,
+                  plan), build)
+
+
+def _nontrivial(plan):
+  """``plan`` where it does something; None on one device (as before)."""
+  return None if plan is None or plan.trivial else plan
 
 
 def _has_convolution(jaxpr) -> bool:

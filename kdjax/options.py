@@ -138,9 +138,11 @@ class StepSpec:
     Settings added after the first records were written (fields, input
     transform, precision) appear only when they differ from their defaults,
     so that the records of earlier runs still match and resume. ``"skip"``
-    and ``"raise"`` compute the same states and are recorded alike.
+    and ``"raise"`` compute the same states and are recorded alike. An
+    objective that is not a kdjax built-in is recorded with a hash of its
+    code (:func:`kdjax.objectives.record`).
     """
-    record = {"objective": self.objective.name,
+    record = {**objectives.record(self.objective),
               "augment": augment_lib.describe(self.augment),
               "skip_nonfinite": self.skip_nonfinite}
     if self.fields != Fields():

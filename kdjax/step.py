@@ -4,10 +4,12 @@
 
 * ``state`` (:class:`TrainState`) holds only the **student**: its params,
   its model state (BatchNorm statistics, ...), the optimizer state, the
-  step counter and the objective's hyperparameters (``temperature``,
-  ``alpha``) as arrays, so a ``jax.vmap`` over states is a sweep over seeds,
-  temperatures and alphas (see :mod:`kdjax.sweep`). Temperature and alpha
-  may also be schedules: functions of the step.
+  step counter and the objective's hyperparameters (``hparams``:
+  ``temperature``, ``alpha``, ``beta``, ...) as arrays, so a ``jax.vmap``
+  over states is a sweep over seeds and any hyperparameter (see
+  :mod:`kdjax.sweep`). Each may also be a schedule: a function of the step
+  (:mod:`kdjax.hparams`). The objective is passed exactly the ones it
+  declares (:mod:`kdjax.objectives`).
 * ``teacher`` (:class:`kdjax.teacher.Teacher`) is a frozen pytree, always
   run in inference mode, wrapped in ``stop_gradient``; it is never in the
   optimizer state.
@@ -80,6 +82,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kdjax import hparams as hparams_lib
 from kdjax import options, precision, validate
 from kdjax import student as student_lib
 from kdjax.student import Student, abstract_student_logits  # noqa: F401
@@ -117,16 +120,17 @@ class TrainState:
     model_state: the student's other collections (BatchNorm statistics;
       ``{}`` for a stateless model): checkpointed, never in the optimizer.
     opt_state: the optax state for ``params``.
-    temperature: the distillation temperature ``T`` (float32 scalar); with
-      a schedule, the value used by the last step.
-    alpha: the weight of the hard-label loss (float32 scalar); likewise.
+    hparams: the objective's hyperparameters, name -> float32 array
+      (``temperature`` and ``alpha`` always; ``beta``, ... as given); a
+      scheduled one holds the value used by the last step
+      (:mod:`kdjax.hparams`).
     skipped: number of steps skipped for a non-finite loss or gradient.
     apply_fn: the student's forward, ``(params, model_state, *inputs,
       train, rng) -> (logits, new_model_state)`` (static; see
       :class:`kdjax.Student`).
     tx: the optax ``GradientTransformation`` (static).
-    temperature_fn: optional schedule ``step -> T`` (static).
-    alpha_fn: optional schedule ``step -> alpha`` (static).
+    schedules: ``((name, fn), ...)``, the hyperparameters that are
+      schedules ``step -> value`` (static).
     export_fn: ``(params, model_state) -> model`` (static; see
       :meth:`kdjax.Student.export`).
   """
@@ -134,15 +138,11 @@ class TrainState:
   params: PyTree
   model_state: PyTree
   opt_state: PyTree
-  temperature: jax.Array
-  alpha: jax.Array
+  hparams: dict
   skipped: jax.Array
   apply_fn: Callable = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-  temperature_fn: Optional[Schedule] = flax.struct.field(pytree_node=False,
-                                                         default=None)
-  alpha_fn: Optional[Schedule] = flax.struct.field(pytree_node=False,
-                                                   default=None)
+  schedules: tuple = flax.struct.field(pytree_node=False, default=())
   export_fn: Optional[Callable] = flax.struct.field(pytree_node=False,
                                                     default=None)
 
@@ -151,8 +151,9 @@ class TrainState:
              tx: optax.GradientTransformation,
              apply_fn: Optional[Callable] = None,
              params: Optional[PyTree] = None,
-             temperature: Union[float, Schedule] = 1.0,
-             alpha: Union[float, Schedule] = 0.0) -> "TrainState":
+             temperature: Union[float, Schedule, None] = None,
+             alpha: Union[float, Schedule, None] = None,
+             hparams: Optional[dict] = None) -> "TrainState":
     """A fresh state at step 0, owning copies of the student's arrays.
 
     The compiled steps donate the state they are given; the copies make sure
@@ -162,13 +163,15 @@ class TrainState:
     state), or the stateless shorthand ``apply_fn(params, *inputs, train,
     rng) -> logits`` plus ``params`` (:meth:`kdjax.Student.from_logits_fn`).
 
-    ``temperature`` and ``alpha`` are numbers or schedules (functions of the
-    int32 step, e.g. an ``optax`` schedule); they are checked here (a
-    schedule at step 0).
+    ``temperature`` (default 1.0), ``alpha`` (default 0.0) and the entries
+    of ``hparams`` (e.g. ``{"beta": 0.3}``) are the objective's
+    hyperparameters: numbers or schedules (functions of the int32 step,
+    e.g. an ``optax`` schedule). They are checked here (a schedule at step
+    0; see :mod:`kdjax.hparams`).
 
     Raises:
-      ValueError: bad temperature/alpha, or both or neither of ``student``
-        and ``apply_fn`` given.
+      ValueError: a bad hyperparameter (or one given twice), or both or
+        neither of ``student`` and ``apply_fn`` given.
     """
     if student is not None and (apply_fn is not None or params is not None):
       raise ValueError("pass either student=kdjax.Student(...) or "
@@ -182,30 +185,29 @@ class TrainState:
     if not isinstance(student, Student):
       raise TypeError(f"student must be a kdjax.Student, got "
                       f"{type(student).__name__}.")
-    t_fn = temperature if callable(temperature) else None
-    a_fn = alpha if callable(alpha) else None
-    t0 = t_fn(jnp.zeros((), jnp.int32)) if t_fn else temperature
-    a0 = a_fn(jnp.zeros((), jnp.int32)) if a_fn else alpha
-    validate.check_temperature(t0)
-    validate.check_alpha(a0)
+    values, schedules = hparams_lib.build(temperature, alpha, hparams)
     # The state owns its buffers: the compiled steps donate them, which must
     # not delete the arrays of the student (or params) it was made from.
     params, model_state = copy_arrays((student.params, student.model_state))
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                model_state=model_state, opt_state=tx.init(params),
-               temperature=jnp.asarray(t0, jnp.float32),
-               alpha=jnp.asarray(a0, jnp.float32),
-               skipped=jnp.zeros((), jnp.int32), apply_fn=student.apply_fn,
-               tx=tx, temperature_fn=t_fn, alpha_fn=a_fn,
+               hparams=values, skipped=jnp.zeros((), jnp.int32),
+               apply_fn=student.apply_fn, tx=tx, schedules=schedules,
                export_fn=student.export_fn)
 
-  def hyperparams(self) -> tuple[jax.Array, jax.Array]:
-    """``(temperature, alpha)`` for the next step (schedules evaluated)."""
-    t = (jnp.asarray(self.temperature_fn(self.step), jnp.float32)
-         if self.temperature_fn else self.temperature)
-    a = (jnp.asarray(self.alpha_fn(self.step), jnp.float32)
-         if self.alpha_fn else self.alpha)
-    return t, a
+  @property
+  def temperature(self) -> jax.Array:
+    """``hparams["temperature"]`` (read-only)."""
+    return self.hparams["temperature"]
+
+  @property
+  def alpha(self) -> jax.Array:
+    """``hparams["alpha"]`` (read-only)."""
+    return self.hparams["alpha"]
+
+  def current_hparams(self) -> dict:
+    """The hyperparameters for the next step (schedules evaluated)."""
+    return hparams_lib.current(self.hparams, self.schedules, self.step)
 
   def predict(self, *inputs) -> jax.Array:
     """The student's logits in evaluation mode (model state read only)."""
@@ -333,7 +335,7 @@ def _reduce(obj, per_position, aux, logits_shape, weights, axis_name):
           w, denominator)
 
 
-def _make_loss_fn(spec, state, inputs, t_logits, batch, hyper, rng_drop,
+def _make_loss_fn(spec, state, inputs, t_logits, batch, hp, rng_drop,
                   cast, cast_inputs, axis_name):
   """``params -> (loss, (aux, logits, model_state, w, denominator))``."""
   fields, obj = spec.fields, spec.objective
@@ -354,7 +356,7 @@ def _make_loss_fn(spec, state, inputs, t_logits, batch, hyper, rng_drop,
       if t_logits is not None:
         t_for_loss = jnp.where(keep, t_logits, 0.0)
     per_position, aux = obj(s_for_loss, t_for_loss, objective_batch,
-                            temperature=hyper[0], alpha=hyper[1])
+                            **obj.select(hp))
     total, aux, w, denominator = _reduce(
         obj, per_position, aux, s_logits.shape, weights, axis_name)
     return total, (aux, s_logits, new_model_state, w, denominator)
@@ -420,8 +422,10 @@ def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
       augmentation, precision, non-finite policy), or just an objective (a
       registered name such as ``"kd"``, an
       :class:`kdjax.objectives.Objective`, or a function
-      ``(student_logits, teacher_logits, batch, *, temperature, alpha) ->
-      per-position loss``); None is ``"kd"``.
+      ``(student_logits, teacher_logits, batch, *, <hyperparameters>) ->
+      per-position loss``; it is passed exactly the hyperparameters it
+      declares, from ``state.hparams``, schedules evaluated at the step);
+      None is ``"kd"``.
     axis_name: set for ``jax.pmap``: the loss's sums and the gradients are
       ``psum``-ed over this axis, the model state ``pmean``-ed, and
       dropout/augmentation keys differ per device.
@@ -441,13 +445,15 @@ def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
     Metrics: ``loss``, the objective's terms (``hard_loss``, ``soft_loss``
     for the built-ins), ``accuracy`` (vs labels, when there are labels),
     ``agreement`` (student/teacher top-1, when there are teacher logits),
-    ``temperature``, ``alpha``, ``grad_norm``, ``finite``.
+    every hyperparameter of the state by its name (``temperature``,
+    ``alpha``, ...: the values the step used), ``grad_norm``, ``finite``.
 
   Raises:
     ValueError, TypeError: an unknown objective name or an objective of the
       wrong signature (here); a batch that does not match ``fields``, a
-      weight of the wrong shape, a missing teacher (when the step is
-      traced, before anything compiles).
+      weight of the wrong shape, a missing teacher, a hyperparameter the
+      objective reads missing from the state (when the step is traced,
+      before anything compiles).
   """
   spec = options.step_spec(spec, **options_kw)
   if skip_impl not in ("auto", "cond", "select"):
@@ -466,10 +472,9 @@ def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
     inputs = model_inputs(fields.input_names)
     t_logits = _teacher_logits(spec, teacher, batch, inputs, model_inputs,
                                cast, cast_inputs)
-    temperature, alpha = state.hyperparams()
-    loss_fn = _make_loss_fn(spec, state, inputs, t_logits, batch,
-                            (temperature, alpha), rng_drop, cast, cast_inputs,
-                            axis_name)
+    hp = state.current_hparams()
+    loss_fn = _make_loss_fn(spec, state, inputs, t_logits, batch, hp,
+                            rng_drop, cast, cast_inputs, axis_name)
     (loss, (aux, s_logits, new_model_state, w, denominator)), grads = (
         jax.value_and_grad(loss_fn, has_aux=True)(state.params))
     labels = batch[fields.labels] if fields.labels is not None else None
@@ -481,8 +486,7 @@ def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
       new_model_state = jax.tree.map(
           lambda x: jax.lax.pmean(x, axis_name) if _inexact(x) else x,
           new_model_state)
-    metrics["temperature"] = temperature
-    metrics["alpha"] = alpha
+    metrics.update(hp)  # Every hyperparameter, by name.
     metrics["grad_norm"] = global_norm(grads)
     # One scalar test instead of a pass over every gradient: the global norm
     # is NaN/inf iff some gradient is (or if its sum of squares overflows
@@ -494,16 +498,10 @@ def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
         use_cond=skip_impl == "cond" or (
             skip_impl == "auto" and jax.default_backend() == "cpu"))
     metrics["finite"] = finite.astype(jnp.float32)
-    updates = {}
-    if state.temperature_fn is not None:
-      updates["temperature"] = temperature
-    if state.alpha_fn is not None:
-      updates["alpha"] = alpha
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
-        model_state=model_state,
-        skipped=state.skipped + (1 - finite.astype(jnp.int32)) * int(skip),
-        **updates)
+        model_state=model_state, hparams=hp,
+        skipped=state.skipped + (1 - finite.astype(jnp.int32)) * int(skip))
     return new_state, metrics
 
   step.spec = spec
@@ -631,6 +629,11 @@ def shard_batch(batch: PyTree, mesh: Optional[Mesh] = None,
 
 def replicate(tree: PyTree, devices=None, axis_name: str = "batch") -> PyTree:
   """Stacks a leading device axis for pmap (like ``flax.jax_utils.replicate``).
+
+  The ``jax.pmap`` helper only: the result has a new leading axis of one
+  copy per device. For ``jax.jit`` over a mesh (what :func:`kdjax.fit`
+  uses) the one ``replicate`` is :func:`kdjax.mesh.replicate`: the same
+  shapes, every device holding the whole array.
 
   The result is sharded over a mesh axis named ``axis_name``: pass the
   ``axis_name`` of :func:`pmap_train_step` (default ``"batch"``). pmap's

@@ -121,20 +121,29 @@ def test_old_partial_workdir_resumes(tmp_path):
   assert json.loads(path.read_text())["augment"] == "partial"
 
 
-# The keys of fit.json as written before the option types (StepSpec): a run
-# with default fields, precision and loop writes exactly these, so the
-# workdirs of earlier runs (experiments/mnist's) still match and resume.
+# The keys of fit.json as written before the option types (StepSpec), with
+# 'temperature' and 'alpha' read as 'hparams' (kdjax.hparams.
+# upgrade_fit_record): a run with default fields, precision and loop writes
+# exactly these, so the workdirs of earlier runs (experiments/mnist's) still
+# match and resume.
 _OLD_KEYS = {"objective", "batch_size", "num_examples", "augment", "vmapped",
-             "skip_nonfinite", "temperature", "alpha", "state"}
+             "skip_nonfinite", "hparams", "state"}
 
 
-def test_default_record_has_the_old_keys():
+def test_default_record_has_the_old_keys(tmp_path):
   state, _, _ = _tiny_run()
   for policy in ("skip", "raise"):
     record = fitting.fit_record(state, kdjax.StepSpec(on_nonfinite=policy),
                                 batch_size=32, num_examples=256)
     assert set(record) == _OLD_KEYS
     assert record["skip_nonfinite"] is True
+  # A record in the form written before StepSpec and hparams is accepted.
+  old = {k: v for k, v in record.items() if k not in ("hparams", "state")}
+  old.update(record["hparams"])
+  old["state"] = {k.replace("hparams.", ""): v
+                  for k, v in record["state"].items()}
+  (tmp_path / "fit.json").write_text(json.dumps(old))
+  fitting.check_run_config(tmp_path, record, filename="fit.json")
   record = fitting.fit_record(state, kdjax.StepSpec(on_nonfinite="apply"),
                               batch_size=32, num_examples=256)
   assert record["skip_nonfinite"] is False  # what skip_nonfinite=False wrote

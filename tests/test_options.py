@@ -176,9 +176,3 @@ def test_an_input_shape_the_student_was_not_built_for_is_one_line():
                      r"\(1, 8, 8\).*Initialise the student"):
     kdjax.fit(_state(input_shape=(1, 6, 6)), _teacher(), _data(), epochs=1,
               batch_size=BATCH, rng=jax.random.key(0), progress=False)
-
-
-def test_mesh_other_than_none_is_refused():
-  with pytest.raises(NotImplementedError, match="mesh"):
-    kdjax.fit(_state(), _teacher(), _data(), epochs=1, batch_size=BATCH,
-              rng=jax.random.key(0), progress=False, mesh=object())

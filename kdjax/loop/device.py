@@ -23,7 +23,7 @@ metric summary :mod:`kdjax.loop.summary`'s, and the resumable outer loop
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +60,17 @@ def _gather(data, idx):
   return jax.tree.map(lambda v: jnp.take(v, idx, axis=0), data)
 
 
+def _constrain_batch(plan, batch):
+  return batch if plan is None else plan.constrain_batch(batch)
+
+
+def _constrain_state(plan, state):
+  return state if plan is None else plan.constrain_state(state)
+
+
 def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
-                  nonfinite_diagnostics: bool = False) -> Callable:
+                  nonfinite_diagnostics: bool = False,
+                  plan: Optional[Any] = None) -> Callable:
   """A whole epoch as one pure function, for ``jax.jit`` (or ``jax.vmap``).
 
   ``epoch(state, teacher, data, rng, epoch_index) -> (state, metrics)``:
@@ -84,6 +93,9 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
     batch_size: examples per step.
     num_examples: length of the data's leading axis.
     nonfinite_diagnostics: add the entries above to ``metrics``.
+    plan: a :class:`kdjax.mesh.Plan`: each gathered batch is split over its
+      batch axes and the returned state keeps its (FSDP) layout. None: as
+      on one device.
 
   Returns:
     The epoch function (not yet compiled).
@@ -105,9 +117,11 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
                         batch_size)
 
     def body(state, idx):
-      return step(state, teacher, _gather(data, idx), rng)
+      return step(state, teacher, _constrain_batch(plan, _gather(data, idx)),
+                  rng)
 
     state, metrics = jax.lax.scan(body, state, order)
+    state = _constrain_state(plan, state)
     return state, summarise(metrics, state, diagnostics=nonfinite_diagnostics)
 
   epoch.steps_per_epoch = steps
@@ -116,7 +130,8 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
 
 def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
                           num_examples: int, vmapped: bool = False,
-                          nonfinite_diagnostics: bool = False) -> Callable:
+                          nonfinite_diagnostics: bool = False,
+                          plan: Optional[Any] = None) -> Callable:
   """The epoch of :func:`make_epoch_fn` as a Python loop of jitted steps.
 
   Same contract and same computation: the same permutation of the same
@@ -141,7 +156,9 @@ def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
     return batch_order(epoch_key(rng, epoch_index), num_examples, batch_size)
 
   def one(state, teacher, data, rng, idx):
-    return step(state, teacher, _gather(data, idx), rng)
+    state, metrics = step(state, teacher,
+                          _constrain_batch(plan, _gather(data, idx)), rng)
+    return _constrain_state(plan, state), metrics
 
   if vmapped:
     order = jax.vmap(order, in_axes=(0, None))

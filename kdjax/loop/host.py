@@ -259,16 +259,24 @@ class Prefetcher:
     block_sharding: the sharding of a stacked block (default device if
       None).
     check: optional ``(batch, index) -> batch`` run on each host batch.
+    place: optional ``(host_batch, lead) -> device batch`` instead of
+      ``jax.device_put`` with the shardings above (``lead`` is 1 for a
+      stacked block): :meth:`kdjax.mesh.Plan.place_batch`, which puts each
+      process's rows straight into their shards of the global batch.
     total: the number of batches to expect; the last ``total % block`` are
       transferred one by one (so that blocks keep one compiled shape).
   """
 
   def __init__(self, batches: Iterable, *, block: int = 1, size: int = 2,
                sharding=None, block_sharding=None,
-               check: Optional[Callable] = None, total: Optional[int] = None):
+               check: Optional[Callable] = None, total: Optional[int] = None,
+               place: Optional[Callable] = None):
     self._q: "queue.Queue" = queue.Queue(maxsize=max(1, size))
     self._stop = threading.Event()
-    self._args = (batches, block, sharding, block_sharding, check, total)
+    if place is None:
+      place = lambda b, lead: jax.device_put(
+          b, block_sharding if lead else sharding)
+    self._args = (batches, block, place, check, total)
     self._thread = threading.Thread(target=self._produce, daemon=True)
     self._thread.start()
 
@@ -282,10 +290,10 @@ class Prefetcher:
     return False
 
   def _produce(self):
-    batches, block, sharding, block_sharding, check, total = self._args
+    batches, block, place, check, total = self._args
 
     def singles(pending) -> bool:
-      return all(self._put((jax.device_put(b, sharding), 1, st))
+      return all(self._put((place(b, 0), 1, st))
                  for b, st in pending)
 
     try:
@@ -298,7 +306,7 @@ class Prefetcher:
         if len(pending) == block and block > 1:
           stacked = jax.tree.map(lambda *x: np.stack(x),
                                  *[b for b, _ in pending])
-          if not self._put((jax.device_put(stacked, block_sharding), block,
+          if not self._put((place(stacked, 1), block,
                             data_state)):
             return
           pending = []
@@ -336,9 +344,14 @@ class HostRunner:
     step: the raw (un-jitted) train step.
     vmapped: the state is a stacked sweep (the step and blocks are vmapped
       over members; teacher and batches are shared).
+    plan: a :class:`kdjax.mesh.Plan` that does something (several devices),
+      or None: batches are placed straight into their shards and the state
+      keeps its (FSDP) layout.
   """
 
-  def __init__(self, step: Callable, *, vmapped: bool):
+  def __init__(self, step: Callable, *, vmapped: bool, plan=None):
+    if plan is not None:  # Keep the state's (FSDP) layout.
+      step = _keep_layout(step, plan)
     raw_step = step
 
     def block(state, teacher, batches, rng):
@@ -348,7 +361,7 @@ class HostRunner:
     if vmapped:
       step = jax.vmap(step, in_axes=(0, None, None, 0))
       block = jax.vmap(block, in_axes=(0, None, None, 0), out_axes=(0, 1))
-    self.vmapped = vmapped
+    self.vmapped, self.plan = vmapped, plan
     self.step = jax.jit(step, donate_argnums=(0,))
     self.block = jax.jit(block, donate_argnums=(0,))
     self.summarise = jax.jit(lambda per_step, state: summarise(
@@ -368,6 +381,7 @@ class HostRunner:
     self.position = start
     prefetch = Prefetcher(
         source.batches(epoch, start, data_state), block=block,
+        place=None if self.plan is None else self.plan.place_batch,
         check=lambda b, i: check(b, epoch, start + i), total=n - start)
     per_step = []
     try:
@@ -385,3 +399,11 @@ class HostRunner:
       prefetch.close()
     stacked = jax.tree.map(lambda *m: jnp.concatenate(m), *per_step)
     return state, self.summarise(stacked, state), data_state
+
+
+def _keep_layout(step, plan):
+  """``step`` with its batch split and its new state in the plan's layout."""
+  def constrained(state, teacher, batch, rng):
+    state, metrics = step(state, teacher, plan.constrain_batch(batch), rng)
+    return plan.constrain_state(state), metrics
+  return constrained
