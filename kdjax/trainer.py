@@ -332,7 +332,7 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
     data = plan.place_data(data)
   bar = Progress(epochs * steps_per_epoch,
                  initial=start * steps_per_epoch + start_step, desc=desc,
-                 enabled=progress)
+                 enabled=progress if mesh_lib.is_primary() else False)
 
   def save(state, epoch_done: int, step_in_epoch: int, data_state) -> None:
     if not host:
