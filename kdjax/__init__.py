@@ -34,6 +34,8 @@ Modules, one concern each:
   training, the dustbin correction and the eq. 5 combination.
 * :mod:`kdjax.fitting`: :func:`kdjax.fit`, the resumable run (progress,
   metrics, checkpoints, evaluation).
+* :mod:`kdjax.mesh`: where ``fit`` puts things on a device mesh (data
+  parallel by default, FSDP, several hosts).
 * :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
 * :mod:`kdjax.models`, :mod:`kdjax.constraints`, :mod:`kdjax.augment`: the
   paper's MLPs, the max-norm constraint, ±2-pixel jitter.
@@ -49,9 +51,9 @@ are the deprecated names of :mod:`kdjax.step`, :mod:`kdjax.fitting` and
 """
 
 from kdjax import (augment, cache, chunked, constraints, evaluate, fields,
-                   fitting, hparams, loop, losses, models, objectives, optim,
-                   options, precision, preprocess, specialists, step, sweep,
-                   topk, validate)
+                   fitting, hparams, loop, losses, mesh, models, objectives,
+                   optim, options, precision, preprocess, specialists, step,
+                   sweep, topk, validate)
 from kdjax import loops, train  # noqa: F401  (deprecated names, one cycle)
 from kdjax.fields import Fields
 from kdjax.fitting import fit
@@ -74,9 +76,9 @@ from kdjax.step import TrainState, make_train_step
 __all__ = [
     # Modules.
     "augment", "cache", "chunked", "constraints", "evaluate", "fields",
-    "fitting", "hparams", "loop", "losses", "models", "objectives", "optim",
-    "options", "precision", "preprocess", "specialists", "step", "sweep",
-    "topk", "validate",
+    "fitting", "hparams", "loop", "losses", "mesh", "models", "objectives",
+    "optim", "options", "precision", "preprocess", "specialists", "step",
+    "sweep", "topk", "validate",
     # The losses.
     "distillation_loss", "generalized_jsd_loss", "hard_label_loss",
     "kd_objective", "logit_matching_loss", "reverse_distillation_loss",

@@ -266,7 +266,8 @@ def fit(state: PyTree, teacher, data, *, epochs: int, rng: jax.Array,
                 evaluation, Progress(
                     epochs * run.steps_per_epoch,
                     initial=resumed.epoch * run.steps_per_epoch +
-                    resumed.step, desc=desc, enabled=progress))
+                    resumed.step, desc=desc,
+                    enabled=progress if mesh_lib.is_primary() else False))
 
 
 def _check_arguments(epochs, rng, checkpoint, vmapped) -> None:

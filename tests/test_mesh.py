@@ -303,3 +303,32 @@ def test_fsdp_shards_student_optimizer_and_teacher_and_matches(monkeypatch):
   assert len(both.params["hidden_0"]["kernel"].addressable_shards[0]
              .data) == 784 // 4
   _assert_close(both.params, one.params)
+
+
+@pytest.mark.integration
+def test_vmapped_sweep_on_a_mesh_equals_one_device():
+  """A sweep of 2 students: data parallel and FSDP (member axis kept)."""
+  _, teacher, data = _mlp_run(width=64, teacher_width=128)
+  net = models.paper_student(64)
+
+  def init(rng, temperature, alpha):
+    params = net.init(rng, jnp.zeros((1, 28, 28)))["params"]
+    return train.TrainState.create(
+        apply_fn=models.linen_student_apply(net), params=params,
+        tx=optax.sgd(0.05, momentum=0.9), temperature=temperature,
+        alpha=alpha)
+
+  def sweep_fit(mesh):
+    states = kdjax.sweep.create_sweep(init, seeds=[0, 1],
+                                      temperatures=[2.0, 4.0],
+                                      alphas=[0.5, 0.1])
+    return kdjax.fit(states, teacher, data, epochs=1, batch_size=BATCH,
+                     rng=jax.random.split(jax.random.key(0), 2),
+                     vmapped=True, mesh=mesh, progress=False)[0]
+
+  one = sweep_fit(_one_device())
+  for mesh in (mesh_lib.make_mesh(), mesh_lib.make_mesh(fsdp=8)):
+    got = sweep_fit(mesh)
+    _assert_close(got.params, one.params)
+  # FSDP split the per-member kernel [2, 784, 64] on 784, not the members.
+  assert got.params["hidden_0"]["kernel"].sharding.spec == P(None, "fsdp")
