@@ -54,7 +54,7 @@ from kdjax import (augment, cache, chunked, constraints, evaluate, fields,
                    fitting, hparams, loop, losses, mesh, models, objectives,
                    optim, options, precision, preprocess, specialists, step,
                    sweep, topk, validate)
-from kdjax import loops, train  # noqa: F401  (deprecated names, one cycle)
+from kdjax import hostdata, loops, train, trainer  # noqa: F401  (old names)
 from kdjax.fields import Fields
 from kdjax.fitting import fit
 from kdjax.options import Checkpointing, Evaluation, Loop, Precision, StepSpec
