@@ -92,8 +92,9 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
                     if old.get(k) != canonical.get(k))
       raise validate.WorkdirMismatchError(
           f"workdir {workdir} holds a run with a different configuration "
-          f"({path.name}: keys differing: {diff}). Use a new --workdir, or "
-          f"delete {workdir} to start over.")
+          f"({path.name}: keys differing: {diff}"
+          f"{hparams_lib.mismatch_hint(old, canonical, diff)}). Use a new "
+          f"--workdir, or delete {workdir} to start over.")
     return
   write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
 
@@ -202,7 +203,7 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
                      "skip_nonfinite=False.")
   fields = Fields() if fields is None else fields
   obj = objectives.get(objective)
-  objectives.check_hparams(obj, state.hparams)
+  objectives.check_hparams(obj, state.hparams, unread=True)
   if loop not in LOOPS:
     raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}.")
   host = hostdata.is_host_source(data)
