@@ -30,6 +30,8 @@ Modules, one concern each:
   training, the dustbin correction and the eq. 5 combination.
 * :mod:`kdjax.trainer`: :func:`kdjax.fit`, the resumable outer loop
   (progress, metrics, checkpoints).
+* :mod:`kdjax.mesh`: where ``fit`` puts things on a device mesh (data
+  parallel by default, FSDP, several hosts).
 * :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
 * :mod:`kdjax.models`, :mod:`kdjax.constraints`, :mod:`kdjax.augment`: the
   paper's MLPs, the max-norm constraint, ±2-pixel jitter.
@@ -41,7 +43,7 @@ Modules, one concern each:
 """
 
 from kdjax import (augment, cache, chunked, constraints, evaluate, fields,
-                   hparams, losses, loops, models, objectives, optim,
+                   hparams, losses, loops, mesh, models, objectives, optim,
                    precision, preprocess, specialists, sweep, topk, train,
                    validate)
 from kdjax.fields import Fields
@@ -64,7 +66,8 @@ from kdjax.train import TrainState, make_train_step
 __all__ = [
     # Modules.
     "augment", "cache", "chunked", "constraints", "evaluate", "fields",
-    "hparams", "losses", "loops", "models", "objectives", "optim", "precision",
+    "hparams", "losses", "loops", "mesh", "models", "objectives", "optim",
+    "precision",
     "preprocess", "specialists", "sweep", "topk", "train", "validate",
     # The losses.
     "distillation_loss", "generalized_jsd_loss", "hard_label_loss",

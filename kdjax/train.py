@@ -646,6 +646,11 @@ def shard_batch(batch: PyTree, mesh: Optional[Mesh] = None,
 def replicate(tree: PyTree, devices=None, axis_name: str = "batch") -> PyTree:
   """Stacks a leading device axis for pmap (like ``flax.jax_utils.replicate``).
 
+  The ``jax.pmap`` helper only: the result has a new leading axis of one
+  copy per device. For ``jax.jit`` over a mesh (what :func:`kdjax.fit`
+  uses) the one ``replicate`` is :func:`kdjax.mesh.replicate`: the same
+  shapes, every device holding the whole array.
+
   The result is sharded over a mesh axis named ``axis_name``: pass the
   ``axis_name`` of :func:`pmap_train_step` (default ``"batch"``). pmap's
   outputs live on that mesh, so the second step then reuses the first
