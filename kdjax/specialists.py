@@ -8,7 +8,11 @@ run uses them:
 1. :func:`confusable_clusters`: the subsets, by k-means on the columns of
    the covariance matrix of the generalist's predicted probabilities on a
    held-out split (classes that are often predicted together end up in one
-   subset). Subsets may also be given by hand, and may overlap:
+   subset); the raw columns are dominated by their diagonal and give
+   near-arbitrary clusters (a :class:`DegenerateClustersWarning` says so),
+   hence ``remove_diagonal``/``normalize`` and :func:`spectral_clusters`
+   (spectral clustering of the co-prediction matrix, its diagonal
+   removed). Subsets may also be given by hand, and may overlap:
    :func:`as_subsets` checks them and returns the canonical form every
    other function uses (each subset a sorted ``int32`` array; position
    ``j`` of a specialist is the ``j``-th smallest class of its subset, the
