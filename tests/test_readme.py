@@ -106,6 +106,19 @@ def test_readme_ensemble_and_specialist_figures_come_from_the_jsons():
       assert fmt(r["test_errors"]) in readme, r["name"]
 
 
+def test_readme_specialists_regime_tables_come_from_the_json():
+  from experiments.specialists import report  # pylint: disable=g-import-not-at-top
+  readme = (ROOT / "README.md").read_text()
+  path = "experiments/specialists/results/regime_cpu.json"
+  res = json.loads((ROOT / path).read_text())
+  assert report.regime_table(res) in readme
+  assert report.differences_table(res) in readme
+  assert f"Source: [`{path}`]" in readme
+  assert res["git_commit"][:7] in readme
+  assert (ROOT / path.replace(".json", ".md")).read_text() == (
+      report.regime_markdown(res))
+
+
 def test_readme_main_table_text_comes_from_table_cpu():
   """The jittered-transfer rows quoted under the demo table: mean ± SE and
   the per-seed values of table_cpu.json."""
