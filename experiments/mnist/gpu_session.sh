@@ -28,8 +28,10 @@
 # Exit status: the paper run's (124: PAPER_S ran out; 2: a mistake such as
 # a WORK holding another run, named in paper.log; 3: set-up failed).
 # Time limits in seconds: BENCH_S (default 120), PAPER_S (default 420, the
-# issue's 8-minute budget less start-up), SPECIALISTS_S (default 300; 0
-# skips the specialists run, see the end of this file). BACKEND=cpu (with BENCH_ARGS such
+# issue's 8-minute budget less start-up), SPECIALISTS_S (default 0: the
+# specialists run at the end of this file is skipped; keep BENCH_S +
+# PAPER_S + SPECIALISTS_S under the remote call's limit, e.g. 60 + 240 +
+# 240). BACKEND=cpu (with BENCH_ARGS such
 # as "--epochs-steps 20 --repeats 1") rehearses it on the CPU machine.
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -109,16 +111,16 @@ tail -n 30 "$OUT/paper.log"
 
 # The specialists in the paper's regime with a CNN generalist
 # (experiments/specialists/configs/regime_gpu.py), at most SPECIALISTS_S
-# seconds (default 300; 0 skips it), in $WORK/specialists (emptied first).
+# seconds (default 0: skipped), in $WORK/specialists (emptied first).
 # Its results.json / results.md / specialists.png come back as
 # specialists_gpu.json / .md / .png, its log as specialists.log. It does not
 # change the exit status (the paper run's).
-if [ "${SPECIALISTS_S:-300}" != 0 ]; then
+if [ "${SPECIALISTS_S:-0}" != 0 ]; then
   rm -rf "$WORK/specialists"
   for f in specialists_gpu.json specialists_gpu.md specialists_gpu.png; do
     rm -f "$OUT/$f"
   done
-  limited "${SPECIALISTS_S:-300}" "$OUT/specialists.log" python3 -m \
+  limited "$SPECIALISTS_S" "$OUT/specialists.log" python3 -m \
       experiments.specialists.main \
       --config=experiments/specialists/configs/regime_gpu.py \
       --workdir="$WORK/specialists"

@@ -10,8 +10,8 @@ parameters on 28x56 pairs; capacity limited on purpose), more fresh pairs
 for everyone, and the three candidate families (rows/columns, spectral
 clusters with 10 and 20 subsets). Specialists are the same CNN with
 ``k + 1`` outputs. experiments/mnist/gpu_session.sh runs it after the
-paper config (SPECIALISTS_S seconds). Not yet run: no accelerator was lent
-when it was written; its time is unmeasured.
+paper config when SPECIALISTS_S (seconds) is set. Not yet run on an
+accelerator (none was lent when it was written): its time is unmeasured.
 """
 
 from experiments.specialists.configs import regime_cpu
