@@ -31,8 +31,10 @@
 # Exit status: the paper run's (124: PAPER_S ran out; 2: a mistake such as
 # a WORK holding another run, named in paper.log; 3: set-up failed).
 # Time limits in seconds: BENCH_S (default 120), MESH_S (default 90),
-# PAPER_S (default 420, the
-# issue's 8-minute budget less start-up). BACKEND=cpu (with BENCH_ARGS such
+# PAPER_S (default 420, the 8-minute budget less start-up),
+# SPECIALISTS_S (default 0: the specialists run at the end of this file is
+# skipped; keep BENCH_S + MESH_S + PAPER_S + SPECIALISTS_S under the remote
+# call's limit, e.g. 60 + 60 + 240 + 240). BACKEND=cpu (with BENCH_ARGS such
 # as "--epochs-steps 20 --repeats 1") rehearses it on the CPU machine.
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -117,4 +119,29 @@ limited "${PAPER_S:-420}" "$OUT/paper.log" python3 -m experiments.mnist.main \
 paper_status=$?
 echo "paper config exit status $paper_status$([ $paper_status = 124 ] && echo ': PAPER_S ran out; finished rows are in paper_gpu.partial.json')"
 tail -n 30 "$OUT/paper.log"
+
+# The specialists in the paper's regime with a CNN generalist
+# (experiments/specialists/configs/regime_gpu.py), at most SPECIALISTS_S
+# seconds (default 0: skipped), in $WORK/specialists (emptied first).
+# Its results.json / results.md / specialists.png come back as
+# specialists_gpu.json / .md / .png, its log as specialists.log. It does not
+# change the exit status (the paper run's).
+if [ "${SPECIALISTS_S:-0}" != 0 ]; then
+  rm -rf "$WORK/specialists"
+  for f in specialists_gpu.json specialists_gpu.md specialists_gpu.png; do
+    rm -f "$OUT/$f"
+  done
+  limited "$SPECIALISTS_S" "$OUT/specialists.log" python3 -m \
+      experiments.specialists.main \
+      --config=experiments/specialists/configs/regime_gpu.py \
+      --workdir="$WORK/specialists"
+  spec_status=$?
+  echo "specialists exit status $spec_status$([ $spec_status = 124 ] && echo ': SPECIALISTS_S ran out')"
+  for pair in results.json:specialists_gpu.json results.md:specialists_gpu.md \
+      specialists.png:specialists_gpu.png; do
+    src=$WORK/specialists/${pair%%:*}
+    if [ -f "$src" ]; then cp "$src" "$OUT/${pair##*:}"; fi
+  done
+  tail -n 30 "$OUT/specialists.log"
+fi
 exit "$paper_status"
