@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU measurements in one call: the train-step benchmark, then the paper
-# config (configs/default.py) with the teacher trained in the run and saved.
+# The GPU measurements in one call: the train-step benchmark, then the runs
+# named in RUNS (default "paper ensemble"): the paper config
+# (configs/default.py) with the teacher trained in the run and saved, and
+# the §4 ensemble experiment at the paper's scale (configs/ensemble_gpu.py).
 #
 # Written for a lent accelerator with no network whose image has jax, flax,
 # optax, orbax, tqdm, matplotlib and torch but neither ml_collections nor
@@ -13,27 +15,41 @@
 #
 #   OUT=<results folder> bash experiments/mnist/gpu_session.sh [--config.x=y ...]
 #
-# Extra arguments are config overrides for the paper run. Everything it
-# reports lands in $OUT (default runs/gpu_session):
-#   devices.txt, bench.log, paper.log
+# Extra arguments are config overrides for the paper run (ENSEMBLE_ARGS:
+# for the ensemble run). Everything it reports lands in $OUT (default
+# runs/gpu_session):
+#   devices.txt, bench.log, paper.log, ensemble.log
 #   train_step_<backend>.json         benchmarks/train_step.py
 #   paper_gpu.json, paper_gpu.md,     the paper run (results.json renamed), or
 #   paper_gpu.partial.json            the rows finished before PAPER_S ran out
 #   paper_gpu_table.png, paper_gpu_sweep_temperature.png
 #   teacher_gpu.msgpack, teacher_gpu.json   the teacher trained in the run
-# Checkpoints stay in $WORK (default /tmp/kdjax_paper_gpu), not in $OUT; a
+#   ensemble_gpu.json, ensemble_gpu.md,  the ensemble run (or
+#   ensemble_gpu.partial.json, ensemble_gpu.png   its finished rows)
+# Checkpoints stay in $WORK (default /tmp/kdjax_paper_gpu; the ensemble's
+# in $WORK/ensemble), not in $OUT; a
 # rerun with the same config resumes from them. Results left in $WORK by an
 # earlier run are deleted first, so $OUT only ever holds this run's. The
 # files are collected on exit, also when the script itself is terminated.
-# Exit status: the paper run's (124: PAPER_S ran out; 2: a mistake such as
-# a WORK holding another run, named in paper.log; 3: set-up failed).
+# Exit status: the first failing run's in RUNS order, else 0 (124: its
+# time limit ran out; 2: a mistake such as a WORK holding another run,
+# named in its log; 3: set-up failed, or RUNS names an unknown run).
 # Time limits in seconds: BENCH_S (default 120), PAPER_S (default 420, the
-# issue's 8-minute budget less start-up). BACKEND=cpu (with BENCH_ARGS such
+# issue's 8-minute budget less start-up), ENSEMBLE_S (default 1800).
+# BACKEND=cpu (with BENCH_ARGS such
 # as "--epochs-steps 20 --repeats 1") rehearses it on the CPU machine.
 set -u
 OUT=${OUT:-runs/gpu_session}
 WORK=${WORK:-/tmp/kdjax_paper_gpu}
 BACKEND=${BACKEND:-gpu}
+RUNS=${RUNS:-paper ensemble}
+for name in $RUNS; do
+  case "$name" in
+    paper|ensemble) ;;
+    *) echo "RUNS names an unknown run '$name': use paper and/or" \
+            "ensemble." >&2; exit 3 ;;
+  esac
+done
 mkdir -p "$OUT"
 
 if ! python3 -c "import ml_collections" 2>/dev/null; then
@@ -60,8 +76,11 @@ python3 -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 |
 OUTPUTS="results.json:paper_gpu.json results.partial.json:paper_gpu.partial.json
   results.md:paper_gpu.md table.png:paper_gpu_table.png
   sweep_temperature.png:paper_gpu_sweep_temperature.png
-  teacher_gpu.msgpack:teacher_gpu.msgpack teacher_gpu.json:teacher_gpu.json"
-mkdir -p "$WORK"
+  teacher_gpu.msgpack:teacher_gpu.msgpack teacher_gpu.json:teacher_gpu.json
+  ensemble/results.json:ensemble_gpu.json
+  ensemble/results.partial.json:ensemble_gpu.partial.json
+  ensemble/results.md:ensemble_gpu.md ensemble/ensemble.png:ensemble_gpu.png"
+mkdir -p "$WORK/ensemble"
 for pair in $OUTPUTS; do
   rm -f "$WORK/${pair%%:*}" "$OUT/${pair##*:}"
 done
@@ -99,10 +118,25 @@ bench_status=$?
 echo "benchmark exit status $bench_status$([ $bench_status = 124 ] && echo ': BENCH_S ran out')"
 tail -n 25 "$OUT/bench.log"
 
-limited "${PAPER_S:-420}" "$OUT/paper.log" python3 -m experiments.mnist.main \
-    --config=experiments/mnist/configs/default.py --workdir="$WORK" \
-    --config.teacher.save_to=teacher_gpu.msgpack "$@"
-paper_status=$?
-echo "paper config exit status $paper_status$([ $paper_status = 124 ] && echo ': PAPER_S ran out; finished rows are in paper_gpu.partial.json')"
-tail -n 30 "$OUT/paper.log"
-exit "$paper_status"
+status=0
+for name in $RUNS; do
+  if [ "$name" = paper ]; then
+    limited "${PAPER_S:-420}" "$OUT/paper.log" python3 -m experiments.mnist.main \
+        --config=experiments/mnist/configs/default.py --workdir="$WORK" \
+        --config.teacher.save_to=teacher_gpu.msgpack "$@"
+    run_status=$?
+    echo "paper config exit status $run_status$([ $run_status = 124 ] && echo ': PAPER_S ran out; finished rows are in paper_gpu.partial.json')"
+    tail -n 30 "$OUT/paper.log"
+  else
+    # shellcheck disable=SC2086  # ENSEMBLE_ARGS: several overrides.
+    limited "${ENSEMBLE_S:-1800}" "$OUT/ensemble.log" \
+        python3 -m experiments.mnist.ensemble \
+        --config=experiments/mnist/configs/ensemble_gpu.py \
+        --workdir="$WORK/ensemble" ${ENSEMBLE_ARGS:-}
+    run_status=$?
+    echo "ensemble config exit status $run_status$([ $run_status = 124 ] && echo ': ENSEMBLE_S ran out; finished rows are in ensemble_gpu.partial.json')"
+    tail -n 30 "$OUT/ensemble.log"
+  fi
+  if [ "$status" = 0 ]; then status=$run_status; fi
+done
+exit "$status"
