@@ -13,6 +13,14 @@ run gained 8 errors as an ensemble, less than one member's seed spread;
 a pilot with 100-100 members (2 epochs, jitter 2) gave 302 ± 11 test
 errors per member and 241 for the 10-net ensemble. The GPU config
 (ensemble_gpu.py) is the paper's scale.
+
+Measured wall time: 3329 s (56 min) on the project's 2-core CPU while it
+was shared with other engineers' runs and test suites (load average
+25-37; this job got 27% of one core, 914 s of user time:
+results/ensemble_cpu.json). The idle machine was not available to time
+it; from the user time, about 8-15 minutes there (not measured). About 60
+net-trainings of 8 epochs' worth of 100-100 nets, the students' steps
+also running the 10-net teacher.
 """
 
 import ml_collections
