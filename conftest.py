@@ -2,8 +2,26 @@
 
 Eight virtual CPU devices let the pmap and sharded-jit forms of the train
 step run on a CPU-only machine.
+
+``kdjax.fit``'s default mesh is every device (data parallel, see
+:mod:`kdjax.mesh`). Tests written for one device keep it: each test runs
+with a one-device default mesh unless it is marked ``all_devices``, where
+``fit(mesh=None)`` sees all 8 devices, as a user's program would.
 """
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_device_default_mesh(request):
+  if request.node.get_closest_marker("all_devices") is not None:
+    yield
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from kdjax import mesh  # pylint: disable=g-import-not-at-top
+  with mesh.use_default_mesh(mesh.make_mesh(devices=jax.devices()[:1])):
+    yield

@@ -427,8 +427,10 @@ def analyse(r: _Run) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment; writes results.json, results.md, ensemble.png."""
   workdir = pathlib.Path(workdir)
-  check_run_config(workdir, config.to_dict())
+  check_run_config(workdir, config.to_dict(), write=False)
   r = _Run(config, workdir)
+  # Recorded once the data has loaded: a bad data_dir leaves no record.
+  check_run_config(workdir, config.to_dict())
   regime = choose_regime(r)
   teacher = train_members(r, "members", regime)
   t_alpha = choose_t_alpha(r, regime, teacher)
