@@ -21,7 +21,7 @@ SCRIPT = ROOT / "experiments" / "mnist" / "gpu_session.sh"
 def _run(tmp_path, mnist_dir, *overrides, **env):
   full = {**os.environ, "OUT": str(tmp_path / "out"),
           "WORK": str(tmp_path / "work"), "BACKEND": "cpu",
-          "KDJAX_DATA_DIR": str(mnist_dir),
+          "KDJAX_DATA_DIR": str(mnist_dir), "RUNS": "paper",
           "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
           "SPECIALISTS_S": "0", **env}
   full.pop("XLA_FLAGS", None)
@@ -60,6 +60,41 @@ def test_missing_data_is_named_before_anything_runs(tmp_path):
   assert not (tmp_path / "out" / "paper.log").exists()
 
 
+def test_an_unknown_run_is_named_before_anything_runs(tmp_path, mnist_dir):
+  proc = _run(tmp_path, mnist_dir, RUNS="paper ensembel")
+  assert proc.returncode == 3
+  assert "unknown run 'ensembel'" in proc.stderr
+  assert not (tmp_path / "out").exists()
+
+
+# The ensemble run's overrides: configs/ensemble_gpu.py cut to a few
+# examples (tests/test_ensemble.py's smoke settings).
+_ENSEMBLE_TINY = " ".join([
+    "--config.batch_size=100", "--config.ensemble.num_members=2",
+    "--config.ensemble.width=8", "--config.ensemble.epochs=1",
+    "--config.ensemble.num_train=200", "--config.ensemble.num_eval=100",
+    "--config.ensemble.regimes=((2,0.0,0.0),)",
+    "--config.ensemble.grid_temperatures=(4.0,)",
+    "--config.ensemble.grid_alphas=(0.1,)",
+    "--config.ensemble.seeds=(0,1)", "--config.ensemble.coverage.part=120",
+    "--config.ensemble.bootstrap_samples=10"])
+
+
+@pytest.mark.slow
+def test_rehearsal_of_the_ensemble_run(tmp_path, mnist_dir):
+  proc = _run(tmp_path, mnist_dir, RUNS="ensemble", BENCH_S="1", MESH_S="1",
+              ENSEMBLE_ARGS=_ENSEMBLE_TINY)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "ensemble config exit status 0" in proc.stdout
+  out = tmp_path / "out"
+  results = json.loads((out / "ensemble_gpu.json").read_text())
+  assert results["config"]["ensemble"]["width"] == 8
+  assert "coverage_distilled" in results["analysis"]
+  for f in ("ensemble_gpu.md", "ensemble_gpu.png", "ensemble.log"):
+    assert (out / f).exists(), f
+  assert not (out / "paper.log").exists()
+
+
 def test_an_earlier_runs_results_are_not_passed_off_as_this_runs(tmp_path,
                                                                   mnist_dir):
   work = tmp_path / "work"
@@ -93,7 +128,7 @@ def test_terminating_the_script_keeps_the_finished_rows(tmp_path, mnist_dir):
   env = {**os.environ, "OUT": str(tmp_path / "out"),
          "WORK": str(tmp_path / "work"), "BACKEND": "cpu", "BENCH_S": "1",
          "MESH_S": "1",
-         "KDJAX_DATA_DIR": str(mnist_dir),
+         "KDJAX_DATA_DIR": str(mnist_dir), "RUNS": "paper",
          "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
   env.pop("XLA_FLAGS", None)
   proc = subprocess.Popen(
