@@ -17,8 +17,9 @@ functions of the run's key, the epoch index and the step counter.
 A workdir remembers the run it was started with, and starting a different
 one in the same workdir raises instead of silently mixing two runs:
 ``fit.json`` records what :func:`fit` itself sees (objective, batch size,
-number of examples, augmentation, sweep or not, the state's temperature
-and alpha, and every array's name, shape and dtype), and
+number of examples, augmentation, sweep or not, the state's hyperparameters
+and the values of its schedules, every array's name, shape and dtype, and
+for an objective that is not a kdjax built-in a hash of its code), and
 ``run_config.json`` whatever else the caller passes as ``run_config``
 (learning rate, schedule, data variant: what ``fit`` cannot see). Only
 ``epochs`` may change, to extend a finished run. On resume, the records of
@@ -53,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import augment as augment_lib
+from kdjax import hparams as hparams_lib
 from kdjax import hostdata
 from kdjax import fields as fields_lib
 from kdjax import loops, objectives, sweep, train, validate
@@ -72,27 +74,38 @@ _METRIC_ORDER = ("loss", "hard_loss", "soft_loss", "grad_norm")
 
 
 def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
-                     filename: str = "run_config.json") -> None:
+                     filename: str = "run_config.json",
+                     write: bool = True) -> None:
   """Records ``run_config`` in ``workdir/filename``, or checks it matches.
+
+  With ``write=False`` only an existing record is checked (nothing is
+  created): a command checks early, before loading its data, and records
+  the run once the data has loaded, so that a run that fails on its inputs
+  leaves no record to refuse its corrected rerun.
 
   Raises:
     ValueError: if the workdir holds a run of a different configuration.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / filename
+  if not write and not path.exists():
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
   canonical = json.loads(json.dumps(run_config, sort_keys=True, default=str))
   if path.exists():
     old = json.loads(path.read_text())
+    if filename == "fit.json":  # Written by an older kdjax?
+      old = hparams_lib.upgrade_fit_record(old)
     if old != canonical and not augment_lib.same_fit_record(old, canonical):
       diff = sorted(k for k in set(old) | set(canonical)
                     if old.get(k) != canonical.get(k))
       raise validate.WorkdirMismatchError(
           f"workdir {workdir} holds a run with a different configuration "
-          f"({path.name}: keys differing: {diff}). Use a new --workdir, or "
-          f"delete {workdir} to start over.")
+          f"({path.name}: keys differing: {diff}). Pass a new workdir= "
+          f"(--workdir on the command line), or delete {workdir} to start "
+          "over.")
     return
-  if mesh_lib.is_primary():  # Under jax.distributed, process 0 writes.
+  if write and mesh_lib.is_primary():  # Under jax.distributed, process 0.
     write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
 
 
@@ -209,6 +222,7 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
                      "skip_nonfinite=False.")
   fields = Fields() if fields is None else fields
   obj = objectives.get(objective)
+  objectives.check_hparams(obj, state.hparams)
   if loop not in LOOPS:
     raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}.")
   host = hostdata.is_host_source(data)
@@ -405,18 +419,17 @@ def _fit_record(state: PyTree, *, objective, batch_size: int,
   """What ``fit`` sees of a run, for ``<workdir>/fit.json`` (not ``epochs``).
 
   Settings added to ``fit`` later (fields, input transform, precision,
-  schedules) are recorded only when they differ from their defaults, so
-  that the records of earlier runs still match and resume.
+  schedules, a custom objective's code) are recorded only when they differ
+  from their defaults, so that the records of earlier runs still match and
+  resume (``temperature`` and ``alpha``, once keys of their own, are read
+  as ``hparams``: :func:`kdjax.hparams.upgrade_fit_record`).
   """
-  name = objective.name if isinstance(objective, objectives.Objective) \
-      else objective
-  record = {"objective": name, "batch_size": int(batch_size),
+  record = {**objectives.record(objective), "batch_size": int(batch_size),
             "num_examples": int(num_examples),
             "augment": augment_lib.describe(augment_fn),
             "vmapped": bool(vmapped), "skip_nonfinite": bool(skip_nonfinite),
-            "temperature": np.asarray(
-                mesh_lib.to_host(state.temperature)).tolist(),
-            "alpha": np.asarray(mesh_lib.to_host(state.alpha)).tolist(),
+            "hparams": {k: np.asarray(mesh_lib.to_host(v)).tolist()
+                        for k, v in state.hparams.items()},
             "state": leaf_specs(state)}
   if fields is not None and fields != Fields():
     record["fields"] = fields.describe()
@@ -430,10 +443,9 @@ def _fit_record(state: PyTree, *, objective, batch_size: int,
   if source is not None:
     record["source"] = source
     record["block"] = int(block)
-  for k in ("temperature_fn", "alpha_fn"):
-    fn = getattr(state, k, None)
-    if fn is not None:
-      record[k] = _name(fn)
+  if state.schedules:  # A schedule is identified by its values.
+    record["schedules"] = {k: hparams_lib.schedule_record(fn)
+                           for k, fn in state.schedules}
   return record
 
 
