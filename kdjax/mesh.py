@@ -184,7 +184,12 @@ class Plan:
     return self.mesh.size == 1
 
   def describe(self) -> dict:
-    """The mesh's axis sizes, for ``fit.json`` (``{'data': 8, 'fsdp': 1}``)."""
+    """The mesh's axis sizes (``{'data': 8, 'fsdp': 1}``), for logs.
+
+    ``fit.json`` does not record the mesh: a checkpoint restores into any
+    mesh's layout, so a run may resume on another device count (equal to
+    float32 rounding; bit-identical only on the same mesh).
+    """
     return {str(k): int(v) for k, v in self.mesh.shape.items()}
 
   def check_batch_size(self, batch_size: int, what: str = "batch_size"
