@@ -186,9 +186,10 @@ class Plan:
   def describe(self) -> dict:
     """The mesh's axis sizes (``{'data': 8, 'fsdp': 1}``), for logs.
 
-    ``fit.json`` does not record the mesh: a checkpoint restores into any
-    mesh's layout, so a run may resume on another device count (equal to
-    float32 rounding; bit-identical only on the same mesh).
+    ``fit.json`` does not record the mesh, so a resume on another mesh is
+    not refused (orbax restores into the placed state's layout; untested
+    across meshes, and bit-identical resumes are tested on the same mesh
+    only).
     """
     return {str(k): int(v) for k, v in self.mesh.shape.items()}
 
