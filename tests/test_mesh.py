@@ -351,3 +351,19 @@ def test_vmapped_sweep_on_a_mesh_equals_one_device():
     _assert_close(got.params, one.params)
   # FSDP split the per-member kernel [2, 784, 64] on 784, not the members.
   assert got.params["hidden_0"]["kernel"].sharding.spec == P(None, "fsdp")
+
+
+@pytest.mark.integration
+def test_mesh_benchmark_section_runs_one_step():
+  """benchmarks/_mesh.py (train_step.py's mesh section), one tiny round."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "_mesh.py"
+  spec = importlib.util.spec_from_file_location("_mesh_bench", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = bench.run(batch_size=8, steps=1, repeats=1)
+  assert out["devices"] == 8
+  assert set(out["step_ms"]) == {"one_device", "data_parallel", "fsdp"}
+  assert out["step_time_vs_one_device"]["one_device"] == 1.0
+  assert "overhead" in out["note"]
