@@ -111,9 +111,13 @@ def test_readme_specialists_regime_tables_come_from_the_json():
   assert report.regime_table(res) in readme
   assert report.differences_table(res) in readme
   assert f"Source: [`{path}`]" in readme
-  assert res["git_commit"][:7] in readme
-  assert (ROOT / path.replace(".json", ".md")).read_text() == (
-      report.regime_markdown(res))
+  for name in ("regime_cpu", "regime_cpu_long"):
+    path = f"experiments/specialists/results/{name}.json"
+    res = json.loads((ROOT / path).read_text())
+    assert report.regime_table(res) in readme, name
+    assert f"{name}.json" in readme and res["git_commit"][:7] in readme
+    assert (ROOT / path.replace(".json", ".md")).read_text() == (
+        report.regime_markdown(res))
 
 
 def test_readme_main_table_text_comes_from_table_cpu():

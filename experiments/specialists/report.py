@@ -261,7 +261,8 @@ def regime_markdown(results: dict) -> str:
       f"errors on {s0['num_fresh_train']:,} fresh training pairs "
       f"{_mse([r['generalist_fresh_train_errors'] for r in seeds])} against "
       f"{_mse([r['rows']['val']['generalist'][0] for r in seeds])} on the "
-      "validation pairs (it underfits).",
+      "validation pairs (training error well above zero: it underfits; "
+      "the gap to validation: the images it has seen).",
       f"Specialists: {len(s0['subsets'])} ({ch['family']}), each "
       f"{s0['params']['specialists'][0]:,}-"
       f"{max(s0['params']['specialists']):,} parameters, "
