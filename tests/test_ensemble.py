@@ -1,4 +1,5 @@
-"""experiments/mnist/ensemble.py end to end on real MNIST, tiny (§4)."""
+"""experiments/mnist/ensemble.py (§4): one step on a few synthetic images
+(the unit tier), and end to end on real MNIST, tiny (the integration tier)."""
 import json
 
 import numpy as np
@@ -12,6 +13,23 @@ def test_gain_kept():
   assert ensemble.gain_kept([100], [100], [90]) is None
 
 
+def test_smoke_one_step_per_model(smoke_config, tmp_path):
+  from experiments.mnist.configs import ensemble_cpu  # pylint: disable=g-import-not-at-top
+  c = smoke_config(base=ensemble_cpu)
+  e = c.ensemble
+  e.num_members, e.width, e.epochs = 2, 8, 1
+  e.grid_temperatures, e.grid_alphas = (4.0,), (0.7,)
+  e.distill_seeds, e.alone_members = (0,), (0,)
+  results = ensemble.run(c, str(tmp_path))
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["rows"] == json.loads(json.dumps(results["rows"]))
+  assert [r["name"] for r in saved["rows"]] == list(ensemble.ROW_NAMES)
+  for r in saved["rows"]:
+    assert all(0 <= x <= 100 for x in r["test_errors"]), r["name"]
+  assert saved["environment"]["cpu"]
+
+
+@pytest.mark.integration
 def test_tiny_run_rows_and_schema(mnist_dir, tmp_path, monkeypatch):
   from experiments.mnist.configs import ensemble_cpu
   monkeypatch.setenv("KDJAX_PROGRESS", "0")
