@@ -121,7 +121,6 @@ def test_machine_references_run_the_committed_demo():
   """Each kind's reference is the demo of quick_cpu.json (same config)."""
   refs = _references()
   demo = _load(RESULTS / "quick_cpu.json")
-  assert len(refs) >= 2
   for path, ref in refs.values():
     assert ref["rows"] and ref["params_sha256"], path
     assert _known_keys(ref["config"], demo["config"]) == demo["config"], path
