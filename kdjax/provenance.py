@@ -16,7 +16,7 @@ import numpy as np
 from kdjax._types import PyTree
 
 __all__ = ["params_sha256", "git_commit", "device_description", "cpu_record",
-           "environment"]
+           "schedulable_cores", "environment"]
 
 # The x86 vector extensions XLA:CPU selects its kernels by (LLVM's target
 # features): a different set may give different float rounding, so results
@@ -97,16 +97,32 @@ def cpu_record(cpuinfo: str | None = None) -> dict:
           "vector_extensions": [x for x in VECTOR_EXTENSIONS if x in flags]}
 
 
+def schedulable_cores() -> int | None:
+  """The cores this process may run on (its affinity), else the CPU count.
+
+  XLA:CPU sizes its thread pool by it, and the pool's size changes how
+  work, and so float sums, are split: the demo's student trained on one
+  core of two (``taskset -c 0``) ends with other bits than on both.
+  """
+  import os
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count()
+
+
 def environment() -> dict:
   """Versions, device and host CPU, for a results JSON.
 
-  ``cpu`` is :func:`cpu_record`: XLA:CPU's code, hence its float rounding,
-  depends on the CPU's vector extensions, so two runs are expected to be
-  bit-identical only when ``cpu["vector_extensions"]`` and the versions
-  are equal.
+  ``cpu`` is :func:`cpu_record` plus ``schedulable_cores``
+  (:func:`schedulable_cores`). XLA:CPU's code, hence its float rounding,
+  depends on the CPU's vector extensions and its thread count, so two runs
+  are expected to be bit-identical only when ``cpu`` (but its model name)
+  and the versions are equal.
   """
   import flax
   import optax
   return {"jax_version": jax.__version__, "flax_version": flax.__version__,
           "optax_version": optax.__version__, "device": device_description(),
-          "python": platform.python_version(), "cpu": cpu_record()}
+          "python": platform.python_version(),
+          "cpu": {**cpu_record(), "schedulable_cores": schedulable_cores()}}

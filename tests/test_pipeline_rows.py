@@ -222,6 +222,6 @@ def test_smoke_demo_rows_one_step(smoke_run):
     assert 0 <= r["test_errors"][0] <= 100, r["name"]
   assert set(on_disk["params_sha256"]) == {"teacher", "student_alone",
                                            "distilled_T20"}
-  assert on_disk["environment"]["cpu"] == provenance.cpu_record()
+  assert on_disk["environment"]["cpu"] == provenance.environment()["cpu"]
   assert (tmp_path / "results.md").stat().st_size > 0
   assert not (tmp_path / "results.partial.json").exists()

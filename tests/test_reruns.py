@@ -53,9 +53,10 @@ def _known_keys(config: dict, ref: dict) -> dict:
 def machine_kind(results: dict) -> tuple:
   """What must be equal for two runs to be bit-identical.
 
-  The CPU's vector extensions (or ``NO_RECORD``), the device line (it
-  holds the host's core count, which sets XLA:CPU's thread pool) and the
-  versions of jax, flax and optax. A CPU that could not be read
+  The CPU's vector extensions and schedulable cores (or ``NO_RECORD``),
+  the device line (it holds the host's core count; XLA:CPU sizes its
+  thread pool by the cores it may use) and the versions of jax, flax and
+  optax. A CPU that could not be read
   (``vector_extensions`` None) is a kind never equal to another run's.
   """
   env = results.get("environment", {})
@@ -65,7 +66,7 @@ def machine_kind(results: dict) -> tuple:
   elif cpu.get("vector_extensions") is None:
     isa = ("unknown CPU", object())  # equal to no other run's kind
   else:
-    isa = tuple(cpu["vector_extensions"])
+    isa = (tuple(cpu["vector_extensions"]), cpu.get("schedulable_cores"))
   return (isa, env.get("device"), env.get("jax_version"),
           env.get("flax_version"), env.get("optax_version"))
 
@@ -110,6 +111,7 @@ def test_machine_kind_is_the_vector_extensions_and_versions():
   assert kind(cpu=avx2) == kind(cpu=other_model)  # the model is not the kind
   assert kind(cpu=avx2) != kind(cpu=avx512) != kind()
   assert kind(cpu=avx2) != kind(cpu=avx2, jax_version="0.10.3")
+  assert kind(cpu=avx2) != kind(cpu={**avx2, "schedulable_cores": 1})
   assert kind(cpu=avx2) != kind(cpu=avx2,
                                 device="cpu: 1 x cpu (x86_64, 8 host cores)")
   unknown = {"model": None, "vector_extensions": None}
