@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make venv   - create $(VENV) and install kdjax[test] (done by every target)"
-	@echo "make test   - the unit tier (pytest -m 'not integration', 2 workers; under 5 min)"
+	@echo "make test   - the unit tier (pytest -m 'not integration', 2 workers)"
 	@echo "make test-all - both tiers: unit and integration (pipelines, examples, notebook, kill/resume, subprocesses)"
 	@echo "make lint   - ruff check the whole tree (the rules are in pyproject.toml)"
 	@echo "make docs   - the API reference (Sphinx, warnings are errors) in docs/_build/html"
