@@ -3,6 +3,11 @@
 Eight virtual CPU devices let the pmap and sharded-jit forms of the train
 step run on a CPU-only machine.
 
+``kdjax.fit``'s default mesh is every device (data parallel, see
+:mod:`kdjax.mesh`). Tests written for one device keep it: each test runs
+with a one-device default mesh unless it is marked ``all_devices``, where
+``fit(mesh=None)`` sees all 8 devices, as a user's program would.
+
 Tests come in two tiers: ``make test`` runs the unit tier
 (``-m "not integration"``), ``make test-all`` both. A test still marked
 ``slow`` (the marker's old name) is in the integration tier too.
@@ -20,3 +25,14 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if item.get_closest_marker("slow"):
       item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _one_device_default_mesh(request):
+  if request.node.get_closest_marker("all_devices") is not None:
+    yield
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from kdjax import mesh  # pylint: disable=g-import-not-at-top
+  with mesh.use_default_mesh(mesh.make_mesh(devices=jax.devices()[:1])):
+    yield

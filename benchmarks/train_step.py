@@ -37,6 +37,13 @@ Goals:
 * on a GPU, at batch 128: ``kdjax_online >= 10,000`` steps/s and
   ``>= 20 x torch_eager``.
 
+The ``mesh`` section (``--mesh-steps``, :mod:`benchmarks._mesh`, run in a
+subprocess with ``--mesh-devices`` virtual CPU devices) compiles and times
+the same kd epoch on one device, data parallel over all devices and FSDP
+over all devices: compile time and step time against one device. On a CPU
+the virtual devices share the host's cores, so it measures the mesh's
+**overhead**, not a speed-up.
+
 Method: every implementation is compiled and warmed up first (one untimed
 epoch, or a few steps for the Python loop). A timed round is one epoch
 truncated to ``--epochs-steps`` steps (the epoch functions are built with
@@ -77,6 +84,7 @@ Neither TensorFlow nor PyTorch is needed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import statistics
@@ -106,6 +114,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
                       "runs (0: skip the section)")
   parser.add_argument("--fit-cnn-steps", type=int, default=20,
                       help="steps per epoch of its CNN runs")
+  parser.add_argument("--mesh-steps", type=int, default=20,
+                      help="steps per epoch of the mesh section (8 devices "
+                      "vs 1, benchmarks/_mesh.py; 0: skip it)")
+  parser.add_argument("--mesh-devices", type=int, default=8,
+                      help="virtual CPU devices of the mesh section (on "
+                      "GPU/TPU: the devices there are)")
   return parser.parse_args(argv)
 
 
@@ -693,8 +707,32 @@ def main(args: argparse.Namespace) -> int:
           f"auto ({fp['cnn_auto_chose']}) / best {fp['cnn_auto_vs_best']:.3f}"
           f" (goal 0.9), CNN steps/scan {fp['cnn_steps_vs_scan']:.2f}",
           flush=True)
+  if args.mesh_steps:
+    print("mesh (8 devices vs 1; on a CPU: overhead, not speed-up) ...",
+          flush=True)
+    results["mesh"] = run_mesh_section(args)
+    m = results["mesh"]
+    print(f"mesh: {m['devices']} devices, step time vs one device "
+          f"{m['step_time_vs_one_device']}, compile time vs one device "
+          f"{m['compile_time_vs_one_device']}", flush=True)
   write_results(args.json, results)
   return 0
+
+
+def run_mesh_section(args: argparse.Namespace) -> dict:
+  """benchmarks/_mesh.py in a subprocess (its own device count)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  script = pathlib.Path(__file__).with_name("_mesh.py")
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(tmp) / "mesh.json"
+    argv = [sys.executable, str(script), "--devices", str(args.mesh_devices),
+            "--steps", str(args.mesh_steps), "--repeats", str(args.repeats),
+            "--batch-size", str(args.batch_size), "--json", str(out)]
+    if args.backend is not None:
+      argv += ["--backend", _BACKENDS[args.backend]]
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

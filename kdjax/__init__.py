@@ -14,19 +14,24 @@ Modules, one concern each:
   (linen, NNX or a pure function).
 * :mod:`kdjax.fields`: :class:`Fields`, which batch fields are inputs,
   labels, weights and cached teacher logits.
-* :mod:`kdjax.objectives`: the objective registry (``kd``, ``soft``, ...).
+* :mod:`kdjax.objectives`: the objective registry (``kd``, ``soft``, ...);
+  each objective declares the hyperparameters it reads.
+* :mod:`kdjax.hparams`: the state's hyperparameters (``temperature``,
+  ``alpha``, ``beta``, ...: numbers or schedules) and their records.
 * :mod:`kdjax.train`: :class:`TrainState` and the train step (jit, pmap,
   sharded jit).
 * :mod:`kdjax.precision`, :mod:`kdjax.preprocess`: mixed precision, the
   pixel-scaling rule.
 * :mod:`kdjax.loops`: on-device ``lax.scan`` epochs and the host-batch loop.
 * :mod:`kdjax.cache`: the teacher-logit cache.
-* :mod:`kdjax.sweep`: vmapped sweeps over seeds, temperatures and alphas.
+* :mod:`kdjax.sweep`: vmapped sweeps over seeds and hyperparameters.
 * :mod:`kdjax.specialists`: the paper's specialist models (Section 5):
   confusable clusters, specialist data and initialisation, vmapped
   training, the dustbin correction and the eq. 5 combination.
 * :mod:`kdjax.trainer`: :func:`kdjax.fit`, the resumable outer loop
   (progress, metrics, checkpoints).
+* :mod:`kdjax.mesh`: where ``fit`` puts things on a device mesh (data
+  parallel by default, FSDP, several hosts).
 * :mod:`kdjax.checkpoint`: orbax checkpoints with fallback.
 * :mod:`kdjax.models`, :mod:`kdjax.constraints`, :mod:`kdjax.augment`: the
   paper's MLPs, the max-norm constraint, ±2-pixel jitter.
@@ -38,8 +43,9 @@ Modules, one concern each:
 """
 
 from kdjax import (augment, cache, chunked, constraints, evaluate, fields,
-                   losses, loops, models, objectives, optim, precision,
-                   preprocess, specialists, sweep, topk, train, validate)
+                   hparams, losses, loops, mesh, models, objectives, optim,
+                   precision, preprocess, specialists, sweep, topk, train,
+                   validate)
 from kdjax.fields import Fields
 from kdjax.trainer import fit
 from kdjax.losses import (
@@ -60,7 +66,8 @@ from kdjax.train import TrainState, make_train_step
 __all__ = [
     # Modules.
     "augment", "cache", "chunked", "constraints", "evaluate", "fields",
-    "losses", "loops", "models", "objectives", "optim", "precision",
+    "hparams", "losses", "loops", "mesh", "models", "objectives", "optim",
+    "precision",
     "preprocess", "specialists", "sweep", "topk", "train", "validate",
     # The losses.
     "distillation_loss", "generalized_jsd_loss", "hard_label_loss",

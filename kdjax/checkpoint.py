@@ -1,8 +1,10 @@
 """Checkpoints of the student's training state, with orbax.
 
 What is saved: the student's :class:`kdjax.train.TrainState` leaves (params,
-optimizer state, step, skipped-step count, temperature and alpha; works for
-stacked sweep states too), the run's key, and the data-order state (the
+optimizer state, step, skipped-step count and hyperparameters; works for
+stacked sweep states too; a checkpoint written when the state held
+``temperature`` and ``alpha`` as fields of their own restores into today's
+``hparams``), the run's key, and the data-order state (the
 number of finished epochs; the order of epoch ``e`` is a pure function of
 the key and ``e``, see :func:`kdjax.loops.epoch_key`). The teacher is never
 saved: it is an input of the run, not part of its state.
@@ -34,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from kdjax import hparams as hparams_lib
 from kdjax._types import PyTree
 
 __all__ = ["Checkpointer", "CheckpointCorruptError", "CheckpointMismatchError",
@@ -122,6 +125,11 @@ class Checkpointer:
       CheckpointMismatchError: the checkpoint is readable but its arrays'
         names, shapes or dtypes differ from ``like``'s.
     """
+    layout = self._legacy_layout(epoch, like)
+    if layout is not None:  # Written by an older kdjax: its own layout.
+      old_like, convert = layout
+      state, meta = self.restore(epoch, old_like)
+      return convert(state), meta
     self._check_matches(epoch, like)
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     out = self._manager.restore(
@@ -140,16 +148,33 @@ class Checkpointer:
                        f"{meta.get('index', meta['epoch'])}.")
     return state, meta
 
-  def _check_matches(self, epoch: int, like: PyTree) -> None:
-    """Compares the saved arrays' metadata with ``like`` before restoring."""
+  def _saved_specs(self, epoch: int) -> Optional[dict[str, str]]:
+    """The saved arrays' :func:`leaf_specs`, or None if orbax gives none."""
     saved = self._manager.item_metadata(int(epoch))["state"]
     saved = getattr(saved, "tree", saved)
     leaves = jax.tree.leaves(saved)
     if not leaves or not all(hasattr(m, a) for m in leaves
                              for a in ("name", "shape", "dtype")):
+      return None
+    return {m.name: f"{tuple(m.shape)} {np.dtype(m.dtype).name}"
+            for m in leaves}
+
+  def _legacy_layout(self, epoch: int, like: PyTree):
+    """``(old_like, convert)`` for a checkpoint of an older state layout
+    (:func:`kdjax.hparams.legacy_layout`), or None."""
+    got = self._saved_specs(epoch)
+    if got is None or got == leaf_specs(like):
+      return None
+    layout = hparams_lib.legacy_layout(like, got)
+    if layout is None or leaf_specs(layout[0]) != got:
+      return None
+    return layout
+
+  def _check_matches(self, epoch: int, like: PyTree) -> None:
+    """Compares the saved arrays' metadata with ``like`` before restoring."""
+    got = self._saved_specs(epoch)
+    if got is None:
       return  # This orbax gives no per-array metadata: restore decides.
-    got = {m.name: f"{tuple(m.shape)} {np.dtype(m.dtype).name}"
-           for m in leaves}
     want = leaf_specs(like)
     if got == want:
       return

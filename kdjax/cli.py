@@ -27,7 +27,7 @@ from kdjax import checkpoint, data, validate
 __all__ = ["InputError", "InputNotFoundError", "USER_ERRORS",
            "TRACEBACK_FLAG", "EXIT_USER_ERROR", "HELP_EPILOG",
            "traceback_requested", "user_errors", "run_main",
-           "run_config_main"]
+           "check_config_file", "run_config_main"]
 
 
 class InputError(ValueError):
@@ -123,6 +123,41 @@ def _parse_config_flags(argv):
         + (f". {hint}" if hint else "")) from e
 
 
+def _config_path(argv: Sequence[str]) -> Optional[str]:
+  """The file named by ``--config=FILE`` or ``--config FILE`` in ``argv``.
+
+  ml_collections accepts ``FILE:ARG`` (an argument for ``get_config``); the
+  part before the first ``:`` is the file.
+  """
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      value = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+    else:
+      continue
+    return value.split(":", 1)[0]
+  return None
+
+
+def check_config_file(argv: Sequence[str]) -> None:
+  """Refuses a ``--config`` file that does not exist (one line, exit 2).
+
+  Without this, ml_collections reports it as a 50-line traceback through
+  absl when the config is first read.
+
+  Raises:
+    kdjax.validate.ConfigError: the file is missing or is a directory.
+  """
+  path = _config_path(argv)
+  if path is not None and not os.path.isfile(path):
+    what = "is a directory" if os.path.isdir(path) else "does not exist"
+    raise validate.ConfigError(
+        f"--config file {path!r} {what} (relative paths are read from "
+        f"{os.getcwd()}); pass a config file such as "
+        "--config=experiments/mnist/configs/quick.py.")
+
+
 def run_config_main(run: Callable[[Any, str], Any],
                     config_help: str) -> NoReturn:
   """A ``python -m`` entry point: ``--config=FILE --workdir=DIR``, then
@@ -131,7 +166,9 @@ def run_config_main(run: Callable[[Any, str], Any],
   ``--config`` is an ml_collections config file (locked; any field can be
   overridden as ``--config.KEY=VALUE``, an unknown key is a
   :class:`kdjax.validate.ConfigError`), ``--workdir`` the output
-  directory; both are required and no positional argument is accepted.
+  directory; both are required and no positional argument is accepted. A
+  ``--config`` file that does not exist is a one-line error
+  (:func:`check_config_file`).
   absl parses the flags (its own usage errors are unchanged), orbax's
   per-save INFO lines are kept out of the console, and the whole runs
   through :func:`run_main` (one-line user errors, ``--traceback``).
@@ -156,5 +193,9 @@ def run_config_main(run: Callable[[Any, str], Any],
     logging.set_verbosity(logging.WARNING)
     run(config.value, workdir.value)
 
-  run_main(lambda args: app.run(main, argv=[sys.argv[0], *args],
-                                flags_parser=_parse_config_flags))
+  def start(args):
+    check_config_file(args)
+    return app.run(main, argv=[sys.argv[0], *args],
+                   flags_parser=_parse_config_flags)
+
+  run_main(start)

@@ -7,21 +7,24 @@ step applied by every process to such global arrays behaves as one program
 on all devices: XLA inserts the cross-process collectives (ICI on TPU pods,
 NCCL on GPUs, gloo over TCP on CPUs).
 
-kdjax adds no launcher of its own. The pieces:
+kdjax adds no launcher of its own. :func:`kdjax.fit` runs under it as it
+is: call :func:`initialize` first, then the same ``fit(...)`` on every
+process, with a mesh over all global devices (the default,
+:func:`kdjax.mesh.default_mesh`); :mod:`kdjax.mesh` says what each process
+must feed. The pieces below are those ``fit`` uses (they live in
+:mod:`kdjax.mesh`), for a loop of one's own:
 
 * :func:`initialize`: ``jax.distributed.initialize`` (called first, before
   any other JAX call), with CPU collectives enabled for CPU-only clusters.
 * :func:`process_shard`: each process's **contiguous** slice of a host
-  dataset or of a global batch (rows ``[i n/P, (i+1) n/P)`` for process
-  ``i`` of ``P``).
+  dataset or of a global batch.
 * :func:`global_batch`: the global, data-sharded ``jax.Array`` batch built
-  from each process's local batch (``jax.make_array_from_process_local_data``).
-  With :func:`kdjax.train.data_mesh` the global batch is the concatenation
-  of the processes' local batches in process order, so
-  ``global_batch(process_shard(B), mesh)`` is ``B`` again.
-* :func:`replicate_teacher` / :func:`replicate`: the teacher (and the
-  student's :class:`~kdjax.train.TrainState` and the rng) placed on every
-  device of the mesh, replicated by default or sharded by a
+  from each process's local batch (:meth:`kdjax.mesh.Plan.place_batch`);
+  the global batch is the concatenation of the processes' local batches in
+  process order, so ``global_batch(process_shard(B), mesh)`` is ``B``.
+* :func:`replicate` (:func:`kdjax.mesh.replicate`) /
+  :func:`replicate_teacher`: the student's state, the rng and the teacher
+  placed on every device of the mesh, replicated or sharded by a
   ``PartitionSpec`` tree.
 
 The step itself is unchanged: :func:`kdjax.train.sharded_train_step` over a
@@ -52,10 +55,11 @@ from __future__ import annotations
 from typing import Optional
 
 import jax
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
+from kdjax import mesh as mesh_lib
 from kdjax._types import PyTree
+from kdjax.mesh import local_data_shards, process_shard, replicate
 from kdjax.teacher import Teacher
 
 __all__ = [
@@ -108,84 +112,6 @@ def initialize(coordinator_address: Optional[str] = None,
                              process_id=process_id, **kwargs)
 
 
-def _leading_size(tree: PyTree, what: str) -> int:
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    raise ValueError(f"{what} has no arrays.")
-  sizes = {np.shape(x)[0] if np.ndim(x) else None for x in leaves}
-  if None in sizes or len(sizes) != 1:
-    raise ValueError(f"all arrays of {what} must share a leading (example) "
-                     f"axis; got leading sizes "
-                     f"{[np.shape(x)[:1] for x in leaves]}.")
-  return sizes.pop()
-
-
-def process_shard(arrays: PyTree, *, process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> PyTree:
-  """This process's contiguous shard of a host dataset or global batch.
-
-  For ``n`` examples and ``P`` processes, process ``i`` gets rows
-  ``[i * n / P, (i + 1) * n / P)`` of every array (numpy slices are views,
-  not copies). Shards are **contiguous**, not strided, so that
-  :func:`global_batch` of the shards of a global batch (concatenation in
-  process order) is that global batch again.
-
-  Sharding a whole dataset once and then batching each shard locally gives
-  global batches that are the concatenation of the processes' ``k``-th local
-  batches; they differ from the ``k``-th batches of the unsharded dataset,
-  but they partition the same examples. Shuffle with the same seed on every
-  process *before* sharding for an i.i.d. split.
-
-  Args:
-    arrays: a pytree (usually a dict like ``{'image': ..., 'label': ...}``)
-      of arrays sharing a leading example axis.
-    process_index: the shard to take (default ``jax.process_index()``).
-    process_count: the number of shards (default ``jax.process_count()``).
-
-  Returns:
-    The same pytree with every array sliced along its leading axis.
-
-  Raises:
-    ValueError: if the leading size is not divisible by ``process_count``,
-      the arrays' leading sizes differ, or ``process_index`` is out of range.
-  """
-  if process_count is None:
-    process_count = jax.process_count()
-  if process_index is None:
-    process_index = jax.process_index()
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index must be in [0, {process_count}), got "
-                     f"{process_index} (process_count={process_count}).")
-  n = _leading_size(arrays, "arrays")
-  if n % process_count:
-    raise ValueError(
-        f"leading size {n} is not divisible by the process count "
-        f"{process_count}; drop or pad to a multiple of {process_count}.")
-  per = n // process_count
-  lo, hi = process_index * per, (process_index + 1) * per
-  return jax.tree.map(lambda x: x[lo:hi], arrays)
-
-
-def local_data_shards(mesh: Mesh, data_axis: str = "data") -> list[int]:
-  """The positions along ``data_axis`` that this process's devices hold.
-
-  A batch sharded ``P(data_axis)`` is split into ``mesh.shape[data_axis]``
-  equal blocks; this process feeds the blocks at these positions (sorted),
-  each to all of its devices at that position (replicas along other mesh
-  axes). For the 1-D :func:`kdjax.train.data_mesh` this is one position per
-  local device, ``[i L, ..., (i + 1) L - 1]`` for process ``i`` with ``L``
-  local devices.
-  """
-  if data_axis not in mesh.axis_names:
-    raise ValueError(f"mesh has no axis {data_axis!r}; its axes are "
-                     f"{mesh.axis_names}.")
-  devices = np.moveaxis(mesh.devices, mesh.axis_names.index(data_axis), 0)
-  devices = devices.reshape(devices.shape[0], -1)
-  me = jax.process_index()
-  return [k for k, row in enumerate(devices)
-          if any(d.process_index == me for d in row)]
-
-
 def global_batch(local_batch: PyTree, mesh: Mesh,
                  data_axis: str = "data") -> PyTree:
   """A global batch sharded along ``data_axis`` from this process's rows.
@@ -216,7 +142,8 @@ def global_batch(local_batch: PyTree, mesh: Mesh,
       local batch size is not divisible by the number of positions it holds
       (its local device count, for a 1-D data mesh).
   """
-  n = _leading_size(local_batch, "local_batch")
+  plan = mesh_lib.Plan(mesh, (data_axis,))
+  n = mesh_lib._leading_size(local_batch, "local_batch")  # pylint: disable=protected-access
   shards = local_data_shards(mesh, data_axis)
   if not shards:
     raise ValueError(f"process {jax.process_index()} has no device in the "
@@ -227,54 +154,9 @@ def global_batch(local_batch: PyTree, mesh: Mesh,
         f"local batch size {n} is not divisible by this process's "
         f"{len(shards)} shards along {data_axis!r} (its local device count "
         f"on a 1-D data mesh); use a multiple of {len(shards)}.")
-  sharding = NamedSharding(mesh, P(data_axis))
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding,
-                                                       np.asarray(x)),
-      local_batch)
-
-
-def _put(x, sharding: NamedSharding):
-  """One leaf, from identical host values on every process, to ``sharding``."""
-  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
-      x.dtype, jax.dtypes.prng_key):
-    data = _put(jax.random.key_data(x), sharding)
-    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    # Already global (e.g. a previous replicate): reshard inside a program.
-    return jax.jit(lambda y: y, out_shardings=sharding)(x)
-  host = np.asarray(x)
-  return jax.make_array_from_callback(host.shape, sharding,
-                                      lambda index: host[index])
-
-
-def replicate(tree: PyTree, mesh: Mesh, specs: PyTree = None) -> PyTree:
-  """Places a pytree on all devices of ``mesh`` (replicated by default).
-
-  Each process builds only its addressable shards from its own host copy
-  (``jax.make_array_from_callback``), with no cross-process traffic; every
-  process must pass the same values. Use it for the student's
-  :class:`~kdjax.train.TrainState` and the rng key before the first step of
-  :func:`kdjax.train.sharded_train_step` (whose replicated in-shardings span
-  devices of other processes, which arrays committed to one local device
-  cannot be moved to). Typed PRNG keys are supported. Static (non-pytree)
-  fields such as ``apply_fn`` are untouched.
-
-  Args:
-    tree: the pytree (host or single-device arrays).
-    mesh: the device mesh.
-    specs: ``None`` (every leaf replicated, ``P()``), one ``PartitionSpec``
-      for every leaf, or a pytree of ``PartitionSpec`` matching ``tree``.
-
-  Returns:
-    The pytree of global arrays.
-  """
-  if specs is None:
-    specs = P()
-  if isinstance(specs, P):
-    return jax.tree.map(lambda x: _put(x, NamedSharding(mesh, specs)), tree)
-  return jax.tree.map(lambda x, s: _put(x, NamedSharding(mesh, s)), tree,
-                      specs, is_leaf=lambda s: isinstance(s, P))
+  if jax.process_count() == 1:
+    return jax.device_put(local_batch, plan.batch_sharding())
+  return plan.place_batch(local_batch)
 
 
 def replicate_teacher(teacher: Teacher, mesh: Mesh,
@@ -287,7 +169,8 @@ def replicate_teacher(teacher: Teacher, mesh: Mesh,
   can be **sharded** instead: pass ``specs``, a pytree of ``PartitionSpec``
   matching ``(params, state)`` (e.g. ``P(None, 'model')`` for the kernels of
   a mesh with a ``'model'`` axis, or ``P('data')`` for FSDP-style sharding),
-  and GSPMD inserts the gathers. :func:`kdjax.train.sharded_train_step`
+  and GSPMD inserts the gathers (:func:`kdjax.fit` does this itself on a
+  mesh with an ``"fsdp"`` axis). :func:`kdjax.train.sharded_train_step`
   declares the teacher replicated (``jax.jit`` refuses an argument committed
   to another sharding), so a sharded teacher needs its own jit of the same
   step, with the teacher's in-sharding taken from the placed arrays::

@@ -283,16 +283,24 @@ class Prefetcher:
     block_sharding: the sharding of a stacked block (default device if
       None).
     check: optional ``(batch, index) -> batch`` run on each host batch.
+    place: optional ``(host_batch, lead) -> device batch`` instead of
+      ``jax.device_put`` with the shardings above (``lead`` is 1 for a
+      stacked block): :meth:`kdjax.mesh.Plan.place_batch`, which puts each
+      process's rows straight into their shards of the global batch.
     total: the number of batches to expect; the last ``total % block`` are
       transferred one by one (so that blocks keep one compiled shape).
   """
 
   def __init__(self, batches: Iterable, *, block: int = 1, size: int = 2,
                sharding=None, block_sharding=None,
-               check: Optional[Callable] = None, total: Optional[int] = None):
+               check: Optional[Callable] = None, total: Optional[int] = None,
+               place: Optional[Callable] = None):
     self._q: "queue.Queue" = queue.Queue(maxsize=max(1, size))
     self._stop = threading.Event()
-    self._args = (batches, block, sharding, block_sharding, check, total)
+    if place is None:
+      place = lambda b, lead: jax.device_put(
+          b, block_sharding if lead else sharding)
+    self._args = (batches, block, place, check, total)
     self._thread = threading.Thread(target=self._produce, daemon=True)
     self._thread.start()
 
@@ -306,10 +314,10 @@ class Prefetcher:
     return False
 
   def _produce(self):
-    batches, block, sharding, block_sharding, check, total = self._args
+    batches, block, place, check, total = self._args
 
     def singles(pending) -> bool:
-      return all(self._put((jax.device_put(b, sharding), 1, st))
+      return all(self._put((place(b, 0), 1, st))
                  for b, st in pending)
 
     try:
@@ -322,7 +330,7 @@ class Prefetcher:
         if len(pending) == block and block > 1:
           stacked = jax.tree.map(lambda *x: np.stack(x),
                                  *[b for b, _ in pending])
-          if not self._put((jax.device_put(stacked, block_sharding), block,
+          if not self._put((place(stacked, 1), block,
                             data_state)):
             return
           pending = []

@@ -39,7 +39,8 @@ def epoch_key(rng: jax.Array, epoch: int | jax.Array) -> jax.Array:
 
 
 def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
-                  nonfinite_diagnostics: bool = False) -> Callable:
+                  nonfinite_diagnostics: bool = False,
+                  plan: Optional[Any] = None) -> Callable:
   """A whole epoch as one pure function, for ``jax.jit`` (or ``jax.vmap``).
 
   ``epoch(state, teacher, data, rng, epoch_index) -> (state, metrics)``:
@@ -67,6 +68,9 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
     batch_size: examples per step.
     num_examples: length of the data's leading axis.
     nonfinite_diagnostics: add the entries above to ``metrics``.
+    plan: a :class:`kdjax.mesh.Plan`: each gathered batch is split over its
+      batch axes and the returned state keeps its (FSDP) layout. None: as
+      on one device.
 
   Returns:
     The epoch function (not yet compiled).
@@ -89,9 +93,10 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
 
     def body(state, idx):
       batch = jax.tree.map(lambda v: jnp.take(v, idx, axis=0), data)
-      return step(state, teacher, batch, rng)
+      return step(state, teacher, _constrain_batch(plan, batch), rng)
 
     state, metrics = jax.lax.scan(body, state, order)
+    state = _constrain_state(plan, state)
     out = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     if nonfinite_diagnostics:
       out.update(_diagnostics(metrics, state, steps))
@@ -103,7 +108,8 @@ def make_epoch_fn(step: Callable, *, batch_size: int, num_examples: int,
 
 def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
                           num_examples: int, vmapped: bool = False,
-                          nonfinite_diagnostics: bool = False) -> Callable:
+                          nonfinite_diagnostics: bool = False,
+                          plan: Optional[Any] = None) -> Callable:
   """The epoch of :func:`make_epoch_fn` as a Python loop of jitted steps.
 
   Same contract and same computation: the same permutation of the same
@@ -130,7 +136,8 @@ def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
 
   def one(state, teacher, data, rng, idx):
     batch = jax.tree.map(lambda v: jnp.take(v, idx, axis=0), data)
-    return step(state, teacher, batch, rng)
+    state, metrics = step(state, teacher, _constrain_batch(plan, batch), rng)
+    return _constrain_state(plan, state), metrics
 
   if vmapped:
     order = jax.vmap(order, in_axes=(0, None))
@@ -160,6 +167,14 @@ def make_stepwise_epoch_fn(step: Callable, *, batch_size: int,
 
   epoch.steps_per_epoch = steps
   return epoch
+
+
+def _constrain_batch(plan, batch):
+  return batch if plan is None else plan.constrain_batch(batch)
+
+
+def _constrain_state(plan, state):
+  return state if plan is None else plan.constrain_state(state)
 
 
 def nonfinite_diagnostics(per_step: dict, state, steps: int) -> dict:

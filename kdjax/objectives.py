@@ -2,7 +2,7 @@ r"""Training objectives: functions, found by name in one registry.
 
 An objective is a function
 
-``objective(student_logits, teacher_logits, batch, *, temperature, alpha)
+``objective(student_logits, teacher_logits, batch, *, <hyperparameters>)
 -> loss`` or ``-> (loss, aux)``
 
 returning the **per-position** loss, of shape ``student_logits.shape[:-1]``
@@ -13,49 +13,112 @@ train step reduces it as ``sum(w * loss) / sum(w)`` over the global batch
 ``"label"`` whatever field :class:`kdjax.fields.Fields` names them;
 ``teacher_logits`` is None for an objective that needs no teacher.
 
-Built-ins (``alpha`` weights the hard labels, ``T`` is the temperature):
+**An objective declares the hyperparameters it reads**: the parameters
+after ``(student_logits, teacher_logits, batch)`` are their names (or
+:class:`Objective`'s ``hparams=`` says so). The step passes it exactly
+those, from the state's ``hparams`` (:mod:`kdjax.hparams`: each may be a
+schedule, is logged in the metrics and can be swept under ``vmap``). A
+parameter with a default is optional: the state's value when the state
+has one, else the default. :func:`kdjax.fit` refuses, before compiling, a
+state missing one that has no default.
 
-====================  ======================================================
-``"kd"``              :func:`kdjax.losses.kd_objective`:
-                      ``alpha CE(y, softmax(z)) + (1 - alpha) T^2 KL(p_T||q_T)``
-``"soft"``            :func:`kdjax.losses.distillation_loss`: ``T^2 KL``
-``"logit_matching"``  :func:`kdjax.losses.logit_matching_loss` (eq. 4)
-``"hard"``            :func:`kdjax.losses.hard_label_loss` (no teacher)
-``"reverse_kl"``      :func:`kdjax.losses.reverse_distillation_loss`:
-                      ``T^2 KL(q_T||p_T)`` (mode-seeking)
-``"jsd"``             :func:`kdjax.losses.generalized_jsd_loss`, beta 0.5;
-                      :func:`jsd` for another beta
-``"topk"``            :func:`kdjax.topk.topk_distillation_loss` from the
-                      batch's cached ``"topk_values"``/``"topk_indices"``
-                      (declare them: ``Fields(extra=("topk_values",
-                      "topk_indices"))``); no teacher is run
-====================  ======================================================
+Built-ins (``T`` the temperature, ``p = softmax(v/T)`` the teacher,
+``q = softmax(z/T)`` the student; each reads exactly the names listed):
 
-The soft objectives (``"soft"``, ``"reverse_kl"``, ``"jsd"``, ``"topk"``,
-``"logit_matching"``) ignore ``alpha``; ``"kd"`` mixes in the hard labels.
+* ``"kd"`` reads ``temperature``, ``alpha``:
+  ``alpha CE(y, softmax(z)) + (1 - alpha) T^2 KL(p || q)``
+  (:func:`kdjax.losses.kd_objective`).
+* ``"soft"`` reads ``temperature``: ``T^2 KL(p || q)``
+  (:func:`kdjax.losses.distillation_loss`).
+* ``"logit_matching"`` reads nothing: the squared logit difference of
+  eq. 4 (:func:`kdjax.losses.logit_matching_loss`).
+* ``"hard"`` reads nothing: ``CE(y, softmax(z))``; no teacher.
+* ``"reverse_kl"`` reads ``temperature``: ``T^2 KL(q || p)``, mode-seeking
+  (:func:`kdjax.losses.reverse_distillation_loss`).
+* ``"jsd"`` reads ``temperature`` and ``beta`` (0.5 when the state holds
+  none): ``T^2 JSD_beta(p, q) / (beta (1 - beta))``, the mixture
+  ``beta p + (1 - beta) q`` (:func:`kdjax.losses.generalized_jsd_loss`);
+  :func:`jsd` fixes ``beta`` instead.
+* ``"topk"`` reads ``temperature``: ``T^2 KL`` from the batch's cached
+  ``"topk_values"`` / ``"topk_indices"``
+  (:func:`kdjax.topk.topk_distillation_loss`; declare them:
+  ``Fields(extra=("topk_values", "topk_indices"))``); no teacher is run.
+
+The soft objectives log ``soft_loss`` (and ``hard_loss`` when the batch
+has labels). To train any of them with the hard labels mixed in, wrap it:
+:func:`with_hard_labels` gives ``alpha CE(y, q_1) + (1 - alpha) L`` and
+reads ``alpha`` besides the wrapped objective's hyperparameters.
 
 A new loss plugs in without editing kdjax: pass the function itself as the
 step's ``objective``, or :func:`register` it under a name:
 
 >>> import jax.numpy as jnp
 >>> from kdjax import losses, objectives
->>> def reverse_ce(s, t, batch, *, temperature, alpha):
+>>> def reverse_ce(s, t, batch, *, temperature):
 ...   p = losses.tempered_softmax(s, temperature)
 ...   return -jnp.sum(p * losses.tempered_log_softmax(t, temperature), -1)
->>> _ = objectives.register("reverse_ce", reverse_ce)
->>> objectives.get("reverse_ce").needs_teacher
-True
+>>> obj = objectives.register("reverse_ce", reverse_ce)
+>>> obj.needs_teacher, obj.hparams
+(True, ('temperature',))
+>>> objectives.with_hard_labels(obj).hparams
+('temperature', 'alpha')
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
-from typing import Callable, Union
+import sys
+from typing import Callable, Mapping, Optional, Union
 
+import jax.numpy as jnp
+
+from kdjax import hparams as hparams_lib
 from kdjax import losses
 
-__all__ = ["Objective", "register", "get", "names", "jsd", "REGISTRY"]
+__all__ = ["Objective", "register", "get", "names", "jsd", "with_hard_labels",
+           "check_hparams", "record", "REGISTRY"]
+
+_P = inspect.Parameter
+
+
+def _declared(fn: Callable, name: str) -> tuple[tuple[str, ...],
+                                                tuple[str, ...]]:
+  """``(names, optional)``: the hyperparameters ``fn``'s signature reads."""
+  if not callable(fn):
+    raise TypeError(f"objective {name!r} is not callable: got "
+                    f"{type(fn).__name__}.")
+  usage = ("an objective is called as fn(student_logits, teacher_logits, "
+           "batch, *, <hyperparameters>) -> per-position loss")
+  try:
+    sig = inspect.signature(fn)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"objective {name!r}'s signature cannot be read; wrap it as "
+        f"kdjax.objectives.Objective(fn, {name!r}, hparams=(...)) naming the "
+        "hyperparameters it reads.") from None
+  params = list(sig.parameters.values())
+  kinds = [p.kind for p in params]
+  positional = [p for p in params
+                if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)]
+  if len(positional) < 3 and _P.VAR_POSITIONAL not in kinds:
+    raise TypeError(f"objective {name!r} has signature {name}{sig}, but "
+                    f"{usage}.")
+  if _P.VAR_KEYWORD in kinds:
+    raise TypeError(
+        f"objective {name!r} takes **kwargs, so the hyperparameters it reads "
+        f"cannot be told from its signature {name}{sig}; name them: "
+        f"kdjax.objectives.Objective(fn, {name!r}, hparams=('temperature', "
+        "...)).")
+  rest = positional[3:] + [p for p in params if p.kind == _P.KEYWORD_ONLY]
+  for p in rest:
+    if p.kind == _P.POSITIONAL_ONLY:
+      raise TypeError(f"objective {name!r}: hyperparameter {p.name!r} is "
+                      f"positional-only, but {usage}.")
+    hparams_lib.check_name(p.name)
+  return (tuple(p.name for p in rest),
+          tuple(p.name for p in rest if p.default is not _P.empty))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,41 +126,91 @@ class Objective:
   """An objective function and what it needs from the step.
 
   Attributes:
-    fn: ``(student_logits, teacher_logits, batch, *, temperature, alpha)
+    fn: ``(student_logits, teacher_logits, batch, *, <hyperparameters>)
       -> loss | (loss, aux)``, per position.
     name: a name for records (``fit.json``) and messages.
     needs_teacher: the step must supply teacher logits (online or cached).
     needs_labels: the batch must carry labels.
+    hparams: the names of the hyperparameters ``fn`` reads, in order. None
+      (the default): read from ``fn``'s signature, every parameter after
+      the first three.
+    optional: those of ``hparams`` that ``fn`` has a default for (passed
+      only when the state holds them). Read from the signature with
+      ``hparams``; an explicit ``hparams`` is all required unless listed
+      here.
   """
   fn: Callable
   name: str
   needs_teacher: bool = True
   needs_labels: bool = False
+  hparams: Optional[tuple[str, ...]] = None
+  optional: tuple[str, ...] = ()
 
-  def __call__(self, student_logits, teacher_logits, batch, *, temperature,
-               alpha):
-    out = self.fn(student_logits, teacher_logits, batch,
-                  temperature=temperature, alpha=alpha)
+  def __post_init__(self):
+    if self.hparams is None:
+      names, optional = _declared(self.fn, self.name)
+      object.__setattr__(self, "hparams", names)
+      object.__setattr__(self, "optional", optional)
+      return
+    object.__setattr__(self, "hparams", tuple(self.hparams))
+    object.__setattr__(self, "optional", tuple(self.optional))
+    for n in self.hparams:
+      hparams_lib.check_name(n)
+    extra = set(self.optional) - set(self.hparams)
+    if extra:
+      raise ValueError(f"objective {self.name!r}: optional {sorted(extra)} "
+                       f"are not among its hparams {self.hparams}.")
+
+  @property
+  def required(self) -> tuple[str, ...]:
+    """The hyperparameters the state must hold."""
+    return tuple(n for n in self.hparams if n not in self.optional)
+
+  def select(self, values: Mapping) -> dict:
+    """The entries of ``values`` this objective reads (what the step passes).
+
+    Raises:
+      ValueError: a required one is missing (see :func:`check_hparams`).
+    """
+    check_hparams(self, values)
+    return {n: values[n] for n in self.hparams if n in values}
+
+  def __call__(self, student_logits, teacher_logits, batch, **hparams):
+    """``(loss, aux)``, given exactly the hyperparameters it declares.
+
+    Raises:
+      TypeError: a hyperparameter it does not read (it would be ignored).
+      ValueError: a required one is missing.
+    """
+    unread = sorted(set(hparams) - set(self.hparams))
+    if unread:
+      raise TypeError(
+          f"objective {self.name!r} reads {list(self.hparams)}, not "
+          f"{unread}: pass only those (Objective.select(values) picks them).")
+    check_hparams(self, hparams)
+    out = self.fn(student_logits, teacher_logits, batch, **hparams)
     loss, aux = out if isinstance(out, tuple) else (out, {})
     return loss, dict(aux)
 
 
-def _check_signature(fn: Callable, name: str) -> None:
-  """The objective must accept ``(s, t, batch, *, temperature, alpha)``."""
-  if not callable(fn):
-    raise TypeError(f"objective {name!r} is not callable: got "
-                    f"{type(fn).__name__}.")
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return  # A builtin or C function: cannot be inspected, trust it.
-  try:
-    sig.bind(None, None, None, temperature=1.0, alpha=0.0)
-  except TypeError as e:
-    raise TypeError(
-        f"objective {name!r} has signature {name}{sig}, but an objective is "
-        "called as fn(student_logits, teacher_logits, batch, *, "
-        f"temperature, alpha) -> per-position loss ({e}).") from None
+def check_hparams(objective: Objective, available, *,
+                  where: str = "the state") -> None:
+  """Raises if ``available`` (names) lacks a hyperparameter ``objective``
+  requires, naming it and how to add it."""
+  missing = [n for n in objective.required if n not in available]
+  if missing:
+    example = ", ".join(f"{n!r}: ..." for n in missing)
+    raise ValueError(
+        f"objective {objective.name!r} reads the hyperparameter(s) "
+        f"{missing}, which {where} does not hold (it holds "
+        f"{sorted(available)}). Add them: kdjax.TrainState.create(..., "
+        f"hparams={{{example}}}) (a number or a schedule each), or in a "
+        "sweep kdjax.sweep.create_sweep(..., hparams={...}).")
+
+
+# ----------------------------------------------------------------------------
+# The built-ins.
+# ----------------------------------------------------------------------------
 
 
 def _kd(s, t, batch, *, temperature, alpha):
@@ -108,30 +221,6 @@ def _kd(s, t, batch, *, temperature, alpha):
   return total, {"hard_loss": hard, "soft_loss": soft}
 
 
-def _soft(s, t, batch, *, temperature, alpha):
-  del alpha
-  soft = losses.distillation_loss(s, t, temperature)
-  aux = {"soft_loss": soft}
-  if "label" in batch:
-    aux["hard_loss"] = losses.hard_label_loss(s, batch["label"])
-  return soft, aux
-
-
-def _logit_matching(s, t, batch, *, temperature, alpha):
-  del temperature, alpha
-  soft = losses.logit_matching_loss(s, t)
-  aux = {"soft_loss": soft}
-  if "label" in batch:
-    aux["hard_loss"] = losses.hard_label_loss(s, batch["label"])
-  return soft, aux
-
-
-def _hard(s, t, batch, *, temperature, alpha):
-  del t, temperature, alpha
-  hard = losses.hard_label_loss(s, batch["label"])
-  return hard, {"hard_loss": hard}
-
-
 def _with_hard(soft, batch, s):
   aux = {"soft_loss": soft}
   if "label" in batch:
@@ -139,26 +228,57 @@ def _with_hard(soft, batch, s):
   return soft, aux
 
 
-def _reverse_kl(s, t, batch, *, temperature, alpha):
-  del alpha
+def _soft(s, t, batch, *, temperature):
+  return _with_hard(losses.distillation_loss(s, t, temperature), batch, s)
+
+
+def _logit_matching(s, t, batch):
+  return _with_hard(losses.logit_matching_loss(s, t), batch, s)
+
+
+def _hard(s, t, batch):
+  del t  # None: the objective needs no teacher.
+  hard = losses.hard_label_loss(s, batch["label"])
+  return hard, {"hard_loss": hard}
+
+
+def _reverse_kl(s, t, batch, *, temperature):
   return _with_hard(losses.reverse_distillation_loss(s, t, temperature),
                     batch, s)
 
 
-def jsd(beta: float = 0.5) -> "Objective":
-  """The generalised JSD objective at ``beta`` (the teacher's weight)."""
-  loss = losses.generalized_jsd_loss  # It checks beta when called.
-
-  def fn(s, t, batch, *, temperature, alpha):
-    del alpha
-    return _with_hard(loss(s, t, temperature, beta=beta), batch, s)
-
-  return Objective(fn, f"jsd(beta={beta:g})", needs_teacher=True)
+def _jsd(s, t, batch, *, temperature, beta=0.5):
+  # generalized_jsd_loss checks a concrete beta; the state's is checked when
+  # the state is made.
+  return _with_hard(losses.generalized_jsd_loss(s, t, temperature, beta=beta),
+                    batch, s)
 
 
-def _topk_loss(s, t, batch, *, temperature, alpha):
+@functools.lru_cache(maxsize=None)
+def _fixed_jsd(beta: float) -> "Objective":
+  fn = functools.partial(_jsd, beta=beta)
+  return Objective(fn, f"jsd(beta={beta:g})", needs_teacher=True,
+                   hparams=("temperature",))
+
+
+def jsd(beta: Optional[float] = None) -> "Objective":
+  """The generalised JSD objective, ``beta`` the teacher's weight.
+
+  ``jsd()`` is the registered ``"jsd"``: it reads ``beta`` from the state
+  (0.5 when the state holds none), so ``beta`` can be scheduled and swept.
+  ``jsd(beta)`` fixes it instead (a Python number, checked here) and reads
+  only the temperature.
+  """
+  if beta is None:
+    return REGISTRY["jsd"]
+  losses.generalized_jsd_loss(jnp.zeros((1, 2)), jnp.zeros((1, 2)), 1.0,
+                              beta=beta)  # Checks beta now, not when traced.
+  return _fixed_jsd(float(beta))
+
+
+def _topk_loss(s, t, batch, *, temperature):
   from kdjax import topk  # pylint: disable=g-import-not-at-top
-  del t, alpha
+  del t  # None: the teacher's top-k logits are in the batch.
   if "topk_values" not in batch or "topk_indices" not in batch:
     raise ValueError(
         "objective 'topk' reads the batch's cached 'topk_values' and "
@@ -169,24 +289,74 @@ def _topk_loss(s, t, batch, *, temperature, alpha):
   return _with_hard(soft, batch, s)
 
 
+@dataclasses.dataclass(frozen=True)
+class _HardLabels:
+  """``alpha CE(y, softmax(z)) + (1 - alpha) * inner`` (see below)."""
+  inner: Objective
+
+  def __call__(self, s, t, batch, **hp):
+    alpha = hp.pop("alpha")
+    soft, aux = self.inner(s, t, batch, **hp)
+    hard = losses.hard_label_loss(s, batch["label"])
+    return (alpha * hard + (1 - alpha) * soft,
+            {**aux, "soft_loss": soft, "hard_loss": hard})
+
+
+def with_hard_labels(objective: Union[str, Objective, Callable]
+                     ) -> Objective:
+  r"""``objective`` with the hard labels mixed in, weighted by ``alpha``.
+
+  .. math::
+    L = \alpha\, \mathrm{CE}(y, \mathrm{softmax}(z))
+      + (1 - \alpha)\, L_\mathrm{objective}
+
+  The result reads ``alpha`` besides ``objective``'s own hyperparameters
+  and needs labels; it logs ``soft_loss`` (the wrapped loss) and
+  ``hard_loss``. ``with_hard_labels("soft")`` is the paper's objective
+  (``"kd"`` computes the same with the ``alpha = 0`` guard of
+  :func:`kdjax.losses.kd_objective`: there a NaN hard term, from a label
+  outside ``[0, C)``, counts 0; here the product ``0 * NaN`` does not).
+
+  >>> from kdjax import objectives
+  >>> obj = objectives.with_hard_labels("reverse_kl")
+  >>> obj.name, obj.hparams, obj.needs_labels
+  ('with_hard_labels(reverse_kl)', ('temperature', 'alpha'), True)
+
+  Raises:
+    ValueError: ``objective`` already reads ``alpha``.
+  """
+  inner = get(objective)
+  if "alpha" in inner.hparams:
+    raise ValueError(f"objective {inner.name!r} already reads alpha; "
+                     "with_hard_labels would mix the hard labels in twice.")
+  return Objective(_HardLabels(inner), f"with_hard_labels({inner.name})",
+                   needs_teacher=inner.needs_teacher, needs_labels=True,
+                   hparams=inner.hparams + ("alpha",),
+                   optional=inner.optional)
+
+
 REGISTRY: dict[str, Objective] = {}
 
 
 def register(name: str, fn: Callable, *, needs_teacher: bool = True,
-             needs_labels: bool = False, overwrite: bool = False) -> Objective:
+             needs_labels: bool = False, overwrite: bool = False,
+             hparams: Optional[tuple[str, ...]] = None) -> Objective:
   """Registers ``fn`` as the objective ``name`` (see the module docstring).
+
+  ``hparams``: the names of the hyperparameters ``fn`` reads, if its
+  signature does not say (see :class:`Objective`).
 
   Raises:
     TypeError: ``fn`` does not have an objective's signature.
     ValueError: ``name`` is taken (unless ``overwrite``).
   """
-  _check_signature(fn, name)
+  obj = Objective(fn, name, needs_teacher=needs_teacher,
+                  needs_labels=needs_labels, hparams=hparams)
   if name in REGISTRY and not overwrite:
     raise ValueError(f"objective {name!r} is already registered; pass "
                      "overwrite=True to replace it.")
-  REGISTRY[name] = Objective(fn, name, needs_teacher=needs_teacher,
-                             needs_labels=needs_labels)
-  return REGISTRY[name]
+  REGISTRY[name] = obj
+  return obj
 
 
 register("kd", _kd, needs_teacher=True, needs_labels=True)
@@ -194,8 +364,11 @@ register("soft", _soft, needs_teacher=True)
 register("logit_matching", _logit_matching, needs_teacher=True)
 register("hard", _hard, needs_teacher=False, needs_labels=True)
 register("reverse_kl", _reverse_kl, needs_teacher=True)
-REGISTRY["jsd"] = dataclasses.replace(jsd(0.5), name="jsd")
+register("jsd", _jsd, needs_teacher=True)
 register("topk", _topk_loss, needs_teacher=False)
+# kdjax's own: fit.json names them; any other objective is recorded with a
+# hash of its code too.
+_BUILTINS = dict(REGISTRY)
 
 
 def names() -> tuple[str, ...]:
@@ -205,15 +378,15 @@ def names() -> tuple[str, ...]:
 def get(objective: Union[str, Objective, Callable]) -> Objective:
   """The :class:`Objective` for a registered name, an Objective or a function.
 
-  A bare function is taken to need a teacher and no labels; wrap it in
-  :class:`Objective` (or :func:`register` it) to say otherwise.
+  A bare function is taken to need a teacher and no labels, and to read the
+  hyperparameters its signature names; wrap it in :class:`Objective` (or
+  :func:`register` it) to say otherwise.
 
   Raises:
     ValueError: an unknown name (the registered ones are listed).
     TypeError: a function with the wrong signature.
   """
   if isinstance(objective, Objective):
-    _check_signature(objective.fn, objective.name)
     return objective
   if isinstance(objective, str):
     if objective not in REGISTRY:
@@ -221,5 +394,27 @@ def get(objective: Union[str, Objective, Callable]) -> Objective:
                        f"got {objective!r}.")
     return REGISTRY[objective]
   name = getattr(objective, "__qualname__", type(objective).__name__)
-  _check_signature(objective, name)
   return Objective(objective, name)
+
+
+def record(objective: Objective) -> dict:
+  """What ``fit.json`` records of an objective: its identity.
+
+  A kdjax built-in by its name, as always (``{"objective": "kd"}``); any
+  other (a function, a registered or wrapped one) also by
+  ``"objective_code"``: its qualified name, a hash of its code
+  (:func:`kdjax.hparams.fingerprint`), the hyperparameters it reads and the
+  Python version the hash was taken under. A resumed run whose objective
+  was edited is then refused instead of silently mixing two objectives.
+  """
+  obj = get(objective)
+  if _BUILTINS.get(obj.name) == obj:
+    return {"objective": obj.name}
+  fn = obj.fn
+  qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
+  module = getattr(fn, "__module__", type(fn).__module__)
+  return {"objective": obj.name, "objective_code": {
+      "qualname": f"{module}.{qualname}",
+      "sha256": hparams_lib.fingerprint(obj),
+      "hparams": list(obj.hparams),
+      "python": "{}.{}".format(*sys.version_info[:2])}}

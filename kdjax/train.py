@@ -4,10 +4,12 @@
 
 * ``state`` (:class:`TrainState`) holds only the **student**: its params,
   its model state (BatchNorm statistics, ...), the optimizer state, the
-  step counter and the objective's hyperparameters (``temperature``,
-  ``alpha``) as arrays, so a ``jax.vmap`` over states is a sweep over seeds,
-  temperatures and alphas (see :mod:`kdjax.sweep`). Temperature and alpha
-  may also be schedules: functions of the step.
+  step counter and the objective's hyperparameters (``hparams``:
+  ``temperature``, ``alpha``, ``beta``, ...) as arrays, so a ``jax.vmap``
+  over states is a sweep over seeds and any hyperparameter (see
+  :mod:`kdjax.sweep`). Each may also be a schedule: a function of the step
+  (:mod:`kdjax.hparams`). The objective is passed exactly the ones it
+  declares (:mod:`kdjax.objectives`).
 * ``teacher`` (:class:`kdjax.teacher.Teacher`) is a frozen pytree, always
   run in inference mode, wrapped in ``stop_gradient``; it is never in the
   optimizer state.
@@ -81,6 +83,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax import fields as fields_lib
+from kdjax import hparams as hparams_lib
 from kdjax import objectives, precision, validate
 from kdjax.student import Student
 from kdjax.teacher import Teacher
@@ -117,16 +120,17 @@ class TrainState:
     model_state: the student's other collections (BatchNorm statistics;
       ``{}`` for a stateless model): checkpointed, never in the optimizer.
     opt_state: the optax state for ``params``.
-    temperature: the distillation temperature ``T`` (float32 scalar); with
-      a schedule, the value used by the last step.
-    alpha: the weight of the hard-label loss (float32 scalar); likewise.
+    hparams: the objective's hyperparameters, name -> float32 array
+      (``temperature`` and ``alpha`` always; ``beta``, ... as given); a
+      scheduled one holds the value used by the last step
+      (:mod:`kdjax.hparams`).
     skipped: number of steps skipped for a non-finite loss or gradient.
     apply_fn: the student's forward, ``(params, model_state, *inputs,
       train, rng) -> (logits, new_model_state)`` (static; see
       :class:`kdjax.Student`).
     tx: the optax ``GradientTransformation`` (static).
-    temperature_fn: optional schedule ``step -> T`` (static).
-    alpha_fn: optional schedule ``step -> alpha`` (static).
+    schedules: ``((name, fn), ...)``, the hyperparameters that are
+      schedules ``step -> value`` (static).
     export_fn: ``(params, model_state) -> model`` (static; see
       :meth:`kdjax.Student.export`).
   """
@@ -134,15 +138,11 @@ class TrainState:
   params: PyTree
   model_state: PyTree
   opt_state: PyTree
-  temperature: jax.Array
-  alpha: jax.Array
+  hparams: dict
   skipped: jax.Array
   apply_fn: Callable = flax.struct.field(pytree_node=False)
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-  temperature_fn: Optional[Schedule] = flax.struct.field(pytree_node=False,
-                                                         default=None)
-  alpha_fn: Optional[Schedule] = flax.struct.field(pytree_node=False,
-                                                   default=None)
+  schedules: tuple = flax.struct.field(pytree_node=False, default=())
   export_fn: Optional[Callable] = flax.struct.field(pytree_node=False,
                                                     default=None)
 
@@ -151,8 +151,9 @@ class TrainState:
              tx: optax.GradientTransformation,
              apply_fn: Optional[Callable] = None,
              params: Optional[PyTree] = None,
-             temperature: Union[float, Schedule] = 1.0,
-             alpha: Union[float, Schedule] = 0.0) -> "TrainState":
+             temperature: Union[float, Schedule, None] = None,
+             alpha: Union[float, Schedule, None] = None,
+             hparams: Optional[dict] = None) -> "TrainState":
     """A fresh state at step 0, owning copies of the student's arrays.
 
     The compiled steps donate the state they are given; the copies make sure
@@ -162,13 +163,15 @@ class TrainState:
     state), or the stateless shorthand ``apply_fn(params, *inputs, train,
     rng) -> logits`` plus ``params`` (:meth:`kdjax.Student.from_logits_fn`).
 
-    ``temperature`` and ``alpha`` are numbers or schedules (functions of the
-    int32 step, e.g. an ``optax`` schedule); they are checked here (a
-    schedule at step 0).
+    ``temperature`` (default 1.0), ``alpha`` (default 0.0) and the entries
+    of ``hparams`` (e.g. ``{"beta": 0.3}``) are the objective's
+    hyperparameters: numbers or schedules (functions of the int32 step,
+    e.g. an ``optax`` schedule). They are checked here (a schedule at step
+    0; see :mod:`kdjax.hparams`).
 
     Raises:
-      ValueError: bad temperature/alpha, or both or neither of ``student``
-        and ``apply_fn`` given.
+      ValueError: a bad hyperparameter (or one given twice), or both or
+        neither of ``student`` and ``apply_fn`` given.
     """
     if student is not None and (apply_fn is not None or params is not None):
       raise ValueError("pass either student=kdjax.Student(...) or "
@@ -182,30 +185,29 @@ class TrainState:
     if not isinstance(student, Student):
       raise TypeError(f"student must be a kdjax.Student, got "
                       f"{type(student).__name__}.")
-    t_fn = temperature if callable(temperature) else None
-    a_fn = alpha if callable(alpha) else None
-    t0 = t_fn(jnp.zeros((), jnp.int32)) if t_fn else temperature
-    a0 = a_fn(jnp.zeros((), jnp.int32)) if a_fn else alpha
-    validate.check_temperature(t0)
-    validate.check_alpha(a0)
+    values, schedules = hparams_lib.build(temperature, alpha, hparams)
     # The state owns its buffers: the compiled steps donate them, which must
     # not delete the arrays of the student (or params) it was made from.
     params, model_state = copy_arrays((student.params, student.model_state))
     return cls(step=jnp.zeros((), jnp.int32), params=params,
                model_state=model_state, opt_state=tx.init(params),
-               temperature=jnp.asarray(t0, jnp.float32),
-               alpha=jnp.asarray(a0, jnp.float32),
-               skipped=jnp.zeros((), jnp.int32), apply_fn=student.apply_fn,
-               tx=tx, temperature_fn=t_fn, alpha_fn=a_fn,
+               hparams=values, skipped=jnp.zeros((), jnp.int32),
+               apply_fn=student.apply_fn, tx=tx, schedules=schedules,
                export_fn=student.export_fn)
 
-  def hyperparams(self) -> tuple[jax.Array, jax.Array]:
-    """``(temperature, alpha)`` for the next step (schedules evaluated)."""
-    t = (jnp.asarray(self.temperature_fn(self.step), jnp.float32)
-         if self.temperature_fn else self.temperature)
-    a = (jnp.asarray(self.alpha_fn(self.step), jnp.float32)
-         if self.alpha_fn else self.alpha)
-    return t, a
+  @property
+  def temperature(self) -> jax.Array:
+    """``hparams["temperature"]`` (read-only)."""
+    return self.hparams["temperature"]
+
+  @property
+  def alpha(self) -> jax.Array:
+    """``hparams["alpha"]`` (read-only)."""
+    return self.hparams["alpha"]
+
+  def current_hparams(self) -> dict:
+    """The hyperparameters for the next step (schedules evaluated)."""
+    return hparams_lib.current(self.hparams, self.schedules, self.step)
 
   def predict(self, *inputs) -> jax.Array:
     """The student's logits in evaluation mode (model state read only)."""
@@ -305,11 +307,12 @@ def make_train_step(objective: Union[str, Callable] = "kd", *,
   """The pure train step ``(state, teacher, batch, rng) -> (state, metrics)``.
 
   Args:
-    objective: a registered name (``"kd"``, ``"soft"``, ``"logit_matching"``,
-      ``"hard"``, or one added with :func:`kdjax.objectives.register`), an
+    objective: a registered name (``"kd"``, ``"soft"``, ``"jsd"``, ...,
+      or one added with :func:`kdjax.objectives.register`), an
       :class:`kdjax.objectives.Objective`, or a function
-      ``(student_logits, teacher_logits, batch, *, temperature, alpha) ->
-      per-position loss``.
+      ``(student_logits, teacher_logits, batch, *, <hyperparameters>) ->
+      per-position loss``. It is passed exactly the hyperparameters it
+      declares, from ``state.hparams`` (schedules evaluated at the step).
     fields: which batch fields are what (:class:`kdjax.fields.Fields`).
     augment_fn: optional ``(rng, x) -> x`` applied to the first model input
       (e.g. :func:`kdjax.augment.jitter`). The teacher sees the augmented
@@ -341,14 +344,16 @@ def make_train_step(objective: Union[str, Callable] = "kd", *,
     The step function (not yet compiled). Metrics: ``loss``, the
     objective's terms (``hard_loss``, ``soft_loss`` for the built-ins),
     ``accuracy`` (vs labels, when there are labels), ``agreement``
-    (student/teacher top-1, when there are teacher logits),
-    ``temperature``, ``alpha``, ``grad_norm``, ``finite``.
+    (student/teacher top-1, when there are teacher logits), every
+    hyperparameter of the state by its name (``temperature``, ``alpha``,
+    ...: the values the step used), ``grad_norm``, ``finite``.
 
   Raises:
     ValueError, TypeError: an unknown objective name or an objective of the
       wrong signature (here); a batch that does not match ``fields``, a
-      weight of the wrong shape, a missing teacher (when the step is
-      traced, before anything compiles).
+      weight of the wrong shape, a missing teacher, a hyperparameter the
+      objective reads missing from the state (when the step is traced,
+      before anything compiles).
   """
   obj = objectives.get(objective)
   if fields is None:
@@ -408,7 +413,7 @@ def make_train_step(objective: Union[str, Callable] = "kd", *,
       t = teacher if compute_dtype is None else teacher.replace(
           params=cast(teacher.params))
       t_logits = t(*cast_inputs(list(t_inputs)))
-    temperature, alpha = state.hyperparams()
+    hp = state.current_hparams()
     objective_batch = dict(batch)
     if labels is not None:
       objective_batch["label"] = labels
@@ -429,7 +434,7 @@ def make_train_step(objective: Union[str, Callable] = "kd", *,
         if t_logits is not None:
           t_for_loss = jnp.where(keep, t_logits, 0.0)
       per_position, aux = obj(s_for_loss, t_for_loss, objective_batch,
-                              temperature=temperature, alpha=alpha)
+                              **obj.select(hp))
       want = s_logits.shape[:-1]
       for name, v in [("loss", per_position), *aux.items()]:
         if jnp.shape(v) != want:
@@ -473,8 +478,7 @@ def make_train_step(objective: Union[str, Callable] = "kd", *,
       new_model_state = jax.tree.map(
           lambda x: jax.lax.pmean(x, axis_name) if _inexact(x) else x,
           new_model_state)
-    metrics["temperature"] = temperature
-    metrics["alpha"] = alpha
+    metrics.update(hp)  # Every hyperparameter, by name.
     metrics["grad_norm"] = global_norm(grads)
 
     # One scalar test instead of a pass over every gradient: the global norm
@@ -510,16 +514,11 @@ def make_train_step(objective: Union[str, Callable] = "kd", *,
     else:
       params, opt_state, model_state = apply(operands)
     metrics["finite"] = finite.astype(jnp.float32)
-    updates = {}
-    if state.temperature_fn is not None:
-      updates["temperature"] = temperature
-    if state.alpha_fn is not None:
-      updates["alpha"] = alpha
     new_state = state.replace(
         step=state.step + 1, params=params, opt_state=opt_state,
-        model_state=model_state,
+        model_state=model_state, hparams=hp,
         skipped=state.skipped + (1 - finite.astype(jnp.int32)) * int(
-            skip_nonfinite), **updates)
+            skip_nonfinite))
     return new_state, metrics
 
   step.objective = obj
@@ -646,6 +645,11 @@ def shard_batch(batch: PyTree, mesh: Optional[Mesh] = None,
 
 def replicate(tree: PyTree, devices=None, axis_name: str = "batch") -> PyTree:
   """Stacks a leading device axis for pmap (like ``flax.jax_utils.replicate``).
+
+  The ``jax.pmap`` helper only: the result has a new leading axis of one
+  copy per device. For ``jax.jit`` over a mesh (what :func:`kdjax.fit`
+  uses) the one ``replicate`` is :func:`kdjax.mesh.replicate`: the same
+  shapes, every device holding the whole array.
 
   The result is sharded over a mesh axis named ``axis_name``: pass the
   ``axis_name`` of :func:`pmap_train_step` (default ``"batch"``). pmap's

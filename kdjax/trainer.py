@@ -17,8 +17,9 @@ functions of the run's key, the epoch index and the step counter.
 A workdir remembers the run it was started with, and starting a different
 one in the same workdir raises instead of silently mixing two runs:
 ``fit.json`` records what :func:`fit` itself sees (objective, batch size,
-number of examples, augmentation, sweep or not, the state's temperature
-and alpha, and every array's name, shape and dtype), and
+number of examples, augmentation, sweep or not, the state's hyperparameters
+and the values of its schedules, every array's name, shape and dtype, and
+for an objective that is not a kdjax built-in a hash of its code), and
 ``run_config.json`` whatever else the caller passes as ``run_config``
 (learning rate, schedule, data variant: what ``fit`` cannot see). Only
 ``epochs`` may change, to extend a finished run. On resume, the records of
@@ -53,9 +54,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import augment as augment_lib
+from kdjax import hparams as hparams_lib
 from kdjax import hostdata
 from kdjax import fields as fields_lib
 from kdjax import loops, objectives, sweep, train, validate
+from kdjax import mesh as mesh_lib
 from kdjax.fields import Fields
 from kdjax.checkpoint import Checkpointer, key_data, leaf_specs, write_atomic
 from kdjax.progress import MetricWriter, Progress
@@ -71,27 +74,39 @@ _METRIC_ORDER = ("loss", "hard_loss", "soft_loss", "grad_norm")
 
 
 def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
-                     filename: str = "run_config.json") -> None:
+                     filename: str = "run_config.json",
+                     write: bool = True) -> None:
   """Records ``run_config`` in ``workdir/filename``, or checks it matches.
+
+  With ``write=False`` only an existing record is checked (nothing is
+  created): a command checks early, before loading its data, and records
+  the run once the data has loaded, so that a run that fails on its inputs
+  leaves no record to refuse its corrected rerun.
 
   Raises:
     ValueError: if the workdir holds a run of a different configuration.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / filename
+  if not write and not path.exists():
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
   canonical = json.loads(json.dumps(run_config, sort_keys=True, default=str))
   if path.exists():
     old = json.loads(path.read_text())
+    if filename == "fit.json":  # Written by an older kdjax?
+      old = hparams_lib.upgrade_fit_record(old)
     if old != canonical and not augment_lib.same_fit_record(old, canonical):
       diff = sorted(k for k in set(old) | set(canonical)
                     if old.get(k) != canonical.get(k))
       raise validate.WorkdirMismatchError(
           f"workdir {workdir} holds a run with a different configuration "
-          f"({path.name}: keys differing: {diff}). Use a new --workdir, or "
-          f"delete {workdir} to start over.")
+          f"({path.name}: keys differing: {diff}). Pass a new workdir= "
+          f"(--workdir on the command line), or delete {workdir} to start "
+          "over.")
     return
-  write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
+  if write and mesh_lib.is_primary():  # Under jax.distributed, process 0.
+    write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
 
 
 def fit(state: PyTree, teacher, data, *, epochs: int,
@@ -110,7 +125,8 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
         on_nonfinite: str = "skip",
         loop: str = "auto", steps_per_epoch: Optional[int] = None,
         block_steps: int = 16,
-        checkpoint_every_steps: int = 0) -> tuple[PyTree, list[dict]]:
+        checkpoint_every_steps: int = 0,
+        mesh=None) -> tuple[PyTree, list[dict]]:
   """Trains ``state`` until it has trained ``epochs`` epochs.
 
   Args:
@@ -173,6 +189,14 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
       epoch, at the first block boundary past every multiple of this many
       steps (0: at epoch ends only), with the data position, so that a
       killed run resumes where it was.
+    mesh: the ``jax.sharding.Mesh`` to train on (:mod:`kdjax.mesh`); None:
+      :func:`kdjax.mesh.default_mesh`, every device on a ``"data"`` axis
+      (data parallel; on one device nothing changes). ``batch_size`` is the
+      global batch (host batches: each process's batches hold its
+      ``1/process_count`` part); the batch axes must divide it. An
+      ``"fsdp"`` axis also shards the student's params, its optimizer
+      state and the teacher's params. Under ``jax.distributed`` every
+      process makes the same call (see :mod:`kdjax.mesh`).
 
   Returns:
     ``(state, history)``: the final state and one metrics dict per epoch run
@@ -198,6 +222,7 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
                      "skip_nonfinite=False.")
   fields = Fields() if fields is None else fields
   obj = objectives.get(objective)
+  objectives.check_hparams(obj, state.hparams)
   if loop not in LOOPS:
     raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}.")
   host = hostdata.is_host_source(data)
@@ -214,6 +239,8 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
     batch_size, num_classes = _check_inputs(
         state, teacher, first, obj=obj, fields=fields, augment_fn=augment_fn,
         input_transform=input_transform, vmapped=vmapped)
+    plan = mesh_lib.plan(mesh)
+    batch_size = plan.global_batch_size(batch_size)
     if given_batch_size is not None and given_batch_size != batch_size:
       raise ValueError(
           f"fit got batch_size={given_batch_size}, but the host source's "
@@ -225,10 +252,12 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
   else:
     if batch_size is None:
       raise ValueError("fit needs batch_size= for device-resident data.")
+    plan = mesh_lib.plan(mesh)
     num_examples = check_inputs(
         state, teacher, data, objective=obj, fields=fields,
         augment_fn=augment_fn, input_transform=input_transform,
         vmapped=vmapped)
+  plan.check_batch_size(batch_size)
   if loop == "auto":
     loop = choose_loop(state, first if host else data, fields=fields,
                        input_transform=input_transform, vmapped=vmapped)
@@ -238,22 +267,24 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
                  keep_float32=tuple(keep_float32 or ()),
                  skip_nonfinite=skip_nonfinite)
   if host:
-    runner = _host_runner(obj, vmapped=vmapped, **step_kw)
+    runner = _host_runner(obj, vmapped=vmapped, plan=plan, **step_kw)
     steps_per_epoch = source.steps_per_epoch
     block = 1 if loop == "steps" else max(1, min(int(block_steps),
                                                  steps_per_epoch))
   else:
     run_epoch, steps_per_epoch = _device_runner(
         obj, loop=loop, batch_size=batch_size, num_examples=num_examples,
-        vmapped=vmapped, **step_kw)
+        vmapped=vmapped, plan=plan, **step_kw)
 
   # The compiled epochs donate the state they are given: train a copy, so
   # that no array the caller holds (the params it created the state from,
   # say) is deleted.
-  state = copy_arrays(state)
+  state = copy_arrays(state) if plan.trivial else plan.place_state(
+      state, lead=int(vmapped))
+  teacher, run_rng = plan.place_teacher(teacher), plan.place_rng(rng)
   # A run continues from the state's own position: a state that has trained
   # k epochs (an earlier fit call) starts at epoch k.
-  done_steps = int(np.ravel(np.asarray(jax.device_get(state.step)))[0])
+  done_steps = int(np.ravel(mesh_lib.to_host(state.step))[0])
   start, start_step, data_state = divmod(done_steps, steps_per_epoch) + (
       None,)
   if start_step and not host:
@@ -286,9 +317,10 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
         raise ValueError(
             f"workdir {workdir} was checkpointed with a different rng key; "
             "resume with the same seed or use a new workdir.")
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir) if mesh_lib.is_primary() else None
     # Steps after the restored checkpoint run again: drop their records.
-    writer.drop_after(start * steps_per_epoch + start_step)
+    if writer is not None:
+      writer.drop_after(start * steps_per_epoch + start_step)
   elif start >= epochs and epochs > 0:
     raise ValueError(
         f"the state has already trained {start} epoch(s) and epochs={epochs} "
@@ -297,10 +329,10 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
         "`for e in range(E): state, _ = fit(state, ..., epochs=e + 1)`).")
 
   if not host:
-    data = jax.device_put(data)
+    data = plan.place_data(data)
   bar = Progress(epochs * steps_per_epoch,
                  initial=start * steps_per_epoch + start_step, desc=desc,
-                 enabled=progress)
+                 enabled=progress if mesh_lib.is_primary() else False)
 
   def save(state, epoch_done: int, step_in_epoch: int, data_state) -> None:
     if not host:
@@ -332,12 +364,12 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
 
         on_block.position = first_step
         state, metrics, data_state = runner.run_epoch(
-            state, teacher, source, rng, epoch, first_step,
+            state, teacher, source, run_rng, epoch, first_step,
             data_state if epoch == start else None, block=block,
             check=checker, on_block=on_block)
       else:
-        state, metrics = run_epoch(state, teacher, data, rng, epoch)
-      metrics = jax.device_get(metrics)
+        state, metrics = run_epoch(state, teacher, data, run_rng, epoch)
+      metrics = mesh_lib.to_host(metrics)
       seconds = time.perf_counter() - t0
       bad_metrics = metrics.pop("nonfinite_metrics")
       first_bad = np.asarray(metrics["first_nonfinite_step"])
@@ -345,7 +377,7 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
       if on_nonfinite == "raise" and np.any(first_bad >= 0):
         raise FloatingPointError(_nonfinite_message(
             epoch, epochs, first_bad, bad_metrics, metrics,
-            np.asarray(jax.device_get(state.step)), epoch_steps,
+            mesh_lib.to_host(state.step), epoch_steps,
             ckpt.all_epochs() if ckpt is not None else None))
       record = {k: np.asarray(v) for k, v in metrics.items()}
       last = epoch + 1 == epochs
@@ -387,18 +419,17 @@ def _fit_record(state: PyTree, *, objective, batch_size: int,
   """What ``fit`` sees of a run, for ``<workdir>/fit.json`` (not ``epochs``).
 
   Settings added to ``fit`` later (fields, input transform, precision,
-  schedules) are recorded only when they differ from their defaults, so
-  that the records of earlier runs still match and resume.
+  schedules, a custom objective's code) are recorded only when they differ
+  from their defaults, so that the records of earlier runs still match and
+  resume (``temperature`` and ``alpha``, once keys of their own, are read
+  as ``hparams``: :func:`kdjax.hparams.upgrade_fit_record`).
   """
-  name = objective.name if isinstance(objective, objectives.Objective) \
-      else objective
-  record = {"objective": name, "batch_size": int(batch_size),
+  record = {**objectives.record(objective), "batch_size": int(batch_size),
             "num_examples": int(num_examples),
             "augment": augment_lib.describe(augment_fn),
             "vmapped": bool(vmapped), "skip_nonfinite": bool(skip_nonfinite),
-            "temperature": np.asarray(
-                jax.device_get(state.temperature)).tolist(),
-            "alpha": np.asarray(jax.device_get(state.alpha)).tolist(),
+            "hparams": {k: np.asarray(mesh_lib.to_host(v)).tolist()
+                        for k, v in state.hparams.items()},
             "state": leaf_specs(state)}
   if fields is not None and fields != Fields():
     record["fields"] = fields.describe()
@@ -412,10 +443,9 @@ def _fit_record(state: PyTree, *, objective, batch_size: int,
   if source is not None:
     record["source"] = source
     record["block"] = int(block)
-  for k in ("temperature_fn", "alpha_fn"):
-    fn = getattr(state, k, None)
-    if fn is not None:
-      record[k] = _name(fn)
+  if state.schedules:  # A schedule is identified by its values.
+    record["schedules"] = {k: hparams_lib.schedule_record(fn)
+                           for k, fn in state.schedules}
   return record
 
 
@@ -436,7 +466,7 @@ def _cached(key, build):
 
 
 def _device_runner(obj, *, loop: str, batch_size: int, num_examples: int,
-                   vmapped: bool, **step_kw):
+                   vmapped: bool, plan=None, **step_kw):
   """``(run_epoch, steps_per_epoch)`` for device-resident data."""
 
   def build():
@@ -444,28 +474,32 @@ def _device_runner(obj, *, loop: str, batch_size: int, num_examples: int,
     if loop == "steps":
       run = loops.make_stepwise_epoch_fn(
           step, batch_size=batch_size, num_examples=num_examples,
-          vmapped=vmapped, nonfinite_diagnostics=True)
+          vmapped=vmapped, nonfinite_diagnostics=True,
+          plan=_nontrivial(plan))
       return run, run.steps_per_epoch
     epoch_fn = loops.make_epoch_fn(step, batch_size=batch_size,
                                    num_examples=num_examples,
-                                   nonfinite_diagnostics=True)
+                                   nonfinite_diagnostics=True,
+                                   plan=_nontrivial(plan))
     steps = epoch_fn.steps_per_epoch
     if vmapped:
       epoch_fn = sweep.vmap_epoch(epoch_fn)
     return jax.jit(epoch_fn, donate_argnums=(0,)), steps
 
   key = ("device", obj, loop, batch_size, num_examples, vmapped,
-         *sorted(step_kw.items()))
+         _nontrivial(plan), *sorted(step_kw.items()))
   return _cached(key, build)
 
 
 class _HostRunner:
   """Runs host epochs: jitted steps and blocks over prefetched batches."""
 
-  def __init__(self, obj, *, vmapped: bool, **step_kw):
+  def __init__(self, obj, *, vmapped: bool, plan=None, **step_kw):
     raw_step = train.make_train_step(obj, **step_kw)
+    self.vmapped, self.plan = vmapped, _nontrivial(plan)
+    if _nontrivial(plan) is not None:  # Keep the state's (FSDP) layout.
+      raw_step = _keep_layout(raw_step, plan)
     step = raw_step
-    self.vmapped = vmapped
 
     def block(state, teacher, batches, rng):
       return jax.lax.scan(lambda s, b: raw_step(s, teacher, b, rng), state,
@@ -495,6 +529,7 @@ class _HostRunner:
     self.position = start
     prefetch = hostdata.Prefetcher(
         source.batches(epoch, start, data_state), block=block,
+        place=None if self.plan is None else self.plan.place_batch,
         check=lambda b, i: check(b, epoch, start + i), total=n - start)
     per_step = []
     try:
@@ -514,9 +549,23 @@ class _HostRunner:
     return state, self.summarise(stacked, state), data_state
 
 
-def _host_runner(obj, *, vmapped: bool, **step_kw) -> _HostRunner:
-  key = ("host", obj, vmapped, *sorted(step_kw.items()))
-  return _cached(key, lambda: _HostRunner(obj, vmapped=vmapped, **step_kw))
+def _host_runner(obj, *, vmapped: bool, plan=None, **step_kw) -> _HostRunner:
+  key = ("host", obj, vmapped, plan, *sorted(step_kw.items()))
+  return _cached(key, lambda: _HostRunner(obj, vmapped=vmapped, plan=plan,
+                                          **step_kw))
+
+
+def _nontrivial(plan):
+  """``plan`` where it does something; None on one device (as before)."""
+  return None if plan is None or plan.trivial else plan
+
+
+def _keep_layout(step, plan):
+  """``step`` with its batch split and its new state in the plan's layout."""
+  def constrained(state, teacher, batch, rng):
+    state, metrics = step(state, teacher, plan.constrain_batch(batch), rng)
+    return plan.constrain_state(state), metrics
+  return constrained
 
 
 def _example_specs(data) -> PyTree:

@@ -61,6 +61,29 @@ def test_missing_data_dir(tmp_path):
 
 
 @pytest.mark.integration
+def test_a_failed_data_load_leaves_no_record(tmp_path):
+  # A bad data_dir used to leave run_config.json behind, which then refused
+  # the corrected rerun in the same workdir as "a different configuration".
+  proc = _run("experiments.mnist.main", QUICK, f"--workdir={tmp_path / 'w'}",
+              f"--config.data_dir={tmp_path / 'no_mnist'}")
+  assert proc.returncode == 2
+  assert not (tmp_path / "w" / "run_config.json").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("module", ["experiments.mnist.main",
+                                    "experiments.mnist.ensemble",
+                                    "experiments.specialists.main"])
+def test_missing_config_file(tmp_path, module):
+  proc = _run(module, f"--config={tmp_path / 'nope.py'}",
+              f"--workdir={tmp_path / 'w'}")
+  _assert_one_line_error(proc, "--config file", "nope.py", "does not exist",
+                         "--config=experiments/mnist/configs/quick.py")
+  proc = _run(module, "--config", str(tmp_path), f"--workdir={tmp_path}")
+  _assert_one_line_error(proc, "is a directory")
+
+
+@pytest.mark.integration
 def test_workdir_of_another_run(tmp_path):
   (tmp_path / "run_config.json").write_text(json.dumps({"another": "run"}))
   proc = _run("experiments.mnist.main", QUICK, f"--workdir={tmp_path}")

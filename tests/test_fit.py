@@ -205,10 +205,11 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
   import jax.numpy as jnp
   _fit(*_tiny_run(), tmp_path)
   state, teacher, data = _tiny_run()
-  other = state.replace(temperature=jnp.float32(2.0), alpha=jnp.float32(0.9))
+  other = state.replace(hparams={"temperature": jnp.float32(2.0),
+                                 "alpha": jnp.float32(0.9)})
   with pytest.raises(ValueError, match=(
-      r"fit.json: keys differing: \['alpha', 'batch_size', 'objective', "
-      r"'temperature'\]")):
+      r"fit.json: keys differing: \['batch_size', 'hparams', "
+      r"'objective'\]")):
     _fit(other, teacher, data, tmp_path, epochs=2, batch_size=16,
          objective="soft")
   # A student of another width is refused the same way, before any restore.

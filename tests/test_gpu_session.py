@@ -34,10 +34,12 @@ def test_rehearsal_collects_results_into_out(tmp_path, mnist_dir):
   proc = _run(tmp_path, mnist_dir, "--config.seeds=(0,)",
               "--config.rows=('student_alone',)", "--config.teacher.epochs=1",
               "--config.teacher.eval_every=1",
-              "--config.student.alone.epochs=1", BENCH_S="1")
+              "--config.student.alone.epochs=1", BENCH_S="1", MESH_S="1")
   assert proc.returncode == 0, proc.stderr
   out = tmp_path / "out"
   assert "benchmark exit status 124" in proc.stdout  # BENCH_S=1 cut it short
+  assert "mesh benchmark exit status 124" in proc.stdout  # MESH_S=1 too
+  assert (out / "mesh.log").exists()
   assert "paper config exit status 0" in proc.stdout
   results = json.loads((out / "paper_gpu.json").read_text())
   assert [r["name"] for r in results["rows"]] == ["teacher", "student_alone"]
@@ -68,7 +70,7 @@ def test_an_earlier_runs_results_are_not_passed_off_as_this_runs(tmp_path,
   (work / "table.png").write_text("stale")
   # A different config in the same WORK: the paper run refuses to start.
   (work / "run_config.json").write_text('{"seeds": [9]}')
-  proc = _run(tmp_path, mnist_dir, BENCH_S="1")
+  proc = _run(tmp_path, mnist_dir, BENCH_S="1", MESH_S="1")
   # A user error (kdjax.cli): one line in paper.log and exit status 2.
   assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "paper config exit status 2" in proc.stdout
@@ -87,6 +89,7 @@ def test_terminating_the_script_keeps_the_finished_rows(tmp_path, mnist_dir):
   import time  # pylint: disable=g-import-not-at-top
   env = {**os.environ, "OUT": str(tmp_path / "out"),
          "WORK": str(tmp_path / "work"), "BACKEND": "cpu", "BENCH_S": "1",
+         "MESH_S": "1",
          "KDJAX_DATA_DIR": str(mnist_dir),
          "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}"}
   env.pop("XLA_FLAGS", None)

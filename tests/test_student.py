@@ -315,7 +315,7 @@ def test_objective_with_wrong_signature_is_refused():
     return jnp.zeros(student_logits.shape[:-1])
 
   with pytest.raises(TypeError, match=r"fn\(student_logits, teacher_logits, "
-                     r"batch, \*, temperature, alpha\)"):
+                     r"batch, \*, <hyperparameters>\)"):
     train.make_train_step(bad)
   with pytest.raises(ValueError, match="objective must be one of"):
     train.make_train_step("kl")

@@ -81,11 +81,13 @@ def _ensemble_logits(teacher: Teacher, images) -> np.ndarray:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the experiment; writes results.json, results.md, ensemble.png."""
   workdir = pathlib.Path(workdir)
-  check_run_config(workdir, config.to_dict())
+  check_run_config(workdir, config.to_dict(), write=False)
   t_start = time.perf_counter()
   e = config.ensemble
   opt_cfg = config.student.alone.optimizer
   splits = pipeline.load_splits(config)
+  # Recorded once the data has loaded: a bad data_dir leaves no record.
+  check_run_config(workdir, config.to_dict())
   test_x, test_y = splits.test_images, splits.test_labels
   val_x, val_y = splits.val_images, splits.val_labels
   train = pipeline.to_device(splits.train_images, splits.train_labels)

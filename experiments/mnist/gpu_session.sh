@@ -15,8 +15,11 @@
 #
 # Extra arguments are config overrides for the paper run. Everything it
 # reports lands in $OUT (default runs/gpu_session):
-#   devices.txt, bench.log, paper.log
+#   devices.txt, bench.log, mesh.log, paper.log
 #   train_step_<backend>.json         benchmarks/train_step.py
+#   mesh_step_<backend>.json          benchmarks/_mesh.py: the kd epoch on 1
+#                                     device, data parallel and FSDP over all
+#                                     (GPU: every GPU there; cpu: 8 virtual)
 #   paper_gpu.json, paper_gpu.md,     the paper run (results.json renamed), or
 #   paper_gpu.partial.json            the rows finished before PAPER_S ran out
 #   paper_gpu_table.png, paper_gpu_sweep_temperature.png
@@ -27,7 +30,8 @@
 # files are collected on exit, also when the script itself is terminated.
 # Exit status: the paper run's (124: PAPER_S ran out; 2: a mistake such as
 # a WORK holding another run, named in paper.log; 3: set-up failed).
-# Time limits in seconds: BENCH_S (default 120), PAPER_S (default 420, the
+# Time limits in seconds: BENCH_S (default 120), MESH_S (default 90),
+# PAPER_S (default 420, the
 # issue's 8-minute budget less start-up). BACKEND=cpu (with BENCH_ARGS such
 # as "--epochs-steps 20 --repeats 1") rehearses it on the CPU machine.
 set -u
@@ -94,10 +98,18 @@ limited() {  # limited SECONDS LOG COMMAND...
 
 limited "${BENCH_S:-120}" "$OUT/bench.log" python3 benchmarks/train_step.py \
     --backend "$BACKEND" --batch-size 128 \
-    --json "$OUT/train_step_$BACKEND.json" ${BENCH_ARGS:-}
+    --json "$OUT/train_step_$BACKEND.json" --mesh-steps 0 ${BENCH_ARGS:-}
 bench_status=$?
 echo "benchmark exit status $bench_status$([ $bench_status = 124 ] && echo ': BENCH_S ran out')"
 tail -n 25 "$OUT/bench.log"
+
+# The multi-device step: one device vs all of them (data parallel, FSDP).
+limited "${MESH_S:-90}" "$OUT/mesh.log" python3 benchmarks/_mesh.py \
+    --backend "$([ "$BACKEND" = gpu ] && echo cuda || echo cpu)" \
+    --devices 8 --steps 50 --json "$OUT/mesh_step_$BACKEND.json"
+mesh_status=$?
+echo "mesh benchmark exit status $mesh_status$([ $mesh_status = 124 ] && echo ': MESH_S ran out')"
+tail -n 12 "$OUT/mesh.log"
 
 limited "${PAPER_S:-420}" "$OUT/paper.log" python3 -m experiments.mnist.main \
     --config=experiments/mnist/configs/default.py --workdir="$WORK" \

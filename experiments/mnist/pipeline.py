@@ -606,17 +606,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs the configured rows and writes results.json, results.md, plots.
 
   The config is validated (:func:`validate_config`) and recorded in
-  ``<workdir>/run_config.json`` before anything is loaded or compiled; a
-  workdir holding a run of a different config raises (use a new workdir).
+  ``<workdir>/run_config.json`` once the data has loaded (so a run that
+  fails on a bad ``data_dir`` leaves no record that would refuse its
+  corrected rerun) and before anything is compiled; a workdir holding a run
+  of a different config raises (use a new workdir).
   Each finished row is saved at once to ``results.partial.json``, which
   ``results.json`` replaces when the run completes.
   """
   from experiments.mnist import report  # pylint: disable=g-import-not-at-top
   validate_config(config)
   workdir = pathlib.Path(workdir)
-  check_run_config(workdir, config.to_dict())
+  check_run_config(workdir, config.to_dict(), write=False)
   t_start = time.perf_counter()
   splits = load_splits(config)
+  check_run_config(workdir, config.to_dict())
   test_x, test_y = splits.test_images, splits.test_labels
   val_x, val_y = splits.val_images, splits.val_labels
   rows, hashes = [], {}
