@@ -21,6 +21,7 @@ was recorded (``quick_cpu.json`` and the older reruns) have no CPU record:
 """
 import json
 import pathlib
+import re
 
 import pytest
 
@@ -50,6 +51,12 @@ def _known_keys(config: dict, ref: dict) -> dict:
   return strip(config, ref, default.get_config().to_dict())
 
 
+def _host_cores(device) -> int | None:
+  """The core count in a device line ``'cpu: ... (x86_64, 2 host cores)'``."""
+  found = re.search(r"(\d+) host cores", device or "")
+  return int(found.group(1)) if found else None
+
+
 def machine_kind(results: dict) -> tuple:
   """What must be equal for two runs to be bit-identical.
 
@@ -66,7 +73,9 @@ def machine_kind(results: dict) -> tuple:
   elif cpu.get("vector_extensions") is None:
     isa = ("unknown CPU", object())  # equal to no other run's kind
   else:
-    isa = (tuple(cpu["vector_extensions"]), cpu.get("schedulable_cores"))
+    # Records from before schedulable_cores (e31cc63) ran on every core.
+    cores = cpu.get("schedulable_cores") or _host_cores(env.get("device"))
+    isa = (tuple(cpu["vector_extensions"]), cores)
   return (isa, env.get("device"), env.get("jax_version"),
           env.get("flax_version"), env.get("optax_version"))
 
@@ -112,6 +121,7 @@ def test_machine_kind_is_the_vector_extensions_and_versions():
   assert kind(cpu=avx2) != kind(cpu=avx512) != kind()
   assert kind(cpu=avx2) != kind(cpu=avx2, jax_version="0.10.3")
   assert kind(cpu=avx2) != kind(cpu={**avx2, "schedulable_cores": 1})
+  assert kind(cpu=avx2) == kind(cpu={**avx2, "schedulable_cores": 2})
   assert kind(cpu=avx2) != kind(cpu=avx2,
                                 device="cpu: 1 x cpu (x86_64, 8 host cores)")
   unknown = {"model": None, "vector_extensions": None}
