@@ -111,6 +111,7 @@ def _params(npz):
   return {k: npz[k] for k in npz.files if k.startswith("param")}
 
 
+@pytest.mark.integration
 def test_two_processes_match_one_process(runs):
   multi = _params(runs["multi_0"])
   assert multi, "no params saved"

@@ -124,6 +124,7 @@ def _smoke_config(mnist_dir):
   return c
 
 
+@pytest.mark.integration
 def test_smoke_run_and_the_coverage_arms_data(mnist_dir, tmp_path,
                                               monkeypatch):
   """One small run end to end; every net's data and teacher spied on."""

@@ -29,7 +29,7 @@ def _run(tmp_path, mnist_dir, *overrides, **env):
                         capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_rehearsal_collects_results_into_out(tmp_path, mnist_dir):
   proc = _run(tmp_path, mnist_dir, "--config.seeds=(0,)",
               "--config.rows=('student_alone',)", "--config.teacher.epochs=1",
@@ -52,6 +52,7 @@ def test_rehearsal_collects_results_into_out(tmp_path, mnist_dir):
   assert not list(out.glob("**/checkpoints"))  # they stay in $WORK
 
 
+@pytest.mark.integration
 def test_missing_data_is_named_before_anything_runs(tmp_path):
   proc = _run(tmp_path, tmp_path / "nowhere")
   assert proc.returncode == 3
@@ -60,6 +61,7 @@ def test_missing_data_is_named_before_anything_runs(tmp_path):
   assert not (tmp_path / "out" / "paper.log").exists()
 
 
+@pytest.mark.integration
 def test_an_unknown_run_is_named_before_anything_runs(tmp_path, mnist_dir):
   proc = _run(tmp_path, mnist_dir, RUNS="paper ensembel")
   assert proc.returncode == 3
@@ -80,7 +82,7 @@ _ENSEMBLE_TINY = " ".join([
     "--config.ensemble.bootstrap_samples=10"])
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_rehearsal_of_the_ensemble_run(tmp_path, mnist_dir):
   proc = _run(tmp_path, mnist_dir, RUNS="ensemble", BENCH_S="1", MESH_S="1",
               ENSEMBLE_ARGS=_ENSEMBLE_TINY)
@@ -95,6 +97,7 @@ def test_rehearsal_of_the_ensemble_run(tmp_path, mnist_dir):
   assert not (out / "paper.log").exists()
 
 
+@pytest.mark.integration
 def test_an_earlier_runs_results_are_not_passed_off_as_this_runs(tmp_path,
                                                                   mnist_dir):
   work = tmp_path / "work"
@@ -119,7 +122,7 @@ def test_an_earlier_runs_results_are_not_passed_off_as_this_runs(tmp_path,
   assert not (work / "results.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_terminating_the_script_keeps_the_finished_rows(tmp_path, mnist_dir):
   """A TERM to the script's process group (what a time-limited remote call
   sends) stops the run and still collects the rows finished so far."""

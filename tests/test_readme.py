@@ -17,7 +17,7 @@ def _api_block(index: int = 0) -> str:
   return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   code = _api_block()
   assert "epochs=2" in code and '"runs/readme"' in code
@@ -34,6 +34,7 @@ def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   assert (tmp_path / "readme" / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_readme_any_model_example_runs(monkeypatch):
   """The BatchNorm student and the masked sequence batch, as written."""
   monkeypatch.setenv("KDJAX_PROGRESS", "0")
