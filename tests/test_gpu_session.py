@@ -81,6 +81,7 @@ _ENSEMBLE_TINY = " ".join([
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_rehearsal_of_the_ensemble_run(tmp_path, mnist_dir):
   proc = _run(tmp_path, mnist_dir, RUNS="ensemble", BENCH_S="1", MESH_S="1",
               ENSEMBLE_ARGS=_ENSEMBLE_TINY)
