@@ -30,10 +30,11 @@ Rows, every student with the same budget (steps, batch, optimizer, data):
    cached as two extra batch fields (``Fields(extra=...)``); the teacher
    never runs in the student's training.
 
-The objectives are custom objective functions
-(:mod:`examples.lm_objectives`): kdjax's divergences, mixed with the hard
-labels by ``alpha``. Temperature and alpha are chosen on the
-validation split by a small grid on seed 0, for each distilled row
+The objectives (:mod:`examples.lm_objectives`) are kdjax's divergences
+with the hard labels mixed in by ``alpha``
+(:func:`kdjax.objectives.with_hard_labels`). Temperature and alpha are
+chosen on the validation split by a small grid on seed 0, for each
+distilled row
 (``--tune shared``: one forward-KL grid for all); the chosen point's run is
 that row's seed 0. The numbers are the last step's; the test split chooses
 nothing. BPC = nats / ln 2 over real characters.

@@ -101,9 +101,10 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
                     if old.get(k) != canonical.get(k))
       raise validate.WorkdirMismatchError(
           f"workdir {workdir} holds a run with a different configuration "
-          f"({path.name}: keys differing: {diff}). Pass a new workdir= "
-          f"(--workdir on the command line), or delete {workdir} to start "
-          "over.")
+          f"({path.name}: keys differing: {diff}"
+          f"{hparams_lib.mismatch_hint(old, canonical, diff)}). Pass a new "
+          f"workdir= (--workdir on the command line), or delete {workdir} "
+          "to start over.")
     return
   if write and mesh_lib.is_primary():  # Under jax.distributed, process 0.
     write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
@@ -222,7 +223,7 @@ def fit(state: PyTree, teacher, data, *, epochs: int,
                      "skip_nonfinite=False.")
   fields = Fields() if fields is None else fields
   obj = objectives.get(objective)
-  objectives.check_hparams(obj, state.hparams)
+  objectives.check_hparams(obj, state.hparams, unread=True)
   if loop not in LOOPS:
     raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}.")
   host = hostdata.is_host_source(data)

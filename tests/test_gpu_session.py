@@ -23,7 +23,7 @@ def _run(tmp_path, mnist_dir, *overrides, **env):
           "WORK": str(tmp_path / "work"), "BACKEND": "cpu",
           "KDJAX_DATA_DIR": str(mnist_dir), "RUNS": "paper",
           "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
-          **env}
+          "SPECIALISTS_S": "0", **env}
   full.pop("XLA_FLAGS", None)
   return subprocess.run(["bash", str(SCRIPT), *overrides], cwd=ROOT, env=full,
                         capture_output=True, text=True, timeout=600)
@@ -104,10 +104,15 @@ def test_an_earlier_runs_results_are_not_passed_off_as_this_runs(tmp_path,
   (work / "table.png").write_text("stale")
   # A different config in the same WORK: the paper run refuses to start.
   (work / "run_config.json").write_text('{"seeds": [9]}')
-  proc = _run(tmp_path, mnist_dir, BENCH_S="1", MESH_S="1")
+  proc = _run(tmp_path, mnist_dir, BENCH_S="1", MESH_S="1",
+              SPECIALISTS_S="1")
   # A user error (kdjax.cli): one line in paper.log and exit status 2.
   assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "paper config exit status 2" in proc.stdout
+  # The specialists run is tried all the same (and cut short here); the
+  # exit status stays the paper run's.
+  assert "specialists exit status 124: SPECIALISTS_S ran out" in proc.stdout
+  assert (tmp_path / "out" / "specialists.log").exists()
   assert "holds a run with a different configuration" in (
       tmp_path / "out" / "paper.log").read_text()
   assert not (tmp_path / "out" / "paper_gpu.json").exists()

@@ -101,3 +101,33 @@ def test_readme_ensemble_and_specialist_figures_come_from_the_jsons():
   for r in spec["rows"]:
     if "test_errors" in r and r["name"].startswith("generalist"):
       assert fmt(r["test_errors"]) in readme, r["name"]
+
+
+def test_readme_specialists_regime_tables_come_from_the_json():
+  from experiments.specialists import report  # pylint: disable=g-import-not-at-top
+  readme = (ROOT / "README.md").read_text()
+  path = "experiments/specialists/results/regime_cpu.json"
+  res = json.loads((ROOT / path).read_text())
+  assert report.regime_table(res) in readme
+  assert report.differences_table(res) in readme
+  assert f"Source: [`{path}`]" in readme
+  assert res["git_commit"][:7] in readme
+  assert (ROOT / path.replace(".json", ".md")).read_text() == (
+      report.regime_markdown(res))
+
+
+def test_readme_main_table_text_comes_from_table_cpu():
+  """The jittered-transfer rows quoted under the demo table: mean ± SE and
+  the per-seed values of table_cpu.json."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  readme = (ROOT / "README.md").read_text()
+  rows = {r["name"]: r for r in json.loads(
+      (RESULTS / "table_cpu.json").read_text())["rows"]}
+  for name in ("distilled_T20_jitter", "distilled_T20",
+               "student_alone_jitter", "student_alone"):
+    assert f"`{name}`" in readme, name
+    for key in ("test_errors", "val_errors"):
+      v = np.asarray(rows[name][key], float)
+      se = v.std(ddof=1) / np.sqrt(v.size)
+      each = ", ".join(str(int(x)) for x in v)
+      assert f"{v.mean():.1f} ± {se:.1f} ({each})" in readme, (name, key)

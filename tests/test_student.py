@@ -538,7 +538,7 @@ def test_kd_is_losses_kd_objective():
 def test_a_users_objective_plugs_in_without_editing_kdjax():
   calls = []
 
-  def reverse_kl(s, t, batch, *, temperature, alpha):
+  def reverse_kl(s, t, batch, *, temperature):  # It reads T only.
     calls.append(1)
     # T^2 KL(q_s || p_t), written here from the losses' primitives.
     log_q = losses.tempered_log_softmax(s, temperature)

@@ -39,7 +39,9 @@
 # named in its log; 3: set-up failed, or RUNS names an unknown run).
 # Time limits in seconds: BENCH_S (default 120), MESH_S (default 90),
 # PAPER_S (default 420, the issue's 8-minute budget less start-up),
-# ENSEMBLE_S (default 1800). BACKEND=cpu (with BENCH_ARGS such
+# ENSEMBLE_S (default 1800), SPECIALISTS_S (default 0: the specialists run
+# after RUNS is skipped; keep the limits' sum under the remote call's limit).
+# BACKEND=cpu (with BENCH_ARGS such
 # as "--epochs-steps 20 --repeats 1") rehearses it on the CPU machine.
 set -u
 OUT=${OUT:-runs/gpu_session}
@@ -150,4 +152,29 @@ for name in $RUNS; do
   fi
   if [ "$status" = 0 ]; then status=$run_status; fi
 done
+
+# The specialists in the paper's regime with a CNN generalist
+# (experiments/specialists/configs/regime_gpu.py), at most SPECIALISTS_S
+# seconds (default 0: skipped), in $WORK/specialists (emptied first).
+# Its results.json / results.md / specialists.png come back as
+# specialists_gpu.json / .md / .png, its log as specialists.log. It does not
+# change the exit status (RUNS').
+if [ "${SPECIALISTS_S:-0}" != 0 ]; then
+  rm -rf "$WORK/specialists"
+  for f in specialists_gpu.json specialists_gpu.md specialists_gpu.png; do
+    rm -f "$OUT/$f"
+  done
+  limited "$SPECIALISTS_S" "$OUT/specialists.log" python3 -m \
+      experiments.specialists.main \
+      --config=experiments/specialists/configs/regime_gpu.py \
+      --workdir="$WORK/specialists"
+  spec_status=$?
+  echo "specialists exit status $spec_status$([ $spec_status = 124 ] && echo ': SPECIALISTS_S ran out')"
+  for pair in results.json:specialists_gpu.json results.md:specialists_gpu.md \
+      specialists.png:specialists_gpu.png; do
+    src=$WORK/specialists/${pair%%:*}
+    if [ -f "$src" ]; then cp "$src" "$OUT/${pair##*:}"; fi
+  done
+  tail -n 30 "$OUT/specialists.log"
+fi
 exit "$status"
