@@ -9,11 +9,12 @@ export KDJAX_DATA_DIR
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint docs test-lowest demo bench gpu-carry clean
+.PHONY: help venv test test-all lint docs test-lowest demo bench gpu-carry clean
 
 help:
 	@echo "make venv   - create $(VENV) and install kdjax[test] (done by every target)"
-	@echo "make test   - run the test suite (pytest, 2 workers)"
+	@echo "make test   - the unit tier (pytest -m 'not integration', 2 workers)"
+	@echo "make test-all - both tiers: unit and integration (pipelines, examples, notebook, kill/resume, subprocesses)"
 	@echo "make lint   - ruff check the whole tree (the rules are in pyproject.toml)"
 	@echo "make docs   - the API reference (Sphinx, warnings are errors) in docs/_build/html"
 	@echo "make test-lowest - the test suite against the lowest versions pyproject.toml allows (.venv-lowest)"
@@ -30,7 +31,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The unit tier: no subprocess, no training on real data beyond a few steps.
 test: venv
+	$(PY) -m pytest -n 2 -q -m "not integration" $(PYTEST_ARGS) tests kdjax
+
+# Both tiers (what CI runs): adds the pipelines, examples, notebook,
+# kill/resume, multi-process, README and rerun tests.
+test-all: venv
 	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests kdjax
 
 # Lint only: `ruff format` is configured (pyproject.toml) but not enforced.

@@ -7,6 +7,10 @@ step run on a CPU-only machine.
 :mod:`kdjax.mesh`). Tests written for one device keep it: each test runs
 with a one-device default mesh unless it is marked ``all_devices``, where
 ``fit(mesh=None)`` sees all 8 devices, as a user's program would.
+
+Tests come in two tiers: ``make test`` runs the unit tier
+(``-m "not integration"``), ``make test-all`` both. A test still marked
+``slow`` (the marker's old name) is in the integration tier too.
 """
 import os
 
@@ -14,6 +18,13 @@ import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.get_closest_marker("slow"):
+      item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(autouse=True)

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from kdjax import losses  # pylint: disable=g-import-not-at-top
+from kdjax import losses, provenance  # pylint: disable=g-import-not-at-top
 from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
 
 TEMPERATURE = 4.0
@@ -195,6 +195,7 @@ def main(argv=None) -> int:
       "device_kind": dev.device_kind,
       "device_count": jax.device_count(),
       "cpu_count": os.cpu_count(),
+      "cpu": provenance.cpu_record(),
       "dtype": "float32",
       "temperature": TEMPERATURE,
       "alpha": ALPHA,

@@ -30,10 +30,11 @@ Rows, every student with the same budget (steps, batch, optimizer, data):
    cached as two extra batch fields (``Fields(extra=...)``); the teacher
    never runs in the student's training.
 
-The objectives are custom objective functions
-(:mod:`examples.lm_objectives`): kdjax's divergences, mixed with the hard
-labels by ``alpha``. Temperature and alpha are chosen on the
-validation split by a small grid on seed 0, for each distilled row
+The objectives (:mod:`examples.lm_objectives`) are kdjax's divergences
+with the hard labels mixed in by ``alpha``
+(:func:`kdjax.objectives.with_hard_labels`). Temperature and alpha are
+chosen on the validation split by a small grid on seed 0, for each
+distilled row
 (``--tune shared``: one forward-KL grid for all); the chosen point's run is
 that row's seed 0. The numbers are the last step's; the test split chooses
 nothing. BPC = nats / ln 2 over real characters.
@@ -107,6 +108,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--split-seed", type=int, default=0)
   p.add_argument("--tiny", action="store_true",
                  help="tiny models, 1 seed, few steps (the CI test)")
+  p.add_argument("--smoke", action="store_true",
+                 help="--tiny with 16 documents: one step per model (the "
+                 "unit-tier test)")
   return p.parse_args(argv)
 
 
@@ -169,11 +173,13 @@ def run(args: argparse.Namespace) -> dict:
   batch_size = args.batch_size
   epochs, teacher_epochs = args.epochs, args.teacher_epochs
   grid, topks = _grid(args.grid), list(args.topk)
-  if args.tiny:
+  if args.tiny or args.smoke:
     teacher_sizes, student_sizes = TINY_TEACHER, TINY_STUDENT
     seeds, train_docs, eval_docs = seeds[:1], 256, 64
     epochs, teacher_epochs, batch_size = 1, 2, 16
     grid, topks = grid[:1], topks[:1]
+  if args.smoke:
+    train_docs, eval_docs, teacher_epochs = batch_size, batch_size, 1
   splits = char_data.make_splits(
       corpus, length=args.length, seed=args.split_seed,
       max_train_documents=train_docs, max_eval_documents=eval_docs)
@@ -181,7 +187,7 @@ def run(args: argparse.Namespace) -> dict:
   n_train = splits.train["tokens"].shape[0]
   steps = (n_train // batch_size) * epochs
   teacher_steps = (n_train // batch_size) * teacher_epochs
-  common = dict(progress=not args.tiny)
+  common = dict(progress=not (args.tiny or args.smoke))
   train_docs_text = splits.documents["train"]
 
   def batches(seed, extra=None):
@@ -313,7 +319,8 @@ def run(args: argparse.Namespace) -> dict:
                    "batch_size": batch_size,
                    "optimizer": f"adamw (wd 0.01), clip 1.0, warmup + cosine "
                                 f"from {args.lr:g}",
-                   "seeds": seeds, "tiny": bool(args.tiny)},
+                   "seeds": seeds, "tiny": bool(args.tiny),
+                   "smoke": bool(args.smoke)},
         "objectives": {"implementation": lm_objectives.IMPLEMENTATION,
                        "jsd_beta": 0.5,
                        "mix": "alpha * CE(labels) + (1 - alpha) * divergence",

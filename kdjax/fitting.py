@@ -113,9 +113,10 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
                     if old.get(k) != canonical.get(k))
       raise validate.WorkdirMismatchError(
           f"workdir {workdir} holds a run with a different configuration "
-          f"({path.name}: keys differing: {diff}). Pass a new workdir= "
-          f"(--workdir on the command line), or delete {workdir} to start "
-          "over.")
+          f"({path.name}: keys differing: {diff}"
+          f"{hparams_lib.mismatch_hint(old, canonical, diff)}). Pass a new "
+          f"workdir= (--workdir on the command line), or delete {workdir} "
+          "to start over.")
     return
   if write and mesh_lib.is_primary():  # Under jax.distributed, process 0.
     write_atomic(path, json.dumps(canonical, indent=2, sort_keys=True))
@@ -250,7 +251,7 @@ def fit(state: PyTree, teacher, data, *, epochs: int, rng: jax.Array,
   spec, checkpoint, evaluation, loop = _options(spec, checkpoint, evaluation,
                                                 loop, deprecated)
   _check_arguments(epochs, rng, checkpoint, vmapped)
-  objectives.check_hparams(spec.objective, state.hparams)
+  objectives.check_hparams(spec.objective, state.hparams, unread=True)
   run = _prepare(state, teacher, data, spec, loop, batch_size, vmapped,
                  mesh_lib.plan(mesh))
   # The compiled epochs donate the state they are given: train a copy, so

@@ -44,9 +44,10 @@ import numpy as np
 
 from kdjax import validate
 
-__all__ = ["check_name", "check_value", "build", "current", "schedule_record",
-           "fingerprint", "upgrade_fit_record", "legacy_layout",
-           "SCHEDULE_STEPS", "RESERVED"]
+__all__ = ["check_name", "check_value", "build", "current",
+           "schedule_record", "fingerprint", "mismatch_hint",
+           "upgrade_fit_record", "legacy_layout", "SCHEDULE_STEPS",
+           "RESERVED"]
 
 # The steps at which fit.json records a schedule's values.
 SCHEDULE_STEPS = (0, 1, 2, 10, 100, 1_000, 10_000, 100_000)
@@ -323,6 +324,27 @@ def _feed_code(h, code: types.CodeType, seen: set, doc=None) -> None:
       _feed_code(h, c, seen)
     else:
       _feed(h, c, seen)
+
+
+def mismatch_hint(old: Mapping, new: Mapping, diff) -> str:
+  """What a differing objective or schedule record means, for the error."""
+  hints = []
+  if "objective_code" in diff and old.get("objective") == new.get(
+      "objective"):
+    was = (old.get("objective_code") or {}).get("python")
+    now = (new.get("objective_code") or {}).get("python")
+    hints.append(
+        f"objective {new.get('objective')!r}'s code differs from the "
+        "recorded run's (it was edited, or its captured values changed" +
+        (f"; recorded under Python {was}, now {now}: the bytecode differs"
+         if was and now and was != now else "") + ")")
+  if "schedules" in diff:
+    old_s, new_s = old.get("schedules") or {}, new.get("schedules") or {}
+    names = sorted(k for k in set(old_s) | set(new_s)
+                   if old_s.get(k) != new_s.get(k))
+    hints.append(f"the schedule(s) of {names} take other values than the "
+                 f"recorded run's at steps {list(SCHEDULE_STEPS)}")
+  return "; " + "; ".join(hints) if hints else ""
 
 
 # ----------------------------------------------------------------------------

@@ -184,7 +184,13 @@ class Plan:
     return self.mesh.size == 1
 
   def describe(self) -> dict:
-    """The mesh's axis sizes, for ``fit.json`` (``{'data': 8, 'fsdp': 1}``)."""
+    """The mesh's axis sizes (``{'data': 8, 'fsdp': 1}``), for logs.
+
+    ``fit.json`` does not record the mesh, so a resume on another mesh is
+    not refused (orbax restores into the placed state's layout; untested
+    across meshes, and bit-identical resumes are tested on the same mesh
+    only).
+    """
     return {str(k): int(v) for k, v in self.mesh.shape.items()}
 
   def check_batch_size(self, batch_size: int, what: str = "batch_size"

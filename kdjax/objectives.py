@@ -20,7 +20,9 @@ those, from the state's ``hparams`` (:mod:`kdjax.hparams`: each may be a
 schedule, is logged in the metrics and can be swept under ``vmap``). A
 parameter with a default is optional: the state's value when the state
 has one, else the default. :func:`kdjax.fit` refuses, before compiling, a
-state missing one that has no default.
+state missing one that has no default, or holding one that the objective
+does not read (besides ``temperature`` and ``alpha``, which every state
+holds).
 
 Built-ins (``T`` the temperature, ``p = softmax(v/T)`` the teacher,
 ``q = softmax(z/T)`` the student; each reads exactly the names listed):
@@ -194,9 +196,23 @@ class Objective:
 
 
 def check_hparams(objective: Objective, available, *,
-                  where: str = "the state") -> None:
+                  where: str = "the state", unread: bool = False) -> None:
   """Raises if ``available`` (names) lacks a hyperparameter ``objective``
-  requires, naming it and how to add it."""
+  requires, naming it and how to add it.
+
+  With ``unread`` (what :func:`kdjax.fit` checks), also if ``available``
+  holds one that ``objective`` does not read, other than ``temperature``
+  and ``alpha`` (which every state holds): a misspelt ``"betta"`` would
+  otherwise be silently unused while ``"jsd"`` took its default beta.
+  """
+  extra = sorted(set(available) - set(objective.hparams) -
+                 set(hparams_lib.DEFAULTS))
+  if unread and extra:
+    raise ValueError(
+        f"{where} holds the hyperparameter(s) {extra}, which objective "
+        f"{objective.name!r} does not read (it reads "
+        f"{list(objective.hparams)}); drop them from the state's hparams, "
+        "or use an objective that reads them.")
   missing = [n for n in objective.required if n not in available]
   if missing:
     example = ", ".join(f"{n!r}: ..." for n in missing)

@@ -37,6 +37,7 @@ def _assert_one_line_error(proc, *fragments):
     assert f in lines[0]
 
 
+@pytest.mark.integration
 def test_bad_config_value(tmp_path):
   proc = _run("experiments.mnist.main", QUICK, f"--workdir={tmp_path / 'w'}",
               "--config.student.distill.alpha=1.5")
@@ -44,6 +45,7 @@ def test_bad_config_value(tmp_path):
   assert not (tmp_path / "w").exists()  # refused before the workdir is made
 
 
+@pytest.mark.integration
 def test_unknown_config_key(tmp_path):
   proc = _run("experiments.mnist.main", QUICK, f"--workdir={tmp_path}",
               "--config.studnt.width=1")
@@ -51,12 +53,14 @@ def test_unknown_config_key(tmp_path):
                          "--config.studnt.width=1", 'Did you mean "student"')
 
 
+@pytest.mark.integration
 def test_missing_data_dir(tmp_path):
   proc = _run("experiments.mnist.main", QUICK, f"--workdir={tmp_path / 'w'}",
               f"--config.data_dir={tmp_path / 'no_mnist'}")
   _assert_one_line_error(proc, "MNIST data directory", "does not exist")
 
 
+@pytest.mark.integration
 def test_a_failed_data_load_leaves_no_record(tmp_path):
   # A bad data_dir used to leave run_config.json behind, which then refused
   # the corrected rerun in the same workdir as "a different configuration".
@@ -66,6 +70,7 @@ def test_a_failed_data_load_leaves_no_record(tmp_path):
   assert not (tmp_path / "w" / "run_config.json").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("module", ["experiments.mnist.main",
                                     "experiments.mnist.ensemble",
                                     "experiments.specialists.main"])
@@ -78,12 +83,14 @@ def test_missing_config_file(tmp_path, module):
   _assert_one_line_error(proc, "is a directory")
 
 
+@pytest.mark.integration
 def test_workdir_of_another_run(tmp_path):
   (tmp_path / "run_config.json").write_text(json.dumps({"another": "run"}))
   proc = _run("experiments.mnist.main", QUICK, f"--workdir={tmp_path}")
   _assert_one_line_error(proc, "holds a run with a different configuration")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("how", ["env", "flag"])
 def test_traceback_on_request(tmp_path, how):
   args = [QUICK, f"--workdir={tmp_path}", "--config.student.distill.alpha=1.5"]
@@ -97,6 +104,7 @@ def test_traceback_on_request(tmp_path, how):
       proc.stderr)
 
 
+@pytest.mark.integration
 def test_absl_flag_errors_are_absls(tmp_path):
   proc = _run("experiments.mnist.main", QUICK)  # no --workdir
   assert proc.returncode == 1
@@ -107,11 +115,13 @@ def test_absl_flag_errors_are_absls(tmp_path):
   assert "Unexpected arguments: ['x']" in proc.stderr
 
 
+@pytest.mark.integration
 def test_fidelity_of_a_missing_workdir(tmp_path):
   proc = _run("experiments.mnist.fidelity", tmp_path / "nope", "distilled_T20")
   _assert_one_line_error(proc, "run_config.json does not exist")
 
 
+@pytest.mark.integration
 def test_collect_of_an_unfinished_run(tmp_path):
   proc = _run("experiments.mnist.collect", tmp_path, "--out",
               tmp_path / "x.json")

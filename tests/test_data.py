@@ -416,6 +416,7 @@ def test_transfer_unknown_variant():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_import_does_not_import_tensorflow():
   code = ("import sys, kdjax.data; "
           "bad = [m for m in sys.modules if m.split('.')[0] in "

@@ -14,7 +14,7 @@ import pytest
 from experiments.mnist import pipeline
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_soft_targets_beat_hard_labels_on_3pct(quick_config, tmp_path):
   config = quick_config("soft3pct")
   results = pipeline.run(config, str(tmp_path))

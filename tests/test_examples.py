@@ -1,11 +1,12 @@
-"""The worked examples run end to end at a tiny size (real MNIST)."""
+"""The worked examples: one step on a few synthetic images (the unit tier),
+and end to end at a tiny size on real MNIST (the integration tier)."""
 
 import json
 
 import pytest
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["bn_cnn_linen", "bn_cnn_nnx"])
 def test_batchnorm_example_tiny(name, mnist_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("KDJAX_PROGRESS", "0")
@@ -27,7 +28,7 @@ def test_batchnorm_example_tiny(name, mnist_dir, tmp_path, monkeypatch):
   assert results["tuning"]["chosen_on"] == "validation"
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_grain_example_kills_resumes_and_reports(mnist_dir, tmp_path):
   from examples import grain_mnist  # pylint: disable=g-import-not-at-top
   out = tmp_path / "grain.json"
@@ -43,3 +44,30 @@ def test_grain_example_kills_resumes_and_reports(mnist_dir, tmp_path):
   assert results["throughput"]["host_grain_steps_per_s"] > 0
   assert json.loads(out.read_text())["params_sha256"] == results[
       "params_sha256"]
+
+
+@pytest.mark.parametrize("name", ["bn_cnn_linen", "bn_cnn_nnx"])
+def test_smoke_batchnorm_example_one_step(name, tiny_mnist, tmp_path):
+  module = __import__(f"examples.{name}", fromlist=["main"])
+  out = tmp_path / "results.json"
+  results = module.main(["--tiny", "--data-dir", str(tiny_mnist),
+                         "--batch-size", "200", "--temperatures", "2.0",
+                         "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+  rows = {r["name"]: r for r in results["rows"]}
+  assert set(rows) == {"teacher", "student_alone", "student_distilled"}
+  for row in rows.values():
+    assert all(0 <= e <= 100 for e in row["test_errors"])
+  assert results["environment"]["cpu"]
+
+
+def test_smoke_grain_example_one_step(tiny_mnist, tmp_path):
+  """The example's training run (its child process's part), in process."""
+  from examples import grain_mnist  # pylint: disable=g-import-not-at-top
+  result = grain_mnist.main([
+      "--child", "--quiet", "--data-dir", str(tiny_mnist), "--workdir",
+      str(tmp_path / "work"), "--epochs", "1", "--batch-size", "200",
+      "--checkpoint-every-steps", "1"])
+  assert result["steps"] == 1
+  assert 0 <= result["test_errors"] <= 100
+  assert (tmp_path / "work" / "checkpoints" / "1").is_dir()

@@ -7,7 +7,7 @@ import pytest
 from experiments.mnist import fidelity, pipeline
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_fidelity_restores_the_rows_students(quick_config, tmp_path):
   config = quick_config("distilled_T20")
   config.seeds = (0, 1)
@@ -34,6 +34,17 @@ def test_fidelity_restores_the_rows_students(quick_config, tmp_path):
       assert abs(s["errors"] - f["teacher"][split]["errors"]) <= \
           s["disagreements"] < n
       assert s["kl_T20"] > 0 and s["logit_rmse"] > 0
+
+
+def test_smoke_fidelity_of_a_one_step_run(smoke_run, tmp_path):
+  """fidelity.py on a one-step run on a few synthetic images."""
+  workdir, results = smoke_run
+  out = tmp_path / "fidelity.json"
+  assert fidelity.main([str(workdir), "distilled_T20", "--out", str(out)]) == 0
+  f = json.loads(out.read_text())
+  row = {r["name"]: r for r in results["rows"]}["distilled_T20"]
+  assert [m["test"]["errors"] for m in f["members"]] == row["test_errors"]
+  assert f["members"][0]["transfer"]["disagreements"] <= 200
 
 
 def test_stats_match_a_float64_reference():

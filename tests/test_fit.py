@@ -61,12 +61,12 @@ def reference(tmp_path_factory):
   return _done(_run(tmp_path_factory.mktemp("ref")))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_same_seed_is_bit_identical(reference, tmp_path):
   assert _done(_run(tmp_path)) == reference
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_killed_run_resumes_bit_identical(reference, tmp_path):
   """SIGKILL a real subprocess at several points; the restarted run matches."""
   env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
@@ -102,7 +102,7 @@ def test_killed_run_resumes_bit_identical(reference, tmp_path):
   assert [r["epoch"] for r in _metrics(tmp_path)] == list(range(1, EPOCHS + 1))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path):
   _run(tmp_path, epochs=4)
   ckdir = tmp_path / "checkpoints"

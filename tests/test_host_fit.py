@@ -218,7 +218,7 @@ def _run(workdir, kind, sleep=0.0):
   return line.split()[1:]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["iter", "fn"])
 def test_host_run_killed_mid_epoch_resumes_bit_identical(kind, tmp_path):
   reference = _run(tmp_path / "ref", kind)

@@ -143,18 +143,24 @@ def test_create_accepts_numbers_and_schedules_and_checks_them():
 def test_jsd_reads_beta_from_the_state():
   teacher, _ = _models()
   batch = _batch()
-  run = lambda obj, state: jax.jit(train.make_train_step(obj))(
-      state, teacher, batch, jax.random.key(0))[1]["loss"]
+  steps = {}
+
+  def run(obj, state):
+    if obj not in steps:
+      steps[obj] = jax.jit(train.make_train_step(obj))
+    return float(steps[obj](state, teacher, batch, jax.random.key(0))[1][
+        "loss"])
+
   make = lambda **hp: train.TrainState.create(
       _student(), tx=optax.sgd(0.1), temperature=2.0, hparams=hp)
-  for beta in (0.0, 0.3, 1.0):
-    from_state = run("jsd", make(beta=beta))
-    fixed = run(objectives.jsd(beta), make())
-    np.testing.assert_allclose(float(from_state), float(fixed), rtol=1e-6)
+  for beta in (0.0, 0.3, 1.0):  # One compiled "jsd" step for all three.
+    np.testing.assert_allclose(run("jsd", make(beta=beta)),
+                               run(objectives.jsd(beta), make()), rtol=1e-6)
   # Without a beta in the state: the default 0.5, exactly jsd(0.5).
-  assert float(run("jsd", make())) == float(run(objectives.jsd(0.5), make()))
+  assert run("jsd", make()) == run(objectives.jsd(0.5), make())
 
 
+@pytest.mark.integration
 def test_a_sweep_over_beta_equals_each_member_trained_alone():
   teacher, _ = _models()
   data, betas, seeds = _data(), [0.1, 0.5, 0.9], [3, 3, 4]
@@ -201,6 +207,15 @@ def test_fit_refuses_a_state_missing_a_hyperparameter_before_compiling():
     kdjax.fit(state, teacher, _data(), epochs=1, batch_size=16,
               rng=jax.random.key(0), objective=focal, progress=False)
   assert not calls  # Nothing was traced.
+  # A hyperparameter no one reads is refused too (a misspelt beta would
+  # leave "jsd" at its default).
+  typo = train.TrainState.create(_student(), tx=optax.sgd(0.1),
+                                 hparams={"betta": 0.3})
+  with pytest.raises(ValueError, match=(
+      r"holds the hyperparameter\(s\) \['betta'\], which objective 'jsd' "
+      r"does not read \(it reads \['temperature', 'beta'\]\)")):
+    kdjax.fit(typo, teacher, _data(), epochs=1, batch_size=16,
+              rng=jax.random.key(0), objective="jsd", progress=False)
   # The bare step says the same when it is traced.
   with pytest.raises(ValueError, match=r"\['gamma'\]"):
     train.make_train_step(focal)(state, teacher, _batch(),
@@ -370,7 +385,8 @@ def test_an_edited_objective_is_refused_on_resume(tmp_path):
   assert record["objective_code"]["hparams"] == ["temperature"]
   edited = _compile(BASE.replace("s - t", "t - s"))
   with pytest.raises(validate.WorkdirMismatchError,
-                     match=r"keys differing: \['objective_code'\]"):
+                     match=r"keys differing: \['objective_code'\]; "
+                     r"objective 'obj''s code differs"):
     _fit(train.TrainState.create(_student(), tx=optax.sgd(0.1)), tmp_path, 2,
          objective=edited)
   # The same code (a new function object, a new comment) resumes.
@@ -388,14 +404,17 @@ def test_a_different_schedule_is_refused_on_resume(tmp_path):
   assert record["schedules"]["temperature"]["0"] == 4.0
   assert record["schedules"]["temperature"]["10"] == 1.0
   with pytest.raises(validate.WorkdirMismatchError,
-                     match=r"keys differing: \['schedules'\]"):
+                     match=r"keys differing: \['schedules'\]; the "
+                     r"schedule\(s\) of \['temperature'\] take other"):
     _fit(make(optax.linear_schedule(4.0, 1.0, 20)), tmp_path, 2)
   # A schedule with the same values (another function) resumes.
-  same = lambda step: jnp.maximum(4.0 - 0.3 * step, 1.0)
+  first = optax.linear_schedule(4.0, 1.0, 10)
+  same = lambda step: first(step)
   _, history = _fit(make(same), tmp_path, 2)
   assert len(history) == 1
 
 
+@pytest.mark.integration
 def test_a_workdir_written_before_hparams_resumes(tmp_path):
   """tests/data/legacy_workdir: tests/fit_script.py's run, 1 epoch, written
   by kdjax at 302af1a (fit.json with 'temperature' and 'alpha' keys, a

@@ -123,6 +123,18 @@ def test_suite_default_is_one_device_and_fit_does_nothing_there():
   assert plan.constrain_batch(tree) is tree
 
 
+def test_one_device_fit_places_nothing_on_a_mesh():
+  """On one device fit runs as before: single-device arrays, no mesh."""
+  net = models.MLP((8,))
+  student = kdjax.Student.from_linen(
+      net, net.init(jax.random.key(0), jnp.zeros((1, 8, 8))))
+  state = train.TrainState.create(student, tx=optax.sgd(0.1))
+  out, _ = kdjax.fit(state, None, _data(n=16), epochs=1, batch_size=8,
+                     objective="hard", rng=jax.random.key(0), progress=False)
+  for x in jax.tree.leaves(out):
+    assert isinstance(x.sharding, jax.sharding.SingleDeviceSharding), x
+
+
 def test_make_mesh_sizes_and_errors():
   assert mesh_lib.make_mesh(fsdp=-1).shape == {"data": 1, "fsdp": 8}
   assert mesh_lib.make_mesh(data=2, fsdp=4).shape == {"data": 2, "fsdp": 4}
@@ -174,6 +186,7 @@ def test_batch_size_the_data_axis_does_not_divide_is_refused_before_compiling(
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.all_devices
 @pytest.mark.parametrize("make_run,loop", [(_mlp_run, "scan"),
                                            (_bn_run, "steps")])
@@ -202,6 +215,7 @@ def _hlo_of_epoch(run, plan, loop="scan"):
   return runner.lower(*args).compile().as_text()
 
 
+@pytest.mark.integration
 def test_compiled_epoch_computes_per_device_batch_shards():
   """The student's first layer runs on BATCH / 8 rows per device."""
   run = _mlp_run(width=48)  # No param is [64, 48].
@@ -226,6 +240,7 @@ def dataclasses_replace(plan):
   return NoConstraint(plan.mesh, plan.batch_axes, plan.fsdp_min_size)
 
 
+@pytest.mark.integration
 @pytest.mark.all_devices
 def test_host_batches_go_straight_into_their_shards(monkeypatch):
   run = _mlp_run()
@@ -332,3 +347,19 @@ def test_vmapped_sweep_on_a_mesh_equals_one_device():
     _assert_close(got.params, one.params)
   # FSDP split the per-member kernel [2, 784, 64] on 784, not the members.
   assert got.params["hidden_0"]["kernel"].sharding.spec == P(None, "fsdp")
+
+
+@pytest.mark.integration
+def test_mesh_benchmark_section_runs_one_step():
+  """benchmarks/_mesh.py (train_step.py's mesh section), one tiny round."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "_mesh.py"
+  spec = importlib.util.spec_from_file_location("_mesh_bench", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = bench.run(batch_size=8, steps=1, repeats=1)
+  assert out["devices"] == 8
+  assert set(out["step_ms"]) == {"one_device", "data_parallel", "fsdp"}
+  assert out["step_time_vs_one_device"]["one_device"] == 1.0
+  assert "overhead" in out["note"]

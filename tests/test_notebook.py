@@ -55,7 +55,7 @@ def _errors(text: str, who: str) -> int:
   return int(m.group(1))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_colab_notebook_runs_on_cpu(mnist_dir):
   nb = nbformat.read(NOTEBOOK, as_version=4)
   env = {**os.environ,

@@ -16,9 +16,10 @@ import pathlib
 import pytest
 
 from experiments.mnist import pipeline
+from kdjax import provenance
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_jitter_rows_use_the_online_teacher(quick_config, tmp_path):
   config = quick_config("student_alone_jitter", "distilled_T20_jitter")
   config.student.alone.epochs = 1
@@ -74,7 +75,7 @@ _TABLE_ROWS = ["teacher", "student_alone", "distilled_T20",
                "soft3pct_soft_targets"]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_paper_config_runs_end_to_end_with_the_issue_schema(mnist_dir, tmp_path,
                                                             monkeypatch):
   """configs/default.py (the GPU command) at one epoch per stage on the CPU:
@@ -156,7 +157,7 @@ def test_paper_config_runs_end_to_end_with_the_issue_schema(mnist_dir, tmp_path,
   assert not (tmp_path / "results.partial.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_an_interrupted_run_keeps_its_finished_rows(quick_config, tmp_path,
                                                     monkeypatch):
   config = quick_config("student_alone", "distilled_T20")
@@ -179,7 +180,7 @@ def test_an_interrupted_run_keeps_its_finished_rows(quick_config, tmp_path,
   assert set(partial["params_sha256"]) == {"teacher", "student_alone"}
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_student_dropout_is_recorded_and_used(quick_config, tmp_path):
   """The probe's student dropout reaches the model and every record."""
   from experiments.mnist import fidelity  # pylint: disable=g-import-not-at-top
@@ -204,3 +205,23 @@ def test_student_dropout_is_recorded_and_used(quick_config, tmp_path):
   # and finds the errors the run reported.
   f = fidelity.fidelity(tmp_path / "dropout", "distilled_T20")
   assert [m["test"]["errors"] for m in f["members"]] == row["test_errors"]
+
+
+def test_smoke_demo_rows_one_step(smoke_run):
+  """The demo's pipeline, one step a row on a few synthetic images.
+
+  The unit tier's touch of the pipeline (the integration tests above run
+  every row on real MNIST): its first rows, records and files.
+  """
+  tmp_path, results = smoke_run
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
+  assert [r["name"] for r in on_disk["rows"]] == _TABLE_ROWS[:3]
+  for r in on_disk["rows"]:
+    assert len(r["test_errors"]) == 1, r["name"]
+    assert 0 <= r["test_errors"][0] <= 100, r["name"]
+  assert set(on_disk["params_sha256"]) == {"teacher", "student_alone",
+                                           "distilled_T20"}
+  assert on_disk["environment"]["cpu"] == provenance.environment()["cpu"]
+  assert (tmp_path / "results.md").stat().st_size > 0
+  assert not (tmp_path / "results.partial.json").exists()

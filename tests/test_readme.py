@@ -17,7 +17,7 @@ def _api_block(index: int = 0) -> str:
   return re.findall(r"```python\n(.*?)```", section, re.S)[index]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   code = _api_block()
   assert "epochs=2" in code and '"runs/readme"' in code
@@ -34,6 +34,7 @@ def test_readme_api_example_runs(mnist_dir, tmp_path, monkeypatch):
   assert (tmp_path / "readme" / "metrics.jsonl").exists()
 
 
+@pytest.mark.integration
 def test_readme_any_model_example_runs(monkeypatch):
   """The BatchNorm student and the masked sequence batch, as written."""
   monkeypatch.setenv("KDJAX_PROGRESS", "0")
@@ -92,15 +93,46 @@ def test_readme_ensemble_and_specialist_figures_come_from_the_jsons():
   readme = (ROOT / "README.md").read_text()
   fmt = lambda v: (f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}"
                    if len(v) > 1 else f"{v[0]}")
+  from experiments.mnist import ensemble  # pylint: disable=g-import-not-at-top
   ens = json.loads((RESULTS / "ensemble_cpu.json").read_text())
-  rows = {r["name"]: r for r in ens["rows"]}
-  for name in ("ensemble_members", "ensemble_mean_logits",
-               "ensemble_arithmetic", "ensemble_distilled", "student_alone"):
-    assert fmt(rows[name]["test_errors"]) in readme, name
-  kept = ens["gain_kept"]["test_mean_logits"]
-  assert f"{kept * 100:.0f}% on test" in readme
+  assert ensemble.readme_table(ens) in readme
+  assert ens["git_commit"][:7] in readme
   spec = json.loads((ROOT / "experiments" / "specialists" / "results" /
                      "specialists_cpu.json").read_text())
   for r in spec["rows"]:
     if "test_errors" in r and r["name"].startswith("generalist"):
       assert fmt(r["test_errors"]) in readme, r["name"]
+
+
+def test_readme_specialists_regime_tables_come_from_the_json():
+  from experiments.specialists import report  # pylint: disable=g-import-not-at-top
+  readme = (ROOT / "README.md").read_text()
+  path = "experiments/specialists/results/regime_cpu.json"
+  res = json.loads((ROOT / path).read_text())
+  assert report.regime_table(res) in readme
+  assert report.differences_table(res) in readme
+  assert f"Source: [`{path}`]" in readme
+  for name in ("regime_cpu", "regime_cpu_long"):
+    path = f"experiments/specialists/results/{name}.json"
+    res = json.loads((ROOT / path).read_text())
+    assert report.regime_table(res) in readme, name
+    assert f"{name}.json" in readme and res["git_commit"][:7] in readme
+    assert (ROOT / path.replace(".json", ".md")).read_text() == (
+        report.regime_markdown(res))
+
+
+def test_readme_main_table_text_comes_from_table_cpu():
+  """The jittered-transfer rows quoted under the demo table: mean ± SE and
+  the per-seed values of table_cpu.json."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  readme = (ROOT / "README.md").read_text()
+  rows = {r["name"]: r for r in json.loads(
+      (RESULTS / "table_cpu.json").read_text())["rows"]}
+  for name in ("distilled_T20_jitter", "distilled_T20",
+               "student_alone_jitter", "student_alone"):
+    assert f"`{name}`" in readme, name
+    for key in ("test_errors", "val_errors"):
+      v = np.asarray(rows[name][key], float)
+      se = v.std(ddof=1) / np.sqrt(v.size)
+      each = ", ".join(str(int(x)) for x in v)
+      assert f"{v.mean():.1f} ± {se:.1f} ({each})" in readme, (name, key)

@@ -1,4 +1,6 @@
-"""A tiny end-to-end run of experiments/specialists on real MNIST (< 60 s).
+"""A tiny end-to-end run of experiments/specialists on real MNIST (< 60 s;
+the integration tier) and a one-step one on a few synthetic images (the
+unit tier).
 
 Checks the wiring and the bookkeeping, not the accuracy: results.json has
 both rows with one entry per seed, the subsets are the validation clusters
@@ -36,6 +38,7 @@ def tiny_config(mnist_dir):
   return c
 
 
+@pytest.mark.integration
 def test_tiny_run_writes_consistent_results(tiny_config, tmp_path):
   results = pipeline.run(tiny_config, tmp_path)
   on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -58,6 +61,35 @@ def test_tiny_run_writes_consistent_results(tiny_config, tmp_path):
   delta = sum(r["delta_correct"] for r in table)
   assert delta == seed["generalist_errors"] - seed["combined_errors"]
   assert all(np.isfinite(l).all() for l in seed["specialist_losses"])
+
+
+def test_smoke_one_step_per_model(tiny_mnist_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv("KDJAX_PROGRESS", "0")
+  c = quick.get_config()
+  c.data_dir = str(tiny_mnist_dir)
+  c.num_val = 100
+  c.train_pairs, c.val_pairs, c.test_pairs = 200, 100, 100
+  c.generalist.hidden = (8,)
+  c.generalist.epochs = 1
+  c.generalist.batch_size = 200
+  c.seeds = (0,)
+  c.specialists.num_clusters = (2,)
+  c.specialists.normalize_columns = (False,)
+  c.specialists.num_examples = 32
+  c.specialists.epochs = 1
+  c.specialists.batch_size = 32
+  c.combine.top_n = (1,)
+  c.combine.num_steps = (2,)
+  c.soft.temperatures = (2.0,)
+  results = pipeline.run(c, tmp_path)
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
+  assert [r["name"] for r in results["rows"]] == [
+      "generalist", "generalist_plus_specialists",
+      "generalist_plus_soft_specialists"]
+  for row in results["rows"]:
+    assert len(row["test_errors"]) == 1 and 0 <= row["test_errors"][0] <= 100
+  assert on_disk["environment"]["cpu"]
 
 
 def test_evaluate_matches_loop_reference():
@@ -87,6 +119,7 @@ def test_evaluate_matches_loop_reference():
   assert {r["num_covering"] for r in out["by_covering"]} == set(cover)
 
 
+@pytest.mark.integration
 def test_tiny_run_chooses_on_validation(tiny_config, tmp_path):
   results = pipeline.run(tiny_config, tmp_path)
   (seed,) = results["seeds"]

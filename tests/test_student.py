@@ -9,7 +9,6 @@ Each test is a property that fails without the feature it names.
 
 import functools
 
-import flax.linen as nn
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -22,53 +21,17 @@ import kdjax
 from kdjax import fields as fields_lib
 from kdjax import losses, objectives, train
 
+from _helpers import BNNet, NnxNet, TokenNet
+from _helpers import assert_trees_equal as _assert_trees_equal
+from _helpers import trees_differ as _trees_differ
+
 NUM_CLASSES = 10
 BATCH = 16
 
 
 # ----------------------------------------------------------------------------
-# Models.
+# Data and states (the tiny nets are in _helpers.py).
 # ----------------------------------------------------------------------------
-
-
-class BNNet(nn.Module):
-  """Dense -> BatchNorm -> relu -> Dense on 8x8 inputs."""
-  width: int = 16
-  bn_axis: str | None = None
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(self.width)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.5,
-                     axis_name=self.bn_axis)(x)
-    return nn.Dense(NUM_CLASSES, name="logits")(nn.relu(x))
-
-
-class NnxNet(nnx.Module):
-  """The NNX counterpart, with dropout drawing from the module's Rngs."""
-
-  def __init__(self, rngs: nnx.Rngs, width: int = 16, dropout: float = 0.2):
-    self.hidden = nnx.Linear(64, width, rngs=rngs)
-    self.bn = nnx.BatchNorm(width, momentum=0.5, rngs=rngs)
-    self.drop = nnx.Dropout(dropout, rngs=rngs)
-    self.out = nnx.Linear(width, NUM_CLASSES, rngs=rngs)
-
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    return self.out(self.drop(nnx.relu(self.bn(self.hidden(x)))))
-
-
-class TokenNet(nn.Module):
-  """A per-position token model: position t's logits depend on token t only."""
-  vocab: int = 11
-  width: int = 8
-
-  @nn.compact
-  def __call__(self, tokens, train: bool = False):
-    x = nn.Embed(self.vocab, self.width)(tokens)
-    x = nn.relu(nn.Dense(self.width)(x))
-    return nn.Dense(self.vocab)(x)
 
 
 def _images(seed, n=BATCH):
@@ -95,17 +58,6 @@ def _state(student, tx=None, **kw):
   kw.setdefault("temperature", 3.0)
   kw.setdefault("alpha", 0.3)
   return train.TrainState.create(student, tx=tx, **kw)
-
-
-def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _trees_differ(a, b):
-  return any(not np.array_equal(np.asarray(x), np.asarray(y))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 # ----------------------------------------------------------------------------
@@ -538,7 +490,7 @@ def test_kd_is_losses_kd_objective():
 def test_a_users_objective_plugs_in_without_editing_kdjax():
   calls = []
 
-  def reverse_kl(s, t, batch, *, temperature, alpha):
+  def reverse_kl(s, t, batch, *, temperature):  # It reads T only.
     calls.append(1)
     # T^2 KL(q_s || p_t), written here from the losses' primitives.
     log_q = losses.tempered_log_softmax(s, temperature)
@@ -694,7 +646,7 @@ def test_donated_state_is_a_clear_error():
   keep(state, _bn_teacher(), _images(0), jax.random.key(0))
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_bfloat16_mnist_run_ends_near_the_float32_run(mnist_dir):
   """Distilling from the shipped teacher in bf16 (output layer kept f32).
 

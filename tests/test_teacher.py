@@ -18,51 +18,12 @@ from flax import nnx
 from kdjax import losses, train
 from kdjax.teacher import Teacher, ensemble
 
-from _helpers import np_init
+from _helpers import NnxMLP, np_init
+from _helpers import OptionsMLP as MLP
+from _helpers import assert_trees_equal as _assert_trees_equal
 
 NUM_CLASSES = 10
 TEMPERATURE = 3.0
-
-
-class MLP(nn.Module):
-  """A tiny MLP on 8x8 inputs with optional BatchNorm and Dropout."""
-  width: int = 32
-  dropout: float = 0.0
-  batchnorm: bool = False
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(self.width)(x)
-    if self.batchnorm:
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
-    x = nn.relu(x)
-    if self.dropout:
-      x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return nn.Dense(NUM_CLASSES)(x)
-
-
-class NnxMLP(nnx.Module):
-  """The same kind of teacher written with Flax NNX."""
-
-  def __init__(self, rngs: nnx.Rngs, width: int = 32, seed: int = 0):
-    zeros = nnx.initializers.zeros_init()  # Cheap; NumPy values below.
-    self.hidden = nnx.Linear(64, width, kernel_init=zeros, rngs=rngs)
-    self.bn = nnx.BatchNorm(width, momentum=0.5, rngs=rngs)
-    self.drop = nnx.Dropout(0.5, rngs=rngs)
-    self.out = nnx.Linear(width, NUM_CLASSES, kernel_init=zeros, rngs=rngs)
-    init = np.random.RandomState(seed)
-    self.hidden.kernel[...] = jnp.asarray(init.randn(64, width) / 8.0,
-                                          jnp.float32)
-    self.out.kernel[...] = jnp.asarray(
-        init.randn(width, NUM_CLASSES) / np.sqrt(width), jnp.float32)
-    # Non-trivial running statistics, as after some training.
-    self.bn.mean[...] = jnp.asarray(init.randn(width), jnp.float32)
-    self.bn.var[...] = jnp.asarray(init.rand(width) + 0.5, jnp.float32)
-
-  def __call__(self, x):
-    x = x.reshape(x.shape[0], -1)
-    return self.out(self.drop(nnx.relu(self.bn(self.hidden(x)))))
 
 
 def _images(seed, n=16):
@@ -78,12 +39,6 @@ def _batch(seed, n=16):
 
 def _np_copy(tree):
   return jax.tree.map(lambda x: np.array(x, copy=True), tree)
-
-
-def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # Module-level student, optimizers and compiled steps: ``apply_fn``, ``tx``

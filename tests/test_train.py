@@ -22,10 +22,13 @@ import pytest
 from absl.testing import parameterized
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kdjax import cache, loops, losses, preprocess, sweep, train
+from kdjax import cache, loops, losses, sweep, train
 from kdjax.teacher import Teacher
 
+from _helpers import PixelMLP as MLP
+from _helpers import assert_trees_equal as _assert_trees_equal
 from _helpers import np_init
+from _helpers import trees_differ as _trees_differ
 
 NUM_CLASSES = 10
 NUM_EXAMPLES = 70  # Not a multiple of BATCH: the epoch drops the last 6.
@@ -33,20 +36,6 @@ BATCH = 16
 LR = 0.1
 TEMPERATURE = 3.0
 ALPHA = 0.3
-
-
-class MLP(nn.Module):
-  """A tiny deterministic MLP on 8x8 inputs."""
-  width: int = 16
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    del train  # No dropout or batch norm: the same in both modes.
-    x = preprocess.scale_pixels(x)  # uint8 pixels -> [0, 1] floats.
-    x = nn.relu(nn.Dense(self.width)(x.reshape(x.shape[0], -1)))
-    return nn.Dense(NUM_CLASSES)(x)
-
-
 
 
 # Static parts of the state (apply_fn, tx) and the steps are hashed by
@@ -120,17 +109,6 @@ def _epoch_fn():
 
   return jax.jit(loops.make_epoch_fn(counting_step, batch_size=BATCH,
                                      num_examples=NUM_EXAMPLES))
-
-
-def _assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _trees_differ(a, b):
-  return any(not np.array_equal(x, y)
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 # ----------------------------------------------------------------------------

@@ -29,7 +29,9 @@ import numpy as np
 
 from kdjax import data as kd_data
 
-__all__ = ["NUM_CLASSES", "Pairs", "make_pairs", "load_pair_splits"]
+__all__ = ["NUM_CLASSES", "Pairs", "make_pairs", "load_pair_splits",
+           "FreshPairs", "subset_probs", "row_column_families",
+           "split_images"]
 
 NUM_CLASSES = 100
 
@@ -152,3 +154,169 @@ def load_pair_splits(data_dir, train_pairs: int, val_pairs: int,
         pairs, source_left=split_ids[pairs.left],
         source_right=split_ids[pairs.right], file=file)
   return out
+
+
+# ----------------------------------------------------------------------------
+# Fresh pairs every epoch (the paper's regime: abundant data).
+# ----------------------------------------------------------------------------
+
+
+def row_column_families() -> list[list[int]]:
+  """The task's natural overlapping subsets: rows ``a*`` then columns ``*b``.
+
+  Row ``a`` holds the ten classes with left digit ``a`` (``10a .. 10a+9``),
+  column ``b`` the ten with right digit ``b``; each class is in one row and
+  one column. A pair whose left digit is misread stays in its column, one
+  whose right digit is misread stays in its row.
+  """
+  rows = [[10 * a + b for b in range(10)] for a in range(10)]
+  return rows + [[10 * a + b for a in range(10)] for b in range(10)]
+
+
+def _allocate(n: int, probs: np.ndarray, rng) -> np.ndarray:
+  """Counts summing to ``n``, each ``floor`` or ``ceil`` of ``n * probs``.
+
+  The ``n - sum(floor)`` extra ones go to classes drawn without replacement
+  with probability proportional to their fractional parts.
+  """
+  want = n * probs
+  counts = np.floor(want).astype(np.int64)
+  rest = n - int(counts.sum())
+  frac = want - counts
+  if rest:
+    extra = rng.choice(len(probs), size=rest, replace=False,
+                       p=frac / frac.sum())
+    counts[extra] += 1
+  return counts
+
+
+class FreshPairs:
+  """Pairs drawn afresh each epoch from one split's images, class-balanced.
+
+  Epoch ``e`` draws ``num_pairs`` pairs with ``np.random.default_rng([seed,
+  e])``: class ``c`` gets ``floor`` or ``ceil`` of ``num_pairs * probs[c]``
+  pairs (:func:`_allocate`), each taking a uniformly random image of digit
+  ``c // 10`` on the left and one of digit ``c % 10`` on the right (with
+  replacement: there are about 25 million pairs per class in the 50k
+  training images), in a random order. Only the ``images`` given are ever
+  used, so a generator built from one split's images cannot leak another
+  split's (tested). Called with an epoch it returns that epoch's batches,
+  a sequence of ``num_pairs // batch_size`` dicts (the remainder is
+  dropped), which is a host source :func:`kdjax.fit` accepts; the same
+  epoch always gives the same batches (a resumed run can replay it).
+
+  A batch holds ``"image"`` (``uint8 [B, 28, 56]``), ``"label"``
+  (``label_map[c]``, ``int32``) and, with ``in_subset`` given,
+  ``"in_subset"`` (``bool``, ``in_subset[c]``).
+
+  Args:
+    images: ``[N, 28, 28]`` one split's images.
+    labels: ``[N]`` their digits; every digit must occur.
+    num_pairs: pairs per epoch (``>= batch_size``).
+    batch_size: pairs per batch.
+    seed: the generator's seed.
+    probs: ``[100]`` class probabilities (default uniform), e.g. half on a
+      specialist's subset (:func:`subset_probs`).
+    label_map: ``int [100]`` the target of each class (default identity),
+      e.g. :func:`kdjax.specialists.specialist_labels` of ``arange(100)``.
+    in_subset: optional ``bool [100]``.
+  """
+
+  def __init__(self, images, labels, *, num_pairs: int, batch_size: int,
+               seed, probs=None, label_map=None, in_subset=None):
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 3 or len(images) != len(labels):
+      raise ValueError(f"images must be [N, H, W] with one label each, got "
+                       f"{images.shape} and {labels.shape}.")
+    for name, v in (("num_pairs", num_pairs), ("batch_size", batch_size)):
+      if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}.")
+    if batch_size > num_pairs:
+      raise ValueError(f"batch_size={batch_size} exceeds num_pairs="
+                       f"{num_pairs}.")
+    self.images, self.num_pairs, self.batch_size = images, num_pairs, batch_size
+    self.seed = seed
+    self.pools = [np.flatnonzero(labels == d) for d in range(10)]
+    missing = [d for d in range(10) if not len(self.pools[d])]
+    if missing:
+      raise ValueError(f"digits {missing} have no image in this split.")
+    p = (np.full(NUM_CLASSES, 1.0 / NUM_CLASSES) if probs is None
+         else np.asarray(probs, np.float64))
+    if p.shape != (NUM_CLASSES,) or np.any(p < 0) or not np.isclose(
+        p.sum(), 1.0):
+      raise ValueError("probs must be 100 non-negative numbers summing to 1.")
+    self.probs = p / p.sum()
+    self.label_map = (np.arange(NUM_CLASSES, dtype=np.int32)
+                      if label_map is None
+                      else np.asarray(label_map, np.int32))
+    self.in_subset = None if in_subset is None else np.asarray(in_subset, bool)
+
+  def epoch_indices(self, epoch: int):
+    """``(left, right, classes)`` of epoch ``epoch``: indices into images."""
+    rng = np.random.default_rng([*np.atleast_1d(self.seed), int(epoch)])
+    counts = _allocate(self.num_pairs, self.probs, rng)
+    classes = rng.permutation(np.repeat(np.arange(NUM_CLASSES), counts))
+    left = np.empty(len(classes), np.int64)
+    right = np.empty(len(classes), np.int64)
+    for d in range(10):
+      for side, digit in ((left, classes // 10), (right, classes % 10)):
+        rows = np.flatnonzero(digit == d)
+        side[rows] = self.pools[d][rng.integers(len(self.pools[d]),
+                                                size=len(rows))]
+    return left, right, classes.astype(np.int32)
+
+  def __call__(self, epoch: int) -> "_EpochBatches":
+    return _EpochBatches(self, *self.epoch_indices(epoch))
+
+
+class _EpochBatches:
+  """One epoch of :class:`FreshPairs`: batch ``i`` built when asked for."""
+
+  def __init__(self, gen: FreshPairs, left, right, classes):
+    self.gen, self.left, self.right, self.classes = gen, left, right, classes
+
+  def __len__(self) -> int:
+    return self.gen.num_pairs // self.gen.batch_size
+
+  def __getitem__(self, i: int) -> dict:
+    if not 0 <= i < len(self):
+      raise IndexError(i)
+    b = slice(i * self.gen.batch_size, (i + 1) * self.gen.batch_size)
+    x = self.gen.images
+    batch = {"image": np.concatenate([x[self.left[b]], x[self.right[b]]],
+                                     axis=2),
+             "label": self.gen.label_map[self.classes[b]]}
+    if self.gen.in_subset is not None:
+      batch["in_subset"] = self.gen.in_subset[self.classes[b]]
+    return batch
+
+
+def subset_probs(subset, fraction_in_subset: float = 0.5) -> np.ndarray:
+  """Class probabilities: ``f`` spread evenly on ``subset``, the rest evenly
+  on the other classes (a specialist's data, half from its subset)."""
+  subset = np.asarray(subset)
+  inside = np.zeros(NUM_CLASSES, bool)
+  inside[subset] = True
+  if inside.all() or not inside.any():
+    raise ValueError("a specialist's subset must hold some classes, not all.")
+  f = float(fraction_in_subset)
+  if not 0.0 < f < 1.0:
+    raise ValueError(f"fraction_in_subset must lie in (0, 1), got {f!r}.")
+  return np.where(inside, f / inside.sum(), (1.0 - f) / (~inside).sum())
+
+
+def split_images(data_dir, *, num_val: int = 10_000, split_seed: int = 0):
+  """The three splits' digit images: ``{name: (images, labels, file ids)}``.
+
+  ``train`` and ``val`` are :func:`kdjax.data.train_val_split` of the 60k
+  training file (as in :func:`load_pair_splits`), ``test`` the 10k test
+  file; ``file ids`` index each image in its MNIST file.
+  """
+  x_file, y_file = kd_data.load_mnist("train", data_dir)
+  x_test, y_test = kd_data.load_mnist("test", data_dir)
+  ids = np.arange(len(y_file))
+  (_, train_ids), (_, val_ids) = kd_data.train_val_split(
+      ids, ids, num_val=num_val, seed=split_seed)
+  return {"train": (x_file[train_ids], y_file[train_ids], train_ids),
+          "val": (x_file[val_ids], y_file[val_ids], val_ids),
+          "test": (x_test, y_test, np.arange(len(y_test)))}
