@@ -274,6 +274,7 @@ def test_vmapped_sweep_on_host_batches_equals_members_alone():
         x[i], y, rtol=1e-5, atol=1e-6), swept.params, alone.params)
 
 
+@pytest.mark.integration  # five short fits, one resumed from a workdir
 def test_a_generator_function_is_called_again_each_epoch(tmp_path):
   """Issue #19 part 7: ``def batches(epoch): ... yield`` is a host source."""
   data, rng, teacher = _data(), jax.random.key(0), _teacher()

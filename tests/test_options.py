@@ -85,6 +85,7 @@ def test_the_legacy_keywords_make_the_same_spec():
     options.step_spec(kdjax.StepSpec(), fields=kdjax.Fields())
 
 
+@pytest.mark.integration  # two or three fits
 def test_fit_with_options_equals_fit_with_the_old_keywords(tmp_path):
   kw = dict(epochs=2, batch_size=BATCH, rng=jax.random.key(0),
             progress=False)
@@ -125,6 +126,7 @@ def test_make_train_step_from_a_spec_equals_the_keyword_form():
   assert kdjax.make_train_step(spec).spec is spec
 
 
+@pytest.mark.integration  # two or three fits
 def test_apply_policy_applies_a_nonfinite_update():
   data = _data()
   data = {"image": data["image"].astype(np.float32), "label": data["label"]}
