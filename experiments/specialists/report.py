@@ -149,22 +149,29 @@ def plot(results: dict, path: pathlib.Path) -> bool:
   a1.set_ylabel(f"test errors (of {by['generalist']['num_test']} pairs)")
   a1.set_title("100-class MNIST pairs (per seed; line = mean)", fontsize=9)
   a1.grid(True, axis="y", alpha=0.3)
-  width = 0.4
-  for j, (key, label) in enumerate(((None, "dustbin"), ("soft", "soft"))):
-    t = by_covering_totals(results["seeds"], key)
-    ks = [r["num_covering"] for r in t]
-    rel = [100 * (r["relative_accuracy_change"] or 0.0) for r in t]
-    a2.bar(np.asarray(ks) + (j - 0.5) * width, rel, width, label=label)
-  pk = [k for k in PAPER_TABLE4 if isinstance(k, int)]
-  a2.plot(pk, [100 * PAPER_TABLE4[k] for k in pk], "k.--",
-          label="paper (JFT)")
-  a2.set_xlabel("# active specialists covering the true class")
-  a2.set_ylabel("relative accuracy change (%)")
-  a2.set_title("cf. paper Table 4", fontsize=9)
-  a2.legend()
-  a2.grid(True, axis="y", alpha=0.3)
+  _table4_panel(a2, [(label, by_covering_totals(results["seeds"], key))
+                     for key, label in ((None, "dustbin"), ("soft", "soft"))])
   mnist_report.save_figure(fig, path)
   return True
+
+
+def _table4_panel(ax, totals) -> None:
+  """Paper Table 4's panel: the relative accuracy change by the number of
+  active specialists covering the true class, one bar series per
+  ``(label, by_covering_totals rows)`` in ``totals``, beside the paper's."""
+  width = 0.4
+  for j, (label, t) in enumerate(totals):
+    ks = [r["num_covering"] for r in t]
+    rel = [100 * (r["relative_accuracy_change"] or 0.0) for r in t]
+    ax.bar(np.asarray(ks) + (j - 0.5) * width, rel, width, label=label)
+  pk = list(PAPER_TABLE4)
+  ax.plot(pk, [100 * PAPER_TABLE4[k] for k in pk], "k.--",
+          label="paper (JFT)")
+  ax.set_xlabel("# active specialists covering the true class")
+  ax.set_ylabel("relative accuracy change (%)")
+  ax.set_title("cf. paper Table 4", fontsize=9)
+  ax.legend()
+  ax.grid(True, axis="y", alpha=0.3)
 
 
 def write_all(results: dict, workdir: pathlib.Path) -> None:
@@ -324,22 +331,10 @@ def regime_plot(results: dict, path: pathlib.Path) -> bool:
   a1.set_ylabel(f"test errors (of {rows[0]['num_test']} pairs)")
   a1.set_title("per seed; bar = mean ± SE", fontsize=9)
   a1.grid(True, axis="y", alpha=0.3)
-  width = 0.4
-  for j, (key, label) in enumerate((("by_covering", "dustbin"),
-                                    ("soft_by_covering", "soft"))):
-    t = by_covering_totals([{"by_covering": r[key]}
-                            for r in results["seeds"]])
-    ks = [r["num_covering"] for r in t]
-    rel = [100 * (r["relative_accuracy_change"] or 0.0) for r in t]
-    a2.bar(np.asarray(ks) + (j - 0.5) * width, rel, width, label=label)
-  pk = list(PAPER_TABLE4)
-  a2.plot(pk, [100 * PAPER_TABLE4[k] for k in pk], "k.--",
-          label="paper (JFT)")
-  a2.set_xlabel("# active specialists covering the true class")
-  a2.set_ylabel("relative accuracy change (%)")
-  a2.set_title("cf. paper Table 4", fontsize=9)
-  a2.legend()
-  a2.grid(True, axis="y", alpha=0.3)
+  _table4_panel(a2, [(label, by_covering_totals(
+      [{"by_covering": r[key]} for r in results["seeds"]]))
+                     for key, label in (("by_covering", "dustbin"),
+                                        ("soft_by_covering", "soft"))])
   mnist_report.save_figure(fig, path)
   return True
 
