@@ -23,7 +23,8 @@ The objective per position is kdjax's ``kd`` objective,
 ``alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 KL(p_t || q_s)``, with the
 teacher given either as its own hidden states and projection
 (``teacher=(h_t, W_t[, b_t])``, no gradient reaches it) or as cached top-k
-targets (``topk=(values, indices[, tail_logit])``, see :mod:`kdjax.topk`).
+targets (``topk=(values, indices[, tail_logit])``, see
+:mod:`kdjax.losses.topk`).
 Positions are weighted by ``weights [N]`` (0 for padding): ``"sum"`` is
 :math:`\sum_n w_n \ell_n`, ``"mean"`` is :math:`\sum_n w_n \ell_n / \sum_n
 w_n` (0 when every weight is 0), the per-token normalisation of MaxText and
@@ -58,8 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import losses
-from kdjax import topk as topk_lib
+from kdjax.losses import divergences as losses
+from kdjax.losses import topk as topk_lib
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -313,9 +314,9 @@ def chunked_distillation_loss(
   - \mathrm{onehot}(y_n)) + (1 - \alpha) T (q_n - p_n)]`, chained into
   :math:`\partial L/\partial W_s = \sum_n h_{s,n}^\top \partial L/\partial
   z_n` etc. With ``topk``, the soft term is
-  :func:`kdjax.topk.topk_distillation_loss`. The values and gradients equal
-  the unchunked computation (``chunk_size=None``) to float32 rounding: only
-  the order of the sums over positions differs.
+  :func:`kdjax.losses.topk.topk_distillation_loss`. The values and gradients
+  equal the unchunked computation (``chunk_size=None``) to float32 rounding:
+  only the order of the sums over positions differs.
 
   Args:
     h_s: ``[N, D]`` student final hidden states (any float dtype; logits

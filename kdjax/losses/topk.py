@@ -63,8 +63,9 @@ target :math:`\hat\varepsilon` and gradient :math:`T (q_i - \tilde p_i)`:
   :math:`\|\nabla_z L - \nabla_z L_V\|_1 \le 2 T \varepsilon`; at
   ``k = V - 1`` it is exact too.
 
-All functions are pure and follow :mod:`kdjax.losses`' conventions: float32
-(or wider) computation, per-position outputs ``[...]``, ``T^2`` included.
+All functions are pure and follow :mod:`kdjax.losses.divergences`'
+conventions: float32 (or wider) computation, per-position outputs
+``[...]``, ``T^2`` included.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import losses
+from kdjax.losses import divergences as losses
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike

@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from kdjax.records import describe, same_fit_record  # noqa: F401
+
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
+# describe and same_fit_record are fit-record logic: their home is the core
+# (kdjax.records); they stay importable from here.
 __all__ = ["jitter", "make_jitter", "translate", "describe",
            "same_fit_record"]
 
@@ -65,7 +69,7 @@ def translate(images: ArrayLike, shifts: ArrayLike, *, max_shift: int) -> Array:
 
   Example:
     >>> import jax.numpy as jnp
-    >>> from kdjax import augment
+    >>> from kdjax.paper import augment
     >>> x = jnp.zeros((1, 3, 3), jnp.uint8).at[0, 1, 1].set(7)
     >>> augment.translate(x, jnp.array([[1, -1]]), max_shift=1)[0]
     Array([[0, 0, 0],
@@ -107,7 +111,7 @@ def jitter(rng: jax.Array, images: ArrayLike, max_shift: int = 2) -> Array:
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> from kdjax import augment
+    >>> from kdjax.paper import augment
     >>> x = jnp.ones((8, 28, 28), jnp.uint8)
     >>> y = augment.jitter(jax.random.key(0), x)
     >>> y.shape, y.dtype
@@ -126,7 +130,7 @@ def jitter(rng: jax.Array, images: ArrayLike, max_shift: int = 2) -> Array:
 def make_jitter(max_shift: int = 2) -> Callable[[jax.Array, ArrayLike], Array]:
   """Returns ``fn(rng, images)`` = :func:`jitter` with a fixed ``max_shift``.
 
-  The function describes itself: ``describe(make_jitter(2))`` is
+  The function describes itself: ``kdjax.records.describe(make_jitter(2))`` is
   ``'jitter(max_shift=2)'``, which :func:`kdjax.fit` records in a workdir's
   ``fit.json``.
   """
@@ -134,85 +138,3 @@ def make_jitter(max_shift: int = 2) -> Callable[[jax.Array, ArrayLike], Array]:
   fn = functools.partial(jitter, max_shift=max_shift)
   fn.description = f"jitter(max_shift={max_shift!r})"
   return fn
-
-
-# ----------------------------------------------------------------------------
-# Describing an augmentation (for the records of kdjax.fit).
-# ----------------------------------------------------------------------------
-
-# What fit.json recorded for every make_jitter result before augmentations
-# described themselves (the __qualname__ of functools.partial).
-_LEGACY_JITTER_RECORD = "partial"
-
-
-def describe(fn: Optional[Callable]) -> Optional[str]:
-  """A short, stable description of an augmentation, for a run's records.
-
-  * ``None`` (no augmentation) gives ``None``;
-  * a function with a string ``description`` attribute gives that (so
-    ``describe(make_jitter(2)) == 'jitter(max_shift=2)'``);
-  * a ``functools.partial`` gives ``name(arg, kw=value)`` with the wrapped
-    function's description and the bound arguments' ``repr``;
-  * anything else its ``__qualname__`` (a plain function, a lambda's
-    ``'<lambda>'``), or its type's name for a callable object.
-
-  Args:
-    fn: an augmentation ``fn(rng, images) -> images``, or ``None``.
-
-  Returns:
-    The description, or ``None`` when ``fn`` is ``None``.
-
-  Example:
-    >>> import functools
-    >>> from kdjax import augment
-    >>> augment.describe(augment.make_jitter(1))
-    'jitter(max_shift=1)'
-    >>> augment.describe(functools.partial(augment.jitter, max_shift=3))
-    'jitter(max_shift=3)'
-    >>> augment.describe(augment.translate)
-    'translate'
-  """
-  if fn is None:
-    return None
-  description = getattr(fn, "description", None)
-  if isinstance(description, str):
-    return description
-  if isinstance(fn, functools.partial):
-    args = [repr(a) for a in fn.args]
-    args += [f"{k}={v!r}" for k, v in fn.keywords.items()]
-    return f"{describe(fn.func)}({', '.join(args)})"
-  # The same name fit.json recorded before descriptions existed, so the
-  # records of plain functions are unchanged.
-  return getattr(fn, "__qualname__", type(fn).__name__)
-
-
-def _same_augment(recorded: Any, current: Any) -> bool:
-  if recorded == current:
-    return True
-  # Records written before descriptions existed name every make_jitter
-  # result "partial"; they match a jitter of any max_shift.
-  return (recorded == _LEGACY_JITTER_RECORD and isinstance(current, str)
-          and current.startswith("jitter("))
-
-
-def same_fit_record(recorded: Mapping, current: Mapping) -> bool:
-  """Whether two ``fit.json`` records describe the same run.
-
-  Equal records match, and so does an old record whose ``'augment'`` is
-  ``'partial'`` (what ``fit.json`` said for :func:`make_jitter` before
-  :func:`describe` existed) against a current ``'jitter(...)'``, so a
-  workdir written then still resumes. Every other key must be equal.
-
-  Example:
-    >>> from kdjax import augment
-    >>> augment.same_fit_record({"augment": "partial", "batch_size": 128},
-    ...                         {"augment": "jitter(max_shift=2)",
-    ...                          "batch_size": 128})
-    True
-    >>> augment.same_fit_record({"augment": "partial"}, {"augment": None})
-    False
-  """
-  if set(recorded) != set(current):
-    return False
-  return all(_same_augment(recorded[k], current[k]) if k == "augment"
-             else recorded[k] == current[k] for k in recorded)

@@ -22,7 +22,8 @@ import os
 import sys
 from typing import Any, Callable, Iterator, NoReturn, Optional, Sequence
 
-from kdjax import checkpoint, data, validate
+from kdjax import checkpoint, validate
+from kdjax.paper import data
 
 __all__ = ["InputError", "InputNotFoundError", "USER_ERRORS",
            "TRACEBACK_FLAG", "EXIT_USER_ERROR", "HELP_EPILOG",

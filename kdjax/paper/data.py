@@ -19,9 +19,9 @@ Two ways in, giving identical arrays:
 * **TFDS** (``source="tfds"``): ``tfds.load("mnist", batch_size=-1,
   as_supervised=True)``, which downloads on first use and needs TensorFlow
   (``pip install 'kdjax[tf]'``). TensorFlow is imported only on this path,
-  never by ``import kdjax.data``.
+  never by ``import kdjax.paper.data``.
 
-IDX files are read with the generic codec :mod:`kdjax.idx` (its docstring
+IDX files are read with the generic codec :mod:`kdjax.paper.idx` (its docstring
 describes the format); here :func:`load_mnist` checks that they hold MNIST.
 
 Output conventions: images are ``uint8 [N, 28, 28]`` (or ``float32`` in
@@ -48,7 +48,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from kdjax.idx import (DataError, DataNotFoundError, IdxFormatError,
+from kdjax.paper.idx import (DataError, DataNotFoundError, IdxFormatError,
                        encode_idx, format_dims, read_idx, write_idx)
 from kdjax.preprocess import scale_pixels
 

@@ -2,7 +2,7 @@
 
 MNIST ships as IDX files, but nothing here is MNIST's: :func:`read_idx`
 reads any IDX file (gzipped or raw), :func:`encode_idx` / :func:`write_idx`
-write any array of an IDX dtype. :mod:`kdjax.data` builds the MNIST loader
+write any array of an IDX dtype. :mod:`kdjax.paper.data` builds the MNIST loader
 on top of it.
 
 IDX format (big-endian throughout)::
@@ -54,7 +54,7 @@ _IDX_DTYPES = {
 
 
 # ----------------------------------------------------------------------------
-# Errors (kdjax.data re-exports them).
+# Errors (kdjax.paper.data re-exports them).
 # ----------------------------------------------------------------------------
 
 

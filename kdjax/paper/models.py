@@ -5,7 +5,8 @@ fully-connected ReLU networks on the 784 flattened pixels:
 
 * **teacher**: ``784-1200-1200-10`` trained with dropout (20% on the inputs,
   50% on the hidden units) and a max-norm weight constraint (see
-  :mod:`kdjax.constraints`) on jittered images (see :mod:`kdjax.augment`);
+  :mod:`kdjax.paper.constraints`) on jittered images (see
+  :mod:`kdjax.paper.augment`);
 * **student**: ``784-800-800-10`` with no regularisation, trained either on
   hard labels or distilled from the teacher's soft targets.
 
@@ -187,8 +188,8 @@ class CNN(nn.Module):
 def paper_teacher(num_classes: int = 10) -> MLP:
   """The paper's MNIST teacher: ``784-1200-1200-10``, dropout 0.2 / 0.5.
 
-  2,395,210 parameters. Train it with :func:`kdjax.constraints.max_norm`
-  (squared norm 15) and :func:`kdjax.augment.jitter` (up to 2 pixels) to
+  2,395,210 parameters. Train it with :func:`kdjax.paper.constraints.max_norm`
+  (squared norm 15) and :func:`kdjax.paper.augment.jitter` (up to 2 pixels) to
   follow the paper's recipe.
   """
   return MLP((1200, 1200), num_classes=num_classes, input_dropout=0.2,
@@ -225,7 +226,7 @@ def init_params(module: nn.Module, rng: jax.Array,
     module: a module following this file's ``__call__(x, *, train)`` convention.
     rng: a PRNG key for the initialisers.
     input_shape: shape of the dummy input, batch axis included, e.g.
-      ``(1, *splits.input_shape)`` for :class:`kdjax.data.MnistSplits`
+      ``(1, *splits.input_shape)`` for :class:`kdjax.paper.data.MnistSplits`
       (``(1, 28, 28)``); no data set is assumed.
 
   Returns:
@@ -290,8 +291,8 @@ def shipped_teacher_path(name: str = "teacher_cpu") -> pathlib.Path:
   Raises:
     FileNotFoundError: naming every place looked in.
   """
-  here = pathlib.Path(__file__).resolve().parent
-  places = [here / "_assets", here.parent / "experiments" / "mnist" /
+  package = pathlib.Path(__file__).resolve().parents[1]  # kdjax/
+  places = [package / "_assets", package.parent / "experiments" / "mnist" /
             "teacher"]
   for place in places:
     path = place / f"{name}.msgpack"

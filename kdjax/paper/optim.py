@@ -5,7 +5,7 @@ linear warm-up and a cosine decay from a config mapping (an
 ``ml_collections.ConfigDict`` or a dict) with the keys ``name`` (``"sgd"``
 or ``"adam"``), ``lr``, ``momentum`` (SGD), and optionally
 ``warmup_fraction``, ``final_lr_fraction`` and ``clip_norm``; the paper's
-max-norm constraint (:mod:`kdjax.constraints`) is chained last when
+max-norm constraint (:mod:`kdjax.paper.constraints`) is chained last when
 ``max_sq_norm`` is given. Everything is optax:
 
 .. math::
@@ -28,7 +28,7 @@ from typing import Any, Mapping, Optional
 
 import optax
 
-from kdjax import constraints
+from kdjax.paper import constraints
 
 __all__ = ["make_optimizer"]
 
