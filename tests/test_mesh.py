@@ -18,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kdjax
 from kdjax import mesh as mesh_lib
-from kdjax import fitting, models, step as train
+from kdjax import fitting, step as train
+from kdjax.paper import models
 
 NUM_CLASSES = 10
 N = 256
