@@ -53,7 +53,7 @@ __all__ = ["ConfigError", "ConfigTypeError", "WorkdirMismatchError",
            "validate_choices", "validate_batch", "validate_models",
            "validate_labels", "BatchError", "leading_size", "check_batch",
            "check_weights", "check_inputs", "BatchChecker", "check_key",
-           "check_workdir"]
+           "check_workdir", "check_accumulate"]
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
@@ -347,6 +347,34 @@ def validate_batch(batch_size: int, num_devices: int) -> None:
     raise ValueError(
         f"batch size {batch_size} is not divisible by the device count "
         f"{num_devices}; use a multiple of {num_devices} (e.g. {up}).")
+
+
+def check_accumulate(batch_size: int, accumulate: int, devices: int = 1,
+                     axes: str = "", what: str = "batch_size") -> None:
+  """A batch must split into ``accumulate`` micro-batches on every device.
+
+  Each of ``devices`` devices (the mesh's batch axes, ``axes`` their
+  description, e.g. ``"data=8"``) holds ``batch_size / devices`` rows and
+  ``1 / accumulate`` of them go to each micro-batch
+  (:mod:`kdjax.accumulate`), so ``batch_size`` must be a multiple of
+  ``accumulate * devices``.
+
+  Raises:
+    ValueError: naming the sizes and the nearest batch sizes that work.
+  """
+  if accumulate == 1:
+    return
+  n = accumulate * devices
+  if batch_size % n:
+    lo, hi = (batch_size // n) * n, (batch_size // n + 1) * n
+    over = (f" x the mesh's batch axes ({axes or devices} = {devices} "
+            f"devices)" if devices > 1 else "")
+    sizes = " or ".join(str(s) for s in (lo, hi) if s > 0)
+    raise ValueError(
+        f"{what}={batch_size} cannot be split into accumulate={accumulate} "
+        f"equal micro-batches on every device: it must be a multiple of "
+        f"accumulate{over} = {n}; use {sizes}, or another "
+        "StepSpec(accumulate=).")
 
 
 def validate_models(teacher_logits_shape: Optional[Iterable[int]],
