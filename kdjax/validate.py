@@ -400,10 +400,14 @@ def validate_models(teacher_logits_shape: Optional[Iterable[int]],
     raise ValueError("the teacher's logits must have a class axis, got a "
                      "scalar.")
   if t[-1] != s[-1]:
+    hint = (f" If the teacher's last {t[-1] - s[-1]} columns are vocabulary "
+            f"padding, drop them: kdjax.vocab.aligned_teacher(teacher, "
+            f"{s[-1]}, padding={t[-1] - s[-1]})." if t[-1] > s[-1] else "")
     raise ValueError(
         f"teacher and student predict different numbers of classes: the "
         f"teacher has {t[-1]} classes (logits shape {t}), the student "
-        f"{s[-1]} (logits shape {s}); distillation needs the same classes.")
+        f"{s[-1]} (logits shape {s}); distillation needs the same classes."
+        f"{hint}")
 
 
 def validate_labels(labels, num_classes: int) -> None:
