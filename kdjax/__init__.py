@@ -9,6 +9,8 @@ Modules, one concern each:
   vocabularies) and the loss trained from them.
 * :mod:`kdjax.chunked`: the distillation loss from hidden states over chunks
   of positions, without materialising ``[N, V]`` logits.
+* :mod:`kdjax.vocab`: a teacher whose vocabulary is the student's plus
+  padding columns (dropped, the teacher renormalised; opt-in).
 * :mod:`kdjax.teacher`: the frozen :class:`Teacher` pytree and ensembles.
 * :mod:`kdjax.student`: :class:`Student`, a model with model state
   (linen, NNX or a pure function).
@@ -23,6 +25,8 @@ Modules, one concern each:
   :class:`Loop`.
 * :mod:`kdjax.step`: :class:`TrainState` and the train step (jit, pmap,
   sharded jit).
+* :mod:`kdjax.accumulate`: exact gradient accumulation over micro-batches
+  (``StepSpec(accumulate=k)``).
 * :mod:`kdjax.precision`, :mod:`kdjax.preprocess`: mixed precision, the
   pixel-scaling rule.
 * :mod:`kdjax.loop`: the epoch forms (a whole-epoch scan, a loop of jitted
@@ -50,10 +54,10 @@ are the deprecated names of :mod:`kdjax.step`, :mod:`kdjax.fitting` and
 :mod:`kdjax.loop`, kept for one release.
 """
 
-from kdjax import (augment, cache, chunked, constraints, evaluate, fields,
-                   fitting, hparams, loop, losses, mesh, models, objectives,
-                   optim, options, precision, preprocess, specialists, step,
-                   sweep, topk, validate)
+from kdjax import (accumulate, augment, cache, chunked, constraints,
+                   evaluate, fields, fitting, hparams, loop, losses, mesh,
+                   models, objectives, optim, options, precision, preprocess,
+                   specialists, step, sweep, topk, validate, vocab)
 from kdjax import hostdata, loops, train, trainer  # noqa: F401  (old names)
 from kdjax.fields import Fields
 from kdjax.fitting import fit
@@ -75,10 +79,10 @@ from kdjax.step import TrainState, make_train_step
 
 __all__ = [
     # Modules.
-    "augment", "cache", "chunked", "constraints", "evaluate", "fields",
-    "fitting", "hparams", "loop", "losses", "mesh", "models", "objectives",
-    "optim", "options", "precision", "preprocess", "specialists", "step",
-    "sweep", "topk", "validate",
+    "accumulate", "augment", "cache", "chunked", "constraints", "evaluate",
+    "fields", "fitting", "hparams", "loop", "losses", "mesh", "models",
+    "objectives", "optim", "options", "precision", "preprocess",
+    "specialists", "step", "sweep", "topk", "validate", "vocab",
     # The losses.
     "distillation_loss", "generalized_jsd_loss", "hard_label_loss",
     "kd_objective", "logit_matching_loss", "reverse_distillation_loss",

@@ -39,7 +39,13 @@ block: with the batch split over ``D`` devices along its leading axis,
 each device's ``B / D`` rows hold ``B / (k D)`` rows of every micro-batch,
 so no row moves between devices. The global batch must therefore be a
 multiple of ``k * D`` (:func:`kdjax.validate.check_accumulate`, before
-anything compiles).
+anything compiles). The gradients are another matter: GSPMD reduces each
+micro-batch's gradient over the devices inside the loop (in the compiled
+program of a token model's step on 8 virtual CPU devices: one combined
+all-reduce in the loop's body, no all-gather, all-to-all or
+collective-permute; ``tests/test_accumulate.py``), so a step moves the
+gradients ``k`` times, where the step without accumulation moves them
+once.
 
 **What is per step, and what per micro-batch.**
 

@@ -39,6 +39,12 @@ labels or logits hold (NaN included); an all-zero batch gives a zero loss
 and zero gradients. Accuracy, agreement and the loss terms are weighted the
 same way.
 
+Gradient accumulation: with ``StepSpec(accumulate=k)`` the step runs the
+batch as ``k`` micro-batches in a ``lax.scan`` and divides the accumulated
+weighted sums by the accumulated weight once, so that :math:`L` and its
+gradient are the whole batch's (:mod:`kdjax.accumulate`, which also states
+the rule for BatchNorm).
+
 Data parallelism:
 
 * :func:`make_train_step` with ``axis_name`` gives the classic ``jax.pmap``
