@@ -83,7 +83,11 @@ def _aligned(student_logits, teacher_logits, teacher_vocab_padding: int):
   padding (both sizes named otherwise)."""
   s, t = jnp.shape(student_logits), jnp.shape(teacher_logits)
   if s and t and (s[-1] != t[-1] or teacher_vocab_padding):
-    vocab.check_vocab(s[-1], t[-1], teacher_vocab_padding)
+    try:
+      vocab.check_vocab(s[-1], t[-1], teacher_vocab_padding)
+    except ValueError as e:
+      raise ValueError(f"{e} (student_logits.shape={s}, "
+                       f"teacher_logits.shape={t})") from None
     teacher_logits = vocab.align_vocab(teacher_logits, s[-1],
                                        padding=teacher_vocab_padding)
   _check_same_shape(student_logits, teacher_logits)

@@ -266,18 +266,18 @@ def topk_cache(teacher_logits: Any, k: int, *, chunk_size: int = 256,
   n = int(np.shape(teacher_logits)[0])
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-  pad = vocab._check_padding(teacher_vocab_padding)  # pylint: disable=protected-access
-  _check_k(k, int(np.shape(teacher_logits)[-1]) - pad)
+  vocab_pad = vocab._check_padding(teacher_vocab_padding)  # pylint: disable=protected-access
+  _check_k(k, int(np.shape(teacher_logits)[-1]) - vocab_pad)
   if bucket_temperature is not None:
     losses._check_temperature(bucket_temperature)  # pylint: disable=protected-access
 
   @jax.jit
   def reduce(chunk):
-    values, indices = topk_targets(chunk, k, teacher_vocab_padding=pad)
+    values, indices = topk_targets(chunk, k, teacher_vocab_padding=vocab_pad)
     out = {"values": values, "indices": indices}
     if bucket_temperature is not None:
       out["tail_logit"] = tail_logit(chunk, indices, bucket_temperature,
-                                     teacher_vocab_padding=pad)
+                                     teacher_vocab_padding=vocab_pad)
     return out
 
   parts = []

@@ -173,11 +173,15 @@ def test_a_nonfinite_micro_batch_skips_the_whole_step():
   after, m = _step(4)(state, teacher, batch, KEY)
   assert float(m["finite"]) == 0.0 and int(after.skipped) == 1
   _close(after.params, state.params, rtol=0, atol=0)
-  # The same NaN in a padding position (micro-batch 2) is never read.
+  # The same NaN in a padding position (micro-batch 2) is never read, and
+  # a class the teacher masks (-inf) everywhere is safe.
   logits[1, 0, 3], logits[2, 0, 3] = 0.0, np.nan
+  logits[..., 5] = -np.inf
   after, m = _step(4)(state, teacher, {**batch, "teacher_logits": logits},
                       KEY)
   assert float(m["finite"]) == 1.0 and int(after.skipped) == 0
+  assert all(np.isfinite(np.asarray(x)).all()
+             for x in jax.tree.leaves(after.params))
 
 
 def test_bf16_compute_keeps_float32_losses_and_matches_k1():
@@ -410,6 +414,21 @@ def test_a_batch_that_does_not_split_is_refused_before_compiling(jit_calls):
               rng=KEY, progress=False,
               spec=kdjax.StepSpec("kd", fields=FIELDS, accumulate=3))
   assert not jit_calls
+
+
+def test_pmap_psums_the_weight_before_dividing():
+  """Under pmap each device accumulates its rows' sums; the weight sum is
+  psum-ed before the one division, so the result is the global batch's."""
+  state, teacher = _token_run()
+  batch = {n: np.concatenate([v, v[::-1]]) for n, v in
+           _uneven_batch().items()}  # 32 rows: 4 per device, 2 per micro
+  step = step_lib.pmap_train_step(
+      kdjax.StepSpec("kd", fields=FIELDS, accumulate=2), donate=False)
+  after, m = step(step_lib.replicate(state), teacher,
+                  step_lib.shard_batch(batch), KEY)
+  big, m_big = _step(1)(state, teacher, batch, KEY)
+  _close(jax.tree.map(lambda x: x[0], m), m_big)
+  _close(step_lib.unreplicate(after.params), big.params, atol=1e-6)
 
 
 @pytest.mark.all_devices
