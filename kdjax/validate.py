@@ -662,12 +662,29 @@ def check_inputs(state, teacher, data, spec, *,
           lambda t, b: t(*inputs(fields.teacher_input_names, b)),
           teacher, one).shape
   validate_models(teacher_shape, student)
+  _check_topk_indices(data, fields, obj, student[-1])
   if fields.labels is not None:
     labels = np.asarray(data[fields.labels])
     if fields.weights is not None:
       labels = labels[np.asarray(data[fields.weights]) > 0]
     validate_labels(labels, student[-1])
   return num_examples, student[-1]
+
+
+def _check_topk_indices(data, fields, obj, num_classes: int) -> None:
+  """The ``"topk"`` objective's cached indices are student classes.
+
+  Checked on the host (positions of positive weight only), so that a cache
+  of a padded teacher vocabulary made without dropping the padding
+  (:mod:`kdjax.vocab`) is refused before anything compiles.
+  """
+  if getattr(obj, "name", None) != "topk" or "topk_indices" not in data:
+    return
+  from kdjax import topk  # pylint: disable=g-import-not-at-top
+  idx = np.asarray(data["topk_indices"])
+  if fields.weights is not None:
+    idx = idx[np.asarray(data[fields.weights]) > 0]
+  topk.check_indices(idx, num_classes)
 
 
 def check_key(rng, *, vmapped: bool = False, what: str = "rng") -> None:

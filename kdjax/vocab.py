@@ -61,7 +61,9 @@ error that names both sizes (:func:`check_vocab`). Where that is:
 * :mod:`kdjax.chunked`: ``chunked_distillation_loss(...,
   teacher_vocab_padding=P)`` drops the teacher projection's last ``P``
   columns chunk by chunk;
-* :func:`kdjax.fit`: wrap the teacher, :func:`aligned_teacher`.
+* :func:`kdjax.fit`: wrap the teacher, :func:`aligned_teacher`; with the
+  ``"topk"`` objective, ``fit`` refuses (before compiling) cached indices
+  that are not student classes.
 
 >>> import jax.numpy as jnp
 >>> from kdjax import vocab

@@ -10,6 +10,7 @@ every other mismatch must be refused naming both sizes.
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -342,16 +343,17 @@ def test_chunked_refuses_other_mismatches_naming_both_sizes():
 # ----------------------------------------------------------------------------
 
 
+class Net(nn.Module):
+  """A linear classifier of ``classes`` outputs on flattened inputs."""
+  classes: int
+
+  @nn.compact
+  def __call__(self, x, train=False):
+    del train
+    return nn.Dense(self.classes)(x.reshape(x.shape[0], -1))
+
+
 def test_fit_names_the_fix_and_the_aligned_teacher_passes_its_checks():
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-
-  class Net(nn.Module):
-    classes: int
-
-    @nn.compact
-    def __call__(self, x, train=False):
-      return nn.Dense(self.classes)(x.reshape(x.shape[0], -1))
-
   student_net, teacher_net = Net(VS), Net(VS + P)
   x = jnp.zeros((1, 8, 8))
   student = kdjax.Student.from_linen(student_net,
@@ -376,3 +378,38 @@ def test_fit_names_the_fix_and_the_aligned_teacher_passes_its_checks():
     validate.check_inputs(state, vocab.aligned_teacher(teacher, VS,
                                                        padding=2), data,
                           spec)
+
+
+def test_fit_refuses_a_topk_cache_of_padded_classes_before_compiling(
+    monkeypatch):
+  net = Net(VS)
+  x = jnp.zeros((1, 64))
+  state = kdjax.TrainState.create(
+      kdjax.Student.from_linen(net, net.init(jax.random.key(0), x)),
+      tx=optax.sgd(0.1), temperature=T)
+  _, v = _logits(rows=16)
+  fields = kdjax.Fields(extra=("topk_values", "topk_indices"), labels=None,
+                        weights="w")
+  w = np.ones(16, np.float32)
+  data = {"image": np.zeros((16, 64), np.float32), "w": w}
+  spec = kdjax.StepSpec("topk", fields=fields)
+  jit_calls = []
+  real = jax.jit
+  monkeypatch.setattr(jax, "jit", lambda *a, **k: jit_calls.append(a) or
+                      real(*a, **k))
+  values, indices = topk.topk_targets(v, 4)  # padding not dropped
+  bad = {**data, "topk_values": np.asarray(values),
+         "topk_indices": np.asarray(indices)}
+  with pytest.raises(ValueError, match=rf"topk_indices hold class \d+, but "
+                     rf"the student has {VS} classes"):
+    kdjax.fit(state, None, bad, epochs=1, batch_size=8,
+              rng=jax.random.key(0), spec=spec, progress=False)
+  assert not jit_calls
+  # Rows of weight 0 (padding) may hold anything.
+  rows = (np.asarray(indices) >= VS).any(-1)
+  validate.check_inputs(state, None, {**bad, "w": np.where(rows, 0.0, w)},
+                        spec)
+  values, indices = topk.topk_targets(v, 4, teacher_vocab_padding=P)
+  assert validate.check_inputs(state, None, {
+      **data, "topk_values": np.asarray(values),
+      "topk_indices": np.asarray(indices)}, spec)[1] == VS
