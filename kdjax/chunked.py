@@ -246,6 +246,23 @@ def _topk_rows(topk, tail: str, n: int, num_classes: int) -> dict:
   return rows
 
 
+def _targets(teacher, topk, tail, n: int, num_classes: int, padding):
+  """``(mode, rows, consts)`` of the online teacher or the top-k cache."""
+  if (teacher is None) == (topk is None):
+    raise ValueError("give exactly one of teacher=(h_t, W_t[, b_t]) and "
+                     "topk=(values, indices[, tail_logit]).")
+  if teacher is not None:
+    return ("teacher", *_teacher_rows(
+        teacher, n, num_classes, vocab_lib._check_padding(padding)))  # pylint: disable=protected-access
+  if padding:
+    raise ValueError(
+        "teacher_vocab_padding is for an online teacher=(h_t, W_t); a "
+        "top-k cache is built with the padding dropped "
+        "(kdjax.topk.topk_cache(..., teacher_vocab_padding=P)) and holds "
+        "student classes.")
+  return "topk", _topk_rows(topk, tail, n, num_classes), {}
+
+
 def _chunked(per_position, mode, tail, has_labels, h_s, w_s, b_s, consts,
              rows, temperature, alpha, chunk_size, reduction):
   """The chunked total (``"mean"``, ``"sum"``) or ``[N]`` weighted values."""
@@ -359,10 +376,9 @@ def chunked_distillation_loss(
       ``"none"`` (``[N]`` weighted per-position values ``w_n l_n``).
     chunk_size: positions per chunk (default 512: see the module doc for
       the measured memory and time); ``None`` for the unchunked reference.
-    teacher_vocab_padding: the number ``P`` of the teacher projection's
-      trailing padding columns (``W_t [D_t, V + P]``, ``b_t [V + P]``):
-      dropped, the teacher renormalised over the student's ``V`` classes
-      (:mod:`kdjax.vocab`). 0 (default): ``W_t`` has the student's ``V``.
+    teacher_vocab_padding: ``P``, the teacher projection's trailing
+      padding columns (``W_t [D_t, V + P]``): dropped, the teacher
+      renormalised over the student's ``V`` classes (:mod:`kdjax.vocab`).
 
   Returns:
     A float32 scalar (``"mean"``, ``"sum"``) or ``[N]`` values (``"none"``).
@@ -380,9 +396,6 @@ def chunked_distillation_loss(
     >>> bool(jnp.allclose(a, b, rtol=1e-6))
     True
   """
-  if (teacher is None) == (topk is None):
-    raise ValueError("give exactly one of teacher=(h_t, W_t[, b_t]) and "
-                     "topk=(values, indices[, tail_logit]).")
   if reduction not in _REDUCTIONS:
     raise ValueError(f"reduction must be one of {_REDUCTIONS}, got "
                      f"{reduction!r}.")
@@ -390,18 +403,8 @@ def chunked_distillation_loss(
   losses._check_alpha(alpha)  # pylint: disable=protected-access
   h_s, w_s, b_s = _student_head(h_s, w_s, b_s)
   n, num_classes = h_s.shape[0], w_s.shape[1]
-  if teacher is not None:
-    mode, rows, consts = "teacher", *_teacher_rows(
-        teacher, n, num_classes, vocab_lib._check_padding(  # pylint: disable=protected-access
-            teacher_vocab_padding))
-  else:
-    if teacher_vocab_padding:
-      raise ValueError(
-          "teacher_vocab_padding is for an online teacher=(h_t, W_t); a "
-          "top-k cache is built with the padding dropped "
-          "(kdjax.topk.topk_cache(..., teacher_vocab_padding=P)) and holds "
-          "student classes.")
-    mode, rows, consts = "topk", _topk_rows(topk, tail, n, num_classes), {}
+  mode, rows, consts = _targets(teacher, topk, tail, n, num_classes,
+                                teacher_vocab_padding)
   has_labels = labels is not None
   rows.update(_label_weight_rows(labels, weights, alpha, n))
   w = rows["weights"]

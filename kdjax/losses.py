@@ -235,10 +235,9 @@ def soft_target_cross_entropy(student_logits: ArrayLike,
     teacher_logits: ``[..., C]`` teacher logits ``v`` (same shape).
     temperature: ``T > 0``.
     where: optional boolean class mask, applied to both distributions.
-    teacher_vocab_padding: the number ``P`` of the teacher's trailing
-      padding columns (``teacher_logits [..., V + P]``): dropped, the
-      teacher renormalised over the student's ``V`` classes
-      (:mod:`kdjax.vocab`). 0 (default): the class axes must agree.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example cross-entropies.
@@ -374,10 +373,9 @@ def distillation_loss(student_logits: ArrayLike,
       teacher has mass means an infinite KL: the value is then ``>= 1e30``.)
     temperature: ``T > 0``.
     where: optional boolean class mask, applied to both distributions.
-    teacher_vocab_padding: the number ``P`` of the teacher's trailing
-      padding columns (``teacher_logits [..., V + P]``): dropped, the
-      teacher renormalised over the student's ``V`` classes
-      (:mod:`kdjax.vocab`). 0 (default): the class axes must agree.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example losses (KL summed over classes, times ``T^2``).
@@ -450,10 +448,9 @@ def reverse_distillation_loss(student_logits: ArrayLike,
       and the gradients are finite.
     temperature: ``T > 0``.
     where: optional boolean class mask, applied to both distributions.
-    teacher_vocab_padding: the number ``P`` of the teacher's trailing
-      padding columns (``teacher_logits [..., V + P]``): dropped, the
-      teacher renormalised over the student's ``V`` classes
-      (:mod:`kdjax.vocab`). 0 (default): the class axes must agree.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example losses (reverse KL summed over classes, times
@@ -635,10 +632,9 @@ def generalized_jsd_loss(student_logits: ArrayLike,
       ``[...]`` (per-example) may be traced.
     normalize: divide by :math:`\beta(1 - \beta)` (see above).
     where: optional boolean class mask, applied to both distributions.
-    teacher_vocab_padding: the number ``P`` of the teacher's trailing
-      padding columns (``teacher_logits [..., V + P]``): dropped, the
-      teacher renormalised over the student's ``V`` classes
-      (:mod:`kdjax.vocab`). 0 (default): the class axes must agree.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example losses (``T^2`` included).
@@ -709,10 +705,9 @@ def logit_matching_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
     zero_mean: subtract each row's mean (over unmasked classes) first.
     where: optional boolean class mask; masked classes are left out of the
       means and the sum, and ``N`` counts unmasked classes only.
-    teacher_vocab_padding: the number ``P`` of the teacher's trailing
-      padding columns (``teacher_logits [..., V + P]``): dropped, the
-      teacher renormalised over the student's ``V`` classes
-      (:mod:`kdjax.vocab`). 0 (default): the class axes must agree.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example losses.
@@ -811,10 +806,9 @@ def kd_objective(student_logits: ArrayLike, teacher_logits: ArrayLike,
     temperature: ``T > 0``.
     alpha: weight of the hard-label term, in ``[0, 1]``.
     where: optional boolean class mask.
-    teacher_vocab_padding: the number ``P`` of the teacher's trailing
-      padding columns (``teacher_logits [..., V + P]``): dropped, the
-      teacher renormalised over the student's ``V`` classes
-      (:mod:`kdjax.vocab`). 0 (default): the class axes must agree.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example objective values.
