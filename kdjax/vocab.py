@@ -37,9 +37,10 @@ the padding is 0, so a tail term :math:`\varepsilon \log(\varepsilon / 0)`
 is infinite for any :math:`\varepsilon > 0`, and the only finite
 comparison on the student's classes is the conditional one. Nor is the
 padding knowledge to transfer: no text contains those ids, so
-:math:`\varepsilon` is the teacher's error. A trained teacher puts little
-mass there (its padding rows get only the softmax's push-down), and then
-:math:`p' \approx p`; :func:`padding_mass` measures it, to check.
+:math:`\varepsilon` is the teacher's error. A trained teacher typically
+puts little mass there (its padding rows only ever get the softmax's
+push-down), and then :math:`p' \approx p`; :func:`padding_mass`
+measures it, to check.
 
 **It is opt-in.** Slicing a teacher of 152,064 columns to a student of
 32,000 (a different tokenizer) would pair unrelated token ids without a
@@ -71,7 +72,7 @@ error that names both sizes (:func:`check_vocab`). Where that is:
 >>> vocab.align_vocab(v, 3, padding=2)
 Array([2., 1., 0.], dtype=float32)
 >>> round(float(vocab.padding_mass(v, 3)), 4)       # what the rule drops
-0.0065
+0.0089
 """
 
 from __future__ import annotations
