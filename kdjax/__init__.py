@@ -13,6 +13,8 @@ The core, read top-down (one concern per module):
   * :mod:`kdjax.losses.chunked`: the loss from hidden states over chunks of
     positions, without materialising ``[N, V]`` logits.
 
+* :mod:`kdjax.vocab`: a teacher whose vocabulary is the student's plus
+  padding columns (dropped and the teacher renormalised; opt-in).
 * :mod:`kdjax.objectives`: the objective registry (``kd``, ``soft``, ...);
   each objective declares the hyperparameters it reads.
   :mod:`kdjax.hparams`: the state's hyperparameters (``temperature``,
@@ -24,7 +26,9 @@ The core, read top-down (one concern per module):
 * The step: :mod:`kdjax.options` (the option types :class:`StepSpec`,
   :class:`Precision`, :class:`Checkpointing`, :class:`Evaluation`,
   :class:`Loop`), :mod:`kdjax.step` (:class:`TrainState` and the train
-  step: jit, pmap, sharded jit), :mod:`kdjax.precision` (mixed precision),
+  step: jit, pmap, sharded jit), :mod:`kdjax.accumulate` (exact gradient
+  accumulation over micro-batches, ``StepSpec(accumulate=k)``),
+  :mod:`kdjax.precision` (mixed precision),
   :mod:`kdjax.preprocess` (the pixel-scaling rule).
 * The fit and its loop: :mod:`kdjax.fitting` (:func:`kdjax.fit`, the
   resumable run), :mod:`kdjax.loop` (the epoch forms: a whole-epoch scan, a
@@ -59,10 +63,10 @@ Deprecated names, kept for one release: ``kdjax.train``, ``kdjax.trainer``,
 
 import importlib as _importlib
 
-from kdjax import (cache, checkpoint, distributed, evaluate, fields, fitting,
-                   hparams, loop, losses, mesh, objectives, options,
-                   precision, preprocess, progress, records, specialists,
-                   step, sweep, validate)
+from kdjax import (accumulate, cache, checkpoint, distributed, evaluate,
+                   fields, fitting, hparams, loop, losses, mesh, objectives,
+                   options, precision, preprocess, progress, records,
+                   specialists, step, sweep, validate, vocab)
 from kdjax import hostdata, loops, train, trainer  # noqa: F401  (old names)
 from kdjax.fields import Fields
 from kdjax.fitting import fit
@@ -84,10 +88,11 @@ from kdjax.step import TrainState, make_train_step
 
 __all__ = [
     # Modules of the core.
-    "cache", "checkpoint", "distributed", "evaluate", "fields", "fitting",
-    "hparams", "loop", "losses", "mesh", "objectives", "options",
-    "precision", "preprocess", "progress", "records", "specialists", "step",
-    "sweep", "validate",
+    "accumulate", "cache", "checkpoint", "distributed", "evaluate",
+    "fields", "fitting", "hparams", "loop", "losses", "mesh", "objectives",
+    "options", "precision", "preprocess", "progress", "records",
+    "specialists", "step",
+    "sweep", "validate", "vocab",
     # The losses.
     "distillation_loss", "generalized_jsd_loss", "hard_label_loss",
     "kd_objective", "logit_matching_loss", "reverse_distillation_loss",

@@ -330,6 +330,7 @@ def _prepare(state, teacher, data, spec: StepSpec, loop: Loop,
           f"hold {size} examples: host batches bring their own size; drop "
           "batch_size= or batch the source by it.")
     plan.check_batch_size(size)
+    _check_accumulate(spec, size, plan)
     form = loop.form if loop.form != "auto" else choose_loop(
         state, first, spec=spec, vmapped=vmapped)
     steps = source.steps_per_epoch
@@ -337,8 +338,9 @@ def _prepare(state, teacher, data, spec: StepSpec, loop: Loop,
         spec, True, None, size, size * steps, steps, form, vmapped, plan,
         runner=_cached(("host", spec, vmapped, plan),
                        lambda: host_loop.HostRunner(
-                           step_lib.make_train_step(spec), vmapped=vmapped,
-                           plan=_nontrivial(plan))),
+                           step_lib.make_train_step(
+                               spec, plan=_nontrivial(plan)),
+                           vmapped=vmapped, plan=_nontrivial(plan))),
         source=source, checker=validate.BatchChecker(
             first, spec.fields, num_classes,
             needs_labels=spec.objective.needs_labels),
@@ -349,12 +351,22 @@ def _prepare(state, teacher, data, spec: StepSpec, loop: Loop,
   num_examples = validate.check_inputs(state, teacher, data, spec,
                                        vmapped=vmapped)[0]
   plan.check_batch_size(batch_size)
+  _check_accumulate(spec, batch_size, plan)
   form = loop.form if loop.form != "auto" else choose_loop(
       state, data, spec=spec, vmapped=vmapped)
   run_epoch, steps = _device_runner(spec, form, batch_size, num_examples,
                                     vmapped, _nontrivial(plan))
   return _Run(spec, False, plan.place_data(data), batch_size, num_examples,
               steps, form, vmapped, plan, run_epoch=run_epoch)
+
+
+def _check_accumulate(spec: StepSpec, batch_size: int,
+                      plan: mesh_lib.Plan) -> None:
+  """The global batch splits into ``spec.accumulate`` micro-batches on
+  every device of the plan's batch axes (before anything compiles)."""
+  validate.check_accumulate(
+      batch_size, spec.accumulate, plan.data_size,
+      " x ".join(f"{a}={plan.mesh.shape[a]}" for a in plan.batch_axes))
 
 
 def _position(state, run: _Run, epochs: int, in_memory: bool) -> _Resume:
@@ -556,7 +568,7 @@ def _device_runner(spec: StepSpec, form: str, batch_size: int,
   """``(run_epoch, steps_per_epoch)`` for device-resident data."""
 
   def build():
-    step = step_lib.make_train_step(spec)
+    step = step_lib.make_train_step(spec, plan=plan)
     if form == "steps":
       run = device_loop.make_stepwise_epoch_fn(
           step, batch_size=batch_size, num_examples=num_examples,

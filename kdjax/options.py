@@ -3,7 +3,8 @@
 Four small frozen dataclasses say what a run's settings group:
 
 * :class:`StepSpec`: what the step computes (objective, batch fields, input
-  transform, augmentation, :class:`Precision`, non-finite policy);
+  transform, augmentation, :class:`Precision`, non-finite policy, gradient
+  accumulation over micro-batches);
 * :class:`Checkpointing`: where and how often the run is saved;
 * :class:`Evaluation`: a host metric function and its period;
 * :class:`Loop`: how an epoch runs (whole-epoch scan, jitted steps, blocks
@@ -97,6 +98,16 @@ class StepSpec:
       keeps the old state and is counted in ``state.skipped``), ``"raise"``
       (skip it, and :func:`kdjax.fit` raises ``FloatingPointError`` after
       the epoch, before checkpointing it), or ``"apply"`` (apply it).
+    accumulate: split each global batch into this many micro-batches and
+      accumulate (:mod:`kdjax.accumulate`): the loss, its gradient and the
+      metrics are still those of the whole batch, ``sum(w * loss) /
+      sum(w)`` over all its real positions (the weighted sums and the
+      weight sum are accumulated and divided once, never a mean of
+      micro-batch means), while only one micro-batch's activations are
+      live at a time. BatchNorm statistics are per micro-batch, the model
+      state threaded through the micro-batches in order. The global batch
+      must be a multiple of ``accumulate`` times the mesh's batch axes.
+      1 (the default) is exactly the step without accumulation.
   """
   objective: Any = "kd"
   fields: Optional[Fields] = None
@@ -104,6 +115,7 @@ class StepSpec:
   augment: Optional[Callable] = None
   precision: Optional[Precision] = None
   on_nonfinite: str = "skip"
+  accumulate: int = 1
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -120,6 +132,12 @@ class StepSpec:
     if self.on_nonfinite not in NONFINITE:
       raise ValueError(f"on_nonfinite must be one of {NONFINITE}, got "
                        f"{self.on_nonfinite!r}.")
+    if isinstance(self.accumulate, bool) or not isinstance(
+        self.accumulate, (int, np.integer)) or self.accumulate < 1:
+      raise ValueError(f"StepSpec.accumulate must be an int >= 1 (the number "
+                       f"of micro-batches per step), got "
+                       f"{self.accumulate!r}.")
+    set_("accumulate", int(self.accumulate))
     for name in ("input_transform", "augment"):
       fn = getattr(self, name)
       if fn is not None and not callable(fn):
@@ -135,11 +153,11 @@ class StepSpec:
     """What ``fit.json`` records of the step.
 
     Settings added after the first records were written (fields, input
-    transform, precision) appear only when they differ from their defaults,
-    so that the records of earlier runs still match and resume. ``"skip"``
-    and ``"raise"`` compute the same states and are recorded alike. An
-    objective that is not a kdjax built-in is recorded with a hash of its
-    code (:func:`kdjax.objectives.record`).
+    transform, precision, accumulate) appear only when they differ from
+    their defaults, so that the records of earlier runs still match and
+    resume. ``"skip"`` and ``"raise"`` compute the same states and are
+    recorded alike. An objective that is not a kdjax built-in is recorded
+    with a hash of its code (:func:`kdjax.objectives.record`).
     """
     record = {**objectives.record(self.objective),
               "augment": records.describe(self.augment),
@@ -149,6 +167,8 @@ class StepSpec:
     if self.input_transform is not None:
       record["input_transform"] = callable_name(self.input_transform)
     record.update(self.precision.record())
+    if self.accumulate != 1:  # A resumed run must accumulate alike.
+      record["accumulate"] = self.accumulate
     return record
 
 

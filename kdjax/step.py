@@ -39,6 +39,12 @@ labels or logits hold (NaN included); an all-zero batch gives a zero loss
 and zero gradients. Accuracy, agreement and the loss terms are weighted the
 same way.
 
+Gradient accumulation: with ``StepSpec(accumulate=k)`` the step runs the
+batch as ``k`` micro-batches in a ``lax.scan`` and divides the accumulated
+weighted sums by the accumulated weight once, so that :math:`L` and its
+gradient are the whole batch's (:mod:`kdjax.accumulate`, which also states
+the rule for BatchNorm).
+
 Data parallelism:
 
 * :func:`make_train_step` with ``axis_name`` gives the classic ``jax.pmap``
@@ -82,7 +88,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kdjax import accumulate as accumulate_lib
 from kdjax import hparams as hparams_lib
+from kdjax import mesh as mesh_lib
 from kdjax import options, precision, validate
 from kdjax import student as student_lib
 from kdjax.student import Student, abstract_student_logits  # noqa: F401
@@ -308,10 +316,13 @@ def _teacher_logits(spec: options.StepSpec, teacher, batch, inputs,
   return t(*cast_inputs(list(t_inputs)))
 
 
-def _reduce(obj, per_position, aux, logits_shape, weights, axis_name):
+def _reduce(obj, per_position, aux, logits_shape, weights, axis_name,
+            sums=False):
   """The objective's per-position values summed over the global batch.
 
   Returns ``(loss, aux, w, denominator)``; ``w`` is None for a plain mean.
+  With ``sums`` (a micro-batch, :mod:`kdjax.accumulate`): the weighted
+  sums, not yet divided (``denominator`` 1).
   """
   want = logits_shape[:-1]
   for name, v in [("loss", per_position), *aux.items()]:
@@ -320,6 +331,12 @@ def _reduce(obj, per_position, aux, logits_shape, weights, axis_name):
           f"objective {obj.name!r} returned {name} of shape "
           f"{jnp.shape(v)}; an objective returns one value per position, "
           f"shape {want} (logits {logits_shape} without the class axis).")
+  if sums:
+    w = (jnp.ones(want, jnp.float32) if weights is None
+         else weights.astype(jnp.float32))
+    one = jnp.ones((), jnp.float32)
+    return (_weighted(per_position, w, one),
+            {k: _weighted(v, w, one) for k, v in aux.items()}, w, one)
   if weights is None and axis_name is None:
     return (jnp.mean(per_position), {k: jnp.mean(v) for k, v in aux.items()},
             None, None)
@@ -336,8 +353,11 @@ def _reduce(obj, per_position, aux, logits_shape, weights, axis_name):
 
 
 def _make_loss_fn(spec, state, inputs, t_logits, batch, hp, rng_drop,
-                  cast, cast_inputs, axis_name):
-  """``params -> (loss, (aux, logits, model_state, w, denominator))``."""
+                  cast, cast_inputs, axis_name, sums=False):
+  """``params -> (loss, (aux, logits, model_state, w, denominator))``.
+
+  ``sums``: weighted sums instead of means (see :func:`_reduce`).
+  """
   fields, obj = spec.fields, spec.objective
   weights = batch[fields.weights] if fields.weights is not None else None
   objective_batch = dict(batch)
@@ -358,7 +378,7 @@ def _make_loss_fn(spec, state, inputs, t_logits, batch, hp, rng_drop,
     per_position, aux = obj(s_for_loss, t_for_loss, objective_batch,
                             **obj.select(hp))
     total, aux, w, denominator = _reduce(
-        obj, per_position, aux, s_logits.shape, weights, axis_name)
+        obj, per_position, aux, s_logits.shape, weights, axis_name, sums)
     return total, (aux, s_logits, new_model_state, w, denominator)
 
   return loss_fn
@@ -412,9 +432,71 @@ def _update(state, grads, new_model_state, finite, *, skip: bool,
   return apply(operands)
 
 
+def _whole_batch(spec, state, teacher, batch, inputs, model_inputs,
+                 rng_drop, cast, cast_inputs, axis_name):
+  """``(hparams, metrics, grads, model_state)`` of the batch in one pass."""
+  fields = spec.fields
+  t_logits = _teacher_logits(spec, teacher, batch, inputs, model_inputs,
+                             cast, cast_inputs)
+  hp = state.current_hparams()
+  loss_fn = _make_loss_fn(spec, state, inputs, t_logits, batch, hp,
+                          rng_drop, cast, cast_inputs, axis_name)
+  (loss, (aux, s_logits, new_model_state, w, denominator)), grads = (
+      jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+  labels = batch[fields.labels] if fields.labels is not None else None
+  metrics = _metrics(loss, aux, s_logits, t_logits, labels, w, denominator)
+  return hp, metrics, grads, new_model_state
+
+
+def _accumulated(spec, state, teacher, batch, inputs, model_inputs, hp,
+                 rng_drop, cast, cast_inputs, axis_name, plan):
+  """``(metrics, grads, model_state)`` over ``spec.accumulate`` micro-batches.
+
+  The weighted sums of the loss, the metrics and the gradients, and the
+  weight sum, are accumulated over the micro-batches and divided once
+  (:mod:`kdjax.accumulate`); the model state is threaded through them.
+  """
+  fields, obj, k = spec.fields, spec.objective, spec.accumulate
+  size = validate.leading_size(batch)
+  validate.check_accumulate(
+      size, k, 1 if plan is None else plan.data_size,
+      "" if plan is None else " x ".join(
+          f"{a}={plan.mesh.shape[a]}" for a in plan.batch_axes),
+      what="the batch's size")
+  t_inputs = []
+  if (fields.teacher_logits not in batch and obj.needs_teacher and
+      fields.teacher_input_names != fields.input_names):
+    t_inputs = model_inputs(fields.teacher_input_names)
+  micro = accumulate_lib.split((dict(batch), list(inputs), list(t_inputs)),
+                               k, plan)
+
+  def one(model_state, x):
+    j, (mb, m_inputs, m_t_inputs) = x
+    t_logits = _teacher_logits(spec, teacher, mb, m_inputs,
+                               lambda names: list(m_t_inputs), cast,
+                               cast_inputs)
+    loss_fn = _make_loss_fn(
+        spec, state.replace(model_state=model_state), m_inputs, t_logits, mb,
+        hp, jax.random.fold_in(rng_drop, j), cast, cast_inputs, None,
+        sums=True)
+    (loss, (aux, s_logits, new_model_state, w, one_)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+    labels = mb[fields.labels] if fields.labels is not None else None
+    sums = _metrics(loss, aux, s_logits, t_logits, labels, w, one_)
+    return new_model_state, (sums, grads, jnp.sum(w))
+
+  new_model_state, (sums, grads, weight) = accumulate_lib.scan(
+      one, state.model_state, micro, k)
+  if axis_name is not None:
+    weight = jax.lax.psum(weight, axis_name)
+  denominator = jax.lax.stop_gradient(jnp.where(weight > 0, weight, 1.0))
+  divide = lambda tree: jax.tree.map(lambda x: x / denominator, tree)
+  return divide(sums), divide(grads), new_model_state
+
+
 def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
                     *, axis_name: Optional[str] = None,
-                    skip_impl: str = "auto", **options_kw):
+                    skip_impl: str = "auto", plan=None, **options_kw):
   """The pure train step ``(state, teacher, batch, rng) -> (state, metrics)``.
 
   Args:
@@ -433,6 +515,10 @@ def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
       (``lax.cond``, fastest on XLA:CPU), ``"select"`` (``jnp.where`` over
       the state, fuses into the update on GPU/TPU), or ``"auto"`` (cond on
       CPU, select elsewhere). The results are identical.
+    plan: the :class:`kdjax.mesh.Plan` the step is compiled for (None: one
+      device, or let GSPMD decide). Only ``spec.accumulate > 1`` reads it:
+      its micro-batches are constrained to the plan's batch axes, so that
+      every device keeps its rows (:mod:`kdjax.accumulate`).
     **options_kw: StepSpec's fields as keywords when ``spec`` is not a
       StepSpec (``make_train_step("kd", fields=...)``); the older keywords
       ``augment_fn``, ``compute_dtype``, ``keep_float32`` and
@@ -470,15 +556,15 @@ def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
         student_lib.model_inputs, batch, input_transform=spec.input_transform,
         augment=spec.augment, rng=rng_aug)
     inputs = model_inputs(fields.input_names)
-    t_logits = _teacher_logits(spec, teacher, batch, inputs, model_inputs,
-                               cast, cast_inputs)
-    hp = state.current_hparams()
-    loss_fn = _make_loss_fn(spec, state, inputs, t_logits, batch, hp,
-                            rng_drop, cast, cast_inputs, axis_name)
-    (loss, (aux, s_logits, new_model_state, w, denominator)), grads = (
-        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
-    labels = batch[fields.labels] if fields.labels is not None else None
-    metrics = _metrics(loss, aux, s_logits, t_logits, labels, w, denominator)
+    if spec.accumulate == 1:
+      hp, metrics, grads, new_model_state = _whole_batch(
+          spec, state, teacher, batch, inputs, model_inputs, rng_drop, cast,
+          cast_inputs, axis_name)
+    else:
+      hp = state.current_hparams()
+      metrics, grads, new_model_state = _accumulated(
+          spec, state, teacher, batch, inputs, model_inputs, hp, rng_drop,
+          cast, cast_inputs, axis_name, plan)
     if axis_name is not None:
       # Each device holds its part of the global sums: add them up.
       grads = jax.lax.psum(grads, axis_name)
@@ -602,7 +688,8 @@ def sharded_train_step(mesh: Mesh, objective: Union[str, Callable] = "kd", *,
   """
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P(data_axis))
-  step = make_train_step(objective, **kwargs)
+  step = make_train_step(objective, plan=mesh_lib.Plan(mesh, (data_axis,)),
+                         **kwargs)
   compiled = jax.jit(step,
                      in_shardings=(replicated, replicated, batch_sharding,
                                    replicated),

@@ -53,7 +53,7 @@ __all__ = ["ConfigError", "ConfigTypeError", "WorkdirMismatchError",
            "validate_choices", "validate_batch", "validate_models",
            "validate_labels", "BatchError", "leading_size", "check_batch",
            "check_weights", "check_inputs", "BatchChecker", "check_key",
-           "check_workdir"]
+           "check_workdir", "check_accumulate"]
 
 _repr = reprlib.Repr()
 _repr.maxstring = 40
@@ -349,6 +349,34 @@ def validate_batch(batch_size: int, num_devices: int) -> None:
         f"{num_devices}; use a multiple of {num_devices} (e.g. {up}).")
 
 
+def check_accumulate(batch_size: int, accumulate: int, devices: int = 1,
+                     axes: str = "", what: str = "batch_size") -> None:
+  """A batch must split into ``accumulate`` micro-batches on every device.
+
+  Each of ``devices`` devices (the mesh's batch axes, ``axes`` their
+  description, e.g. ``"data=8"``) holds ``batch_size / devices`` rows and
+  ``1 / accumulate`` of them go to each micro-batch
+  (:mod:`kdjax.accumulate`), so ``batch_size`` must be a multiple of
+  ``accumulate * devices``.
+
+  Raises:
+    ValueError: naming the sizes and the nearest batch sizes that work.
+  """
+  if accumulate == 1:
+    return
+  n = accumulate * devices
+  if batch_size % n:
+    lo, hi = (batch_size // n) * n, (batch_size // n + 1) * n
+    over = (f" x the mesh's batch axes ({axes or devices} = {devices} "
+            f"devices)" if devices > 1 else "")
+    sizes = " or ".join(str(s) for s in (lo, hi) if s > 0)
+    raise ValueError(
+        f"{what}={batch_size} cannot be split into accumulate={accumulate} "
+        f"equal micro-batches on every device: it must be a multiple of "
+        f"accumulate{over} = {n}; use {sizes}, or another "
+        "StepSpec(accumulate=).")
+
+
 def validate_models(teacher_logits_shape: Optional[Iterable[int]],
                     student_logits_shape: Iterable[int]) -> None:
   """Teacher and student must predict the same number of classes.
@@ -372,10 +400,14 @@ def validate_models(teacher_logits_shape: Optional[Iterable[int]],
     raise ValueError("the teacher's logits must have a class axis, got a "
                      "scalar.")
   if t[-1] != s[-1]:
+    hint = (f" If the teacher's last {t[-1] - s[-1]} columns are vocabulary "
+            f"padding, drop them: kdjax.vocab.aligned_teacher(teacher, "
+            f"{s[-1]}, padding={t[-1] - s[-1]})." if t[-1] > s[-1] else "")
     raise ValueError(
         f"teacher and student predict different numbers of classes: the "
         f"teacher has {t[-1]} classes (logits shape {t}), the student "
-        f"{s[-1]} (logits shape {s}); distillation needs the same classes.")
+        f"{s[-1]} (logits shape {s}); distillation needs the same classes."
+        f"{hint}")
 
 
 def validate_labels(labels, num_classes: int) -> None:
@@ -630,12 +662,29 @@ def check_inputs(state, teacher, data, spec, *,
           lambda t, b: t(*inputs(fields.teacher_input_names, b)),
           teacher, one).shape
   validate_models(teacher_shape, student)
+  _check_topk_indices(data, fields, obj, student[-1])
   if fields.labels is not None:
     labels = np.asarray(data[fields.labels])
     if fields.weights is not None:
       labels = labels[np.asarray(data[fields.weights]) > 0]
     validate_labels(labels, student[-1])
   return num_examples, student[-1]
+
+
+def _check_topk_indices(data, fields, obj, num_classes: int) -> None:
+  """The ``"topk"`` objective's cached indices are student classes.
+
+  Checked on the host (positions of positive weight only), so that a cache
+  of a padded teacher vocabulary made without dropping the padding
+  (:mod:`kdjax.vocab`) is refused before anything compiles.
+  """
+  if getattr(obj, "name", None) != "topk" or "topk_indices" not in data:
+    return
+  from kdjax.losses import topk  # pylint: disable=g-import-not-at-top
+  idx = np.asarray(data["topk_indices"])
+  if fields.weights is not None:
+    idx = idx[np.asarray(data[fields.weights]) > 0]
+  topk.check_indices(idx, num_classes)
 
 
 def check_key(rng, *, vmapped: bool = False, what: str = "rng") -> None:

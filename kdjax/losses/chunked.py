@@ -47,6 +47,16 @@ temporaries at V = 32,000 and 16,384 tokens, and 0.85x with 0.10 at V =
 to a third at 1.0-1.3x the time. A chunk larger than ``N`` is cut to ``N``.
 ``chunk_size=None`` computes the plain unchunked loss with autodiff (the
 reference, and the benchmark's baseline).
+
+A teacher with a padded vocabulary (``W_t [D_t, V_s + P]``, its last ``P``
+columns ids no token maps to) is compared after its padding is dropped,
+when the caller declares it: ``teacher_vocab_padding=P`` (the rule and its
+math: :mod:`kdjax.vocab`). Each chunk's teacher logits are computed on all
+``V_s + P`` columns and sliced to the student's ``V_s`` (no copy of
+``W_t``; ``P / V`` more teacher matmul work, 0.08% for Qwen's 128 of
+152,064), so the teacher's distribution is renormalised over the student's
+classes. Any other difference in ``V`` raises, naming both sizes; a top-k
+cache must hold student classes (see :mod:`kdjax.losses.topk`).
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax import vocab as vocab_lib
 from kdjax.losses import divergences as losses
 from kdjax.losses import topk as topk_lib
 
@@ -84,6 +95,8 @@ def _make_per_position(mode: str, tail: str, has_labels: bool):
     if mode == "teacher":
       v = jax.lax.stop_gradient(_logits(rows["h_t"], consts["w_t"],
                                         consts["b_t"]))
+      if v.shape[-1] != z.shape[-1]:  # Padding dropped (kdjax.vocab).
+        v = v[..., :z.shape[-1]]
       soft = losses.distillation_loss(z, v, temperature)
     else:
       soft = topk_lib.topk_distillation_loss(
@@ -193,22 +206,29 @@ def _pad_rows(a: Array, total: int, value=0) -> Array:
   return jnp.pad(a, pad, constant_values=value)
 
 
-def _teacher_rows(teacher, n: int, num_classes: int):
-  """``(rows, consts)`` of an online teacher ``(h_t, W_t[, b_t])``."""
+def _teacher_rows(teacher, n: int, num_classes: int, padding: int = 0):
+  """``(rows, consts)`` of an online teacher ``(h_t, W_t[, b_t])``.
+
+  ``W_t`` has ``V + padding`` columns (:mod:`kdjax.vocab`), checked.
+  """
   if len(teacher) not in (2, 3):
     raise ValueError("teacher must be (h_t, W_t) or (h_t, W_t, b_t).")
   h_t, w_t = jnp.asarray(teacher[0]), jnp.asarray(teacher[1])
-  b_t = (jnp.zeros((num_classes,), jnp.float32) if len(teacher) == 2
+  if w_t.ndim == 2:
+    vocab_lib.check_vocab(num_classes, w_t.shape[1], padding,
+                          what="the teacher's W_t columns")
+  v_t = num_classes + padding
+  b_t = (jnp.zeros((v_t,), jnp.float32) if len(teacher) == 2
          else jnp.asarray(teacher[2]))
   if (h_t.ndim != 2 or h_t.shape[0] != n or w_t.shape !=
-      (h_t.shape[1], num_classes) or b_t.shape != (num_classes,)):
+      (h_t.shape[1], v_t) or b_t.shape != (v_t,)):
     raise ValueError(
-        f"teacher shapes must be h_t [N={n}, D_t], W_t [D_t, V={num_classes}]"
-        f", b_t [V], got {h_t.shape}, {w_t.shape}, {b_t.shape}.")
+        f"teacher shapes must be h_t [N={n}, D_t], W_t [D_t, V_t={v_t}]"
+        f", b_t [V_t], got {h_t.shape}, {w_t.shape}, {b_t.shape}.")
   return {"h_t": h_t}, {"w_t": w_t, "b_t": b_t}
 
 
-def _topk_rows(topk, tail: str, n: int) -> dict:
+def _topk_rows(topk, tail: str, n: int, num_classes: int) -> dict:
   """The per-position rows of cached top-k targets."""
   if tail == "bucket" and len(topk) != 3:
     raise ValueError("tail='bucket' needs topk=(values, indices, "
@@ -217,6 +237,7 @@ def _topk_rows(topk, tail: str, n: int) -> dict:
     raise ValueError("topk must be (values, indices) with "
                      f"tail={tail!r} (a tail_logit is for 'bucket').")
   rows = {"values": jnp.asarray(topk[0]), "indices": jnp.asarray(topk[1])}
+  topk_lib.check_indices(rows["indices"], num_classes)
   if rows["values"].shape[0] != n or rows["indices"].shape[0] != n:
     raise ValueError(
         f"topk arrays must have N={n} rows, got "
@@ -224,6 +245,23 @@ def _topk_rows(topk, tail: str, n: int) -> dict:
   if tail == "bucket":
     rows["tail_logit"] = jnp.asarray(topk[2])
   return rows
+
+
+def _targets(teacher, topk, tail, n: int, num_classes: int, padding):
+  """``(mode, rows, consts)`` of the online teacher or the top-k cache."""
+  if (teacher is None) == (topk is None):
+    raise ValueError("give exactly one of teacher=(h_t, W_t[, b_t]) and "
+                     "topk=(values, indices[, tail_logit]).")
+  if teacher is not None:
+    return ("teacher", *_teacher_rows(
+        teacher, n, num_classes, vocab_lib._check_padding(padding)))  # pylint: disable=protected-access
+  if padding:
+    raise ValueError(
+        "teacher_vocab_padding is for an online teacher=(h_t, W_t); a "
+        "top-k cache is built with the padding dropped "
+        "(kdjax.losses.topk.topk_cache(..., teacher_vocab_padding=P)) and "
+        "holds student classes.")
+  return "topk", _topk_rows(topk, tail, n, num_classes), {}
 
 
 def _chunked(per_position, mode, tail, has_labels, h_s, w_s, b_s, consts,
@@ -298,7 +336,8 @@ def chunked_distillation_loss(
     alpha: float | ArrayLike = 0.0,
     weights: Optional[ArrayLike] = None,
     reduction: str = "mean",
-    chunk_size: Optional[int] = 512) -> Array:
+    chunk_size: Optional[int] = 512,
+    teacher_vocab_padding: int = 0) -> Array:
   r"""The ``kd`` loss from hidden states, ``chunk_size`` rows at a time.
 
   With student logits :math:`z_n = h_{s,n} W_s + b_s` and teacher logits
@@ -338,6 +377,9 @@ def chunked_distillation_loss(
       ``"none"`` (``[N]`` weighted per-position values ``w_n l_n``).
     chunk_size: positions per chunk (default 512: see the module doc for
       the measured memory and time); ``None`` for the unchunked reference.
+    teacher_vocab_padding: ``P``, the teacher projection's trailing
+      padding columns (``W_t [D_t, V + P]``): dropped, the teacher
+      renormalised over the student's ``V`` classes (:mod:`kdjax.vocab`).
 
   Returns:
     A float32 scalar (``"mean"``, ``"sum"``) or ``[N]`` values (``"none"``).
@@ -355,9 +397,6 @@ def chunked_distillation_loss(
     >>> bool(jnp.allclose(a, b, rtol=1e-6))
     True
   """
-  if (teacher is None) == (topk is None):
-    raise ValueError("give exactly one of teacher=(h_t, W_t[, b_t]) and "
-                     "topk=(values, indices[, tail_logit]).")
   if reduction not in _REDUCTIONS:
     raise ValueError(f"reduction must be one of {_REDUCTIONS}, got "
                      f"{reduction!r}.")
@@ -365,10 +404,8 @@ def chunked_distillation_loss(
   losses._check_alpha(alpha)  # pylint: disable=protected-access
   h_s, w_s, b_s = _student_head(h_s, w_s, b_s)
   n, num_classes = h_s.shape[0], w_s.shape[1]
-  if teacher is not None:
-    mode, rows, consts = "teacher", *_teacher_rows(teacher, n, num_classes)
-  else:
-    mode, rows, consts = "topk", _topk_rows(topk, tail, n), {}
+  mode, rows, consts = _targets(teacher, topk, tail, n, num_classes,
+                                teacher_vocab_padding)
   has_labels = labels is not None
   rows.update(_label_weight_rows(labels, weights, alpha, n))
   w = rows["weights"]

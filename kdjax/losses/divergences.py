@@ -29,6 +29,13 @@ Neural Network", arXiv:1503.02531):
   applied on every code path, including ``alpha = 0``. The other
   divergences (:func:`reverse_distillation_loss`,
   :func:`generalized_jsd_loss`) carry it too.
+* Teacher and student must have the same classes. A teacher whose output
+  layer is padded (``V_t = V_s + P`` columns, the last ``P`` ids no token
+  maps to) is compared after its padding columns are dropped, i.e. with its
+  distribution renormalised over the student's classes, when the caller
+  says so: ``teacher_vocab_padding=P`` (the rule and its math:
+  :mod:`kdjax.vocab`). Any other difference in the class axis raises a
+  ``ValueError`` naming both sizes.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kdjax import precision, validate
+from kdjax import precision, validate, vocab
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
@@ -68,6 +75,23 @@ __all__ = [
 _check_temperature = validate.check_temperature
 _check_alpha = validate.check_alpha
 _concrete = validate.concrete
+
+
+def _aligned(student_logits, teacher_logits, teacher_vocab_padding: int):
+  """``teacher_logits`` on the student's classes (:mod:`kdjax.vocab`),
+  shapes checked; the class axes must differ by exactly the declared
+  padding (both sizes named otherwise)."""
+  s, t = jnp.shape(student_logits), jnp.shape(teacher_logits)
+  if s and t and (s[-1] != t[-1] or teacher_vocab_padding):
+    try:
+      vocab.check_vocab(s[-1], t[-1], teacher_vocab_padding)
+    except ValueError as e:
+      raise ValueError(f"{e} (student_logits.shape={s}, "
+                       f"teacher_logits.shape={t})") from None
+    teacher_logits = vocab.align_vocab(teacher_logits, s[-1],
+                                       padding=teacher_vocab_padding)
+  _check_same_shape(student_logits, teacher_logits)
+  return teacher_logits
 
 
 def _check_same_shape(student_logits, teacher_logits) -> None:
@@ -191,7 +215,8 @@ def _safe_cross_term(q, support, log_p):
 def soft_target_cross_entropy(student_logits: ArrayLike,
                               teacher_logits: ArrayLike,
                               temperature: float | ArrayLike,
-                              *, where: Optional[ArrayLike] = None) -> Array:
+                              *, where: Optional[ArrayLike] = None,
+                              teacher_vocab_padding: int = 0) -> Array:
   r"""Cross-entropy of the student's tempered softmax against the soft targets.
 
   With soft targets :math:`p = \mathrm{softmax}(v / T)` from the teacher's
@@ -210,6 +235,9 @@ def soft_target_cross_entropy(student_logits: ArrayLike,
     teacher_logits: ``[..., C]`` teacher logits ``v`` (same shape).
     temperature: ``T > 0``.
     where: optional boolean class mask, applied to both distributions.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example cross-entropies.
@@ -221,7 +249,8 @@ def soft_target_cross_entropy(student_logits: ArrayLike,
     >>> float(losses.soft_target_cross_entropy(z, z, 1.0)[0])  # the entropy
     0.8323...
   """
-  _check_same_shape(student_logits, teacher_logits)
+  teacher_logits = _aligned(student_logits, teacher_logits,
+                            teacher_vocab_padding)
   p, _, support = _safe_log_targets(teacher_logits, temperature, where)
   log_q = tempered_log_softmax(student_logits, temperature, where=where)
   return -_safe_cross_term(p, support, log_q)
@@ -309,7 +338,8 @@ def _accurate_kl_divergence(z, v, t, kl):
 def distillation_loss(student_logits: ArrayLike,
                       teacher_logits: ArrayLike,
                       temperature: float | ArrayLike,
-                      *, where: Optional[ArrayLike] = None) -> Array:
+                      *, where: Optional[ArrayLike] = None,
+                      teacher_vocab_padding: int = 0) -> Array:
   r"""The paper's soft-target loss: :math:`T^2 \, \mathrm{KL}(p \,\|\, q)`.
 
   With :math:`p = \mathrm{softmax}(v/T)` (teacher) and
@@ -343,6 +373,9 @@ def distillation_loss(student_logits: ArrayLike,
       teacher has mass means an infinite KL: the value is then ``>= 1e30``.)
     temperature: ``T > 0``.
     where: optional boolean class mask, applied to both distributions.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example losses (KL summed over classes, times ``T^2``).
@@ -354,7 +387,8 @@ def distillation_loss(student_logits: ArrayLike,
     >>> losses.distillation_loss(z, z + 7.0, 4.0)  # shift-invariant: zero
     Array([0.], dtype=float32)
   """
-  _check_same_shape(student_logits, teacher_logits)
+  teacher_logits = _aligned(student_logits, teacher_logits,
+                            teacher_vocab_padding)
   z, v, t = _clamped_logits(student_logits, teacher_logits, temperature, where)
   kl = _kl_divergence(z, v, t)
   # At high T, replace the value (not the gradient, which stays the exact
@@ -381,7 +415,8 @@ def distillation_loss(student_logits: ArrayLike,
 def reverse_distillation_loss(student_logits: ArrayLike,
                               teacher_logits: ArrayLike,
                               temperature: float | ArrayLike,
-                              *, where: Optional[ArrayLike] = None) -> Array:
+                              *, where: Optional[ArrayLike] = None,
+                              teacher_vocab_padding: int = 0) -> Array:
   r"""Reverse KL: :math:`T^2 \, \mathrm{KL}(q \,\|\, p)`, student first.
 
   With :math:`q = \mathrm{softmax}(z/T)` (student) and
@@ -413,6 +448,9 @@ def reverse_distillation_loss(student_logits: ArrayLike,
       and the gradients are finite.
     temperature: ``T > 0``.
     where: optional boolean class mask, applied to both distributions.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example losses (reverse KL summed over classes, times
@@ -426,6 +464,8 @@ def reverse_distillation_loss(student_logits: ArrayLike,
     >>> losses.reverse_distillation_loss(z, v, 1.0).round(4)
     Array([0.1438], dtype=float32)
   """
+  teacher_logits = _aligned(student_logits, teacher_logits,
+                            teacher_vocab_padding)
   return distillation_loss(teacher_logits, student_logits, temperature,
                            where=where)
 
@@ -525,7 +565,8 @@ def generalized_jsd_loss(student_logits: ArrayLike,
                          temperature: float | ArrayLike,
                          *, beta: float | ArrayLike = 0.5,
                          normalize: bool = True,
-                         where: Optional[ArrayLike] = None) -> Array:
+                         where: Optional[ArrayLike] = None,
+                         teacher_vocab_padding: int = 0) -> Array:
   r"""Generalised Jensen-Shannon divergence, normalised: its endpoints are KLs.
 
   With the teacher's :math:`p = \mathrm{softmax}(v/T)`, the student's
@@ -591,6 +632,9 @@ def generalized_jsd_loss(student_logits: ArrayLike,
       ``[...]`` (per-example) may be traced.
     normalize: divide by :math:`\beta(1 - \beta)` (see above).
     where: optional boolean class mask, applied to both distributions.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example losses (``T^2`` included).
@@ -609,7 +653,8 @@ def generalized_jsd_loss(student_logits: ArrayLike,
     Learning from Self-Generated Mistakes" (GKD), arXiv:2306.13649, eq. 3
     (their :math:`\beta` is our ``beta``; they do not normalise).
   """
-  _check_same_shape(student_logits, teacher_logits)
+  teacher_logits = _aligned(student_logits, teacher_logits,
+                            teacher_vocab_padding)
   _check_beta(beta, normalize)
   z, v, t = _clamped_logits(student_logits, teacher_logits, temperature, where)
   b = jnp.asarray(beta, dtype=v.dtype)
@@ -631,7 +676,8 @@ def _jsd(kl_p_m, kl_q_m, b, normalize: bool):
 
 def logit_matching_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
                         *, zero_mean: bool = True,
-                        where: Optional[ArrayLike] = None) -> Array:
+                        where: Optional[ArrayLike] = None,
+                        teacher_vocab_padding: int = 0) -> Array:
   r"""Squared-error logit matching (Caruana et al.), scaled as in eq. 4.
 
   .. math::
@@ -659,6 +705,9 @@ def logit_matching_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
     zero_mean: subtract each row's mean (over unmasked classes) first.
     where: optional boolean class mask; masked classes are left out of the
       means and the sum, and ``N`` counts unmasked classes only.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example losses.
@@ -669,7 +718,8 @@ def logit_matching_loss(student_logits: ArrayLike, teacher_logits: ArrayLike,
     >>> losses.logit_matching_loss(jnp.array([1.0, 3.0]), jnp.array([0.0, 0.0]))
     Array(0.5, dtype=float32)
   """
-  _check_same_shape(student_logits, teacher_logits)
+  teacher_logits = _aligned(student_logits, teacher_logits,
+                            teacher_vocab_padding)
   z = _as_float(student_logits)
   v = _as_float(teacher_logits)
   if where is None:
@@ -734,7 +784,8 @@ def hard_label_loss(student_logits: ArrayLike, labels: ArrayLike,
 def kd_objective(student_logits: ArrayLike, teacher_logits: ArrayLike,
                  labels: ArrayLike, *, temperature: float | ArrayLike,
                  alpha: float | ArrayLike,
-                 where: Optional[ArrayLike] = None) -> Array:
+                 where: Optional[ArrayLike] = None,
+                 teacher_vocab_padding: int = 0) -> Array:
   r"""The paper's full objective: hard labels plus ``T^2``-scaled soft targets.
 
   .. math::
@@ -755,6 +806,9 @@ def kd_objective(student_logits: ArrayLike, teacher_logits: ArrayLike,
     temperature: ``T > 0``.
     alpha: weight of the hard-label term, in ``[0, 1]``.
     where: optional boolean class mask.
+    teacher_vocab_padding: ``P``, the teacher's trailing padding columns
+      (``teacher_logits [..., V + P]``): dropped, the teacher renormalised
+      over the student's ``V`` classes (:mod:`kdjax.vocab`); 0: none.
 
   Returns:
     ``[...]`` per-example objective values.
@@ -767,7 +821,8 @@ def kd_objective(student_logits: ArrayLike, teacher_logits: ArrayLike,
     Array([0.0693], dtype=float32)
   """
   _check_alpha(alpha)
-  _check_same_shape(student_logits, teacher_logits)
+  teacher_logits = _aligned(student_logits, teacher_logits,
+                            teacher_vocab_padding)
   hard = hard_label_loss(student_logits, labels, where=where)
   soft = distillation_loss(student_logits, teacher_logits, temperature,
                            where=where)

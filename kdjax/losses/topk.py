@@ -63,6 +63,20 @@ target :math:`\hat\varepsilon` and gradient :math:`T (q_i - \tilde p_i)`:
   :math:`\|\nabla_z L - \nabla_z L_V\|_1 \le 2 T \varepsilon`; at
   ``k = V - 1`` it is exact too.
 
+A teacher with a padded vocabulary (``V_t = V_s + P`` logits, the last
+``P`` ids no token maps to, :mod:`kdjax.vocab`) is cached **after** its
+padding is dropped: :func:`topk_targets`, :func:`tail_logit` and
+:func:`topk_cache` take ``teacher_vocab_padding=P``. The cache then holds
+student classes only, its top k are those of the teacher renormalised over
+the student's vocabulary (dropping columns does not reorder the others),
+and the bucket's tail logit sums over the student's classes outside the
+top k only, with no padding mass: both tail modes keep their derivations
+above, on the student's ``V_s`` classes. :func:`topk_distillation_loss`
+treats an index outside the student's ``[0, V_s)`` (a cache made without
+the padding dropped, or for another vocabulary) as an error: its
+position's loss is NaN (the train step's non-finite guard then skips the
+batch), and concrete indices are refused at once, naming both sizes.
+
 All functions are pure and follow :mod:`kdjax.losses.divergences`'
 conventions: float32 (or wider) computation, per-position outputs
 ``[...]``, ``T^2`` included.
@@ -76,6 +90,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax import vocab
 from kdjax.losses import divergences as losses
 
 Array = jax.Array
@@ -87,6 +102,7 @@ __all__ = [
     "topk_cache",
     "cache_bytes",
     "topk_distillation_loss",
+    "check_indices",
 ]
 
 _TAILS = ("renormalize", "bucket")
@@ -100,7 +116,19 @@ def _check_k(k, num_classes: int) -> None:
         f"k must lie in [1, V] = [1, {num_classes}], got k={k}.")
 
 
-def topk_targets(teacher_logits: ArrayLike, k: int) -> tuple[Array, Array]:
+def _drop_padding(v: Array, padding: int) -> Array:
+  """``v`` without its last ``padding`` columns (:mod:`kdjax.vocab`)."""
+  if not padding:
+    return v
+  if v.ndim == 0 or v.shape[-1] <= padding:
+    raise ValueError(
+        f"teacher_vocab_padding={padding} leaves no class of teacher_logits "
+        f"of shape {v.shape}.")
+  return vocab.align_vocab(v, v.shape[-1] - padding, padding=padding)
+
+
+def topk_targets(teacher_logits: ArrayLike, k: int, *,
+                 teacher_vocab_padding: int = 0) -> tuple[Array, Array]:
   """The teacher's ``k`` largest logits per position, and their classes.
 
   Args:
@@ -108,6 +136,9 @@ def topk_targets(teacher_logits: ArrayLike, k: int) -> tuple[Array, Array]:
       returned in >= float32). ``-inf`` entries (masked classes) are allowed
       and come last.
     k: number of classes to keep, ``1 <= k <= V``.
+    teacher_vocab_padding: the teacher's trailing padding columns ``P``,
+      dropped first (:mod:`kdjax.vocab`): the indices are then classes of
+      the student's ``V - P``.
 
   Returns:
     ``(values [..., k] float32, indices [..., k] int32)``, by decreasing
@@ -122,6 +153,7 @@ def topk_targets(teacher_logits: ArrayLike, k: int) -> tuple[Array, Array]:
   v = losses._as_float(teacher_logits)  # pylint: disable=protected-access
   if v.ndim == 0:
     raise ValueError("teacher_logits must have a class axis, got a scalar.")
+  v = _drop_padding(v, teacher_vocab_padding)
   _check_k(k, v.shape[-1])
   values, indices = jax.lax.top_k(v, k)
   return values, indices.astype(jnp.int32)
@@ -151,7 +183,8 @@ def _tail_logit(logits: Array, indices: Array, t: Array) -> Array:
 
 
 def tail_logit(teacher_logits: ArrayLike, indices: ArrayLike,
-               temperature: float | ArrayLike) -> Array:
+               temperature: float | ArrayLike, *,
+               teacher_vocab_padding: int = 0) -> Array:
   r"""One logit standing for all of the teacher's classes outside the top k.
 
   .. math::
@@ -167,6 +200,8 @@ def tail_logit(teacher_logits: ArrayLike, indices: ArrayLike,
     teacher_logits: ``[..., V]`` logits ``v``.
     indices: ``[..., k]`` the top-k classes (from :func:`topk_targets`).
     temperature: the caching temperature ``T_c > 0``.
+    teacher_vocab_padding: the teacher's trailing padding columns, left
+      out of the tail (:mod:`kdjax.vocab`).
 
   Returns:
     ``[...]`` float32 tail logits.
@@ -179,7 +214,8 @@ def tail_logit(teacher_logits: ArrayLike, indices: ArrayLike,
     2.0
   """
   losses._check_temperature(temperature)  # pylint: disable=protected-access
-  v = losses._as_float(teacher_logits)  # pylint: disable=protected-access
+  v = _drop_padding(losses._as_float(teacher_logits),  # pylint: disable=protected-access
+                    teacher_vocab_padding)
   indices = jnp.asarray(indices)
   if indices.shape[:-1] != v.shape[:-1]:
     raise ValueError(
@@ -204,8 +240,8 @@ def cache_bytes(num_positions: int, k: int, *, bucket: bool = False,
 
 
 def topk_cache(teacher_logits: Any, k: int, *, chunk_size: int = 256,
-               bucket_temperature: Optional[float] = None
-               ) -> dict[str, np.ndarray]:
+               bucket_temperature: Optional[float] = None,
+               teacher_vocab_padding: int = 0) -> dict[str, np.ndarray]:
   """Top-k targets of a big ``[N, ..., V]`` array, one chunk at a time.
 
   ``teacher_logits`` may live on the host (a NumPy array or ``np.memmap``
@@ -221,6 +257,8 @@ def topk_cache(teacher_logits: Any, k: int, *, chunk_size: int = 256,
     chunk_size: rows along the first axis per device transfer.
     bucket_temperature: if given, also the ``tail_logit`` at this
       temperature (for ``tail="bucket"``, valid at this temperature only).
+    teacher_vocab_padding: the teacher's trailing padding columns, dropped
+      before the top k and the tail (:mod:`kdjax.vocab`).
 
   Returns:
     ``{"values": [N, ..., k] float32, "indices": [N, ..., k] int32}`` NumPy
@@ -230,16 +268,18 @@ def topk_cache(teacher_logits: Any, k: int, *, chunk_size: int = 256,
   n = int(np.shape(teacher_logits)[0])
   if chunk_size < 1:
     raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-  _check_k(k, int(np.shape(teacher_logits)[-1]))
+  vocab_pad = vocab._check_padding(teacher_vocab_padding)  # pylint: disable=protected-access
+  _check_k(k, int(np.shape(teacher_logits)[-1]) - vocab_pad)
   if bucket_temperature is not None:
     losses._check_temperature(bucket_temperature)  # pylint: disable=protected-access
 
   @jax.jit
   def reduce(chunk):
-    values, indices = topk_targets(chunk, k)
+    values, indices = topk_targets(chunk, k, teacher_vocab_padding=vocab_pad)
     out = {"values": values, "indices": indices}
     if bucket_temperature is not None:
-      out["tail_logit"] = tail_logit(chunk, indices, bucket_temperature)
+      out["tail_logit"] = tail_logit(chunk, indices, bucket_temperature,
+                                     teacher_vocab_padding=vocab_pad)
     return out
 
   parts = []
@@ -282,6 +322,31 @@ def _check_topk_args(student_logits, topk_values, topk_indices, temperature,
   _check_k(v.shape[-1], z.shape[-1])
   losses._check_temperature(temperature)  # pylint: disable=protected-access
   return z, v, indices
+
+
+def check_indices(indices: ArrayLike, num_classes: int) -> None:
+  """Concrete top-k indices must be classes of the student, ``[0, V)``.
+
+  A traced array cannot be checked here; the loss then gives NaN at a
+  position with an index outside ``[0, V)`` (:func:`topk_distillation_loss`).
+
+  Raises:
+    ValueError: an index outside ``[0, num_classes)``, naming the largest
+      (or smallest) index and the student's number of classes.
+  """
+  try:
+    idx = np.asarray(indices)
+  except (TypeError, jax.errors.TracerArrayConversionError):
+    return
+  if idx.size == 0 or (idx.min() >= 0 and idx.max() < num_classes):
+    return
+  bad = int(idx.max()) if idx.max() >= num_classes else int(idx.min())
+  raise ValueError(
+      f"topk_indices hold class {bad}, but the student has {num_classes} "
+      f"classes [0, {num_classes}): the cache is of another vocabulary. A "
+      "padded teacher vocabulary is cached with its padding dropped "
+      "(topk_targets / topk_cache(..., teacher_vocab_padding=P), "
+      "kdjax.vocab); any other cannot be distilled class by class.")
 
 
 def _mask_positions(where, lead, z, v, indices):
@@ -340,7 +405,9 @@ def topk_distillation_loss(student_logits: ArrayLike,
     student_logits: ``[..., V]`` student logits ``z`` (``-inf`` allowed).
     topk_values: ``[..., k]`` the teacher's top-k logits (raw, ``T = 1``
       units; ``-inf`` allowed), from :func:`topk_targets`.
-    topk_indices: ``[..., k]`` their classes, distinct, in ``[0, V)``.
+    topk_indices: ``[..., k]`` their classes, distinct, in ``[0, V)``:
+      an index outside it gives NaN at its position (refused at once when
+      the indices are concrete: :func:`check_indices`).
     temperature: ``T > 0``.
     tail: ``"renormalize"`` or ``"bucket"`` (see above).
     tail_logit: ``[...]`` the teacher's tail logit at ``T``; required for
@@ -370,6 +437,7 @@ def topk_distillation_loss(student_logits: ArrayLike,
   valid = None
   if where is not None:
     valid, z, v, indices = _mask_positions(where, lead, z, v, indices)
+  check_indices(indices, z.shape[-1])  # Padding's garbage replaced above.
   z_k = jnp.take_along_axis(z, indices, axis=-1)
   z_tail = _tail_logit(z, indices, t)
   if tail == "bucket":
@@ -387,6 +455,10 @@ def topk_distillation_loss(student_logits: ArrayLike,
   if valid is not None:  # Equal rows: exactly 0, zero gradient.
     teacher_b = jnp.where(valid[..., None], teacher_b, student_b)
   loss = losses.distillation_loss(student_b, teacher_b, temperature)
+  # An index that is not a student class makes the position's loss NaN
+  # (never a wrapped-around class, as -1 would be for take_along_axis).
+  in_range = jnp.all((indices >= 0) & (indices < z.shape[-1]), axis=-1)
+  loss = jnp.where(in_range, loss, jnp.nan)
   if valid is not None:
     loss = jnp.where(valid, loss, 0.0)
   return loss
