@@ -37,6 +37,7 @@ from kdjax.losses.divergences import (
 )
 from kdjax.losses.topk import (
     cache_bytes,
+    check_indices,
     tail_logit,
     topk_cache,
     topk_distillation_loss,
@@ -52,7 +53,7 @@ __all__ = [
     "logit_matching_loss", "hard_label_loss", "kd_objective",
     # kdjax.losses.topk.
     "topk_targets", "tail_logit", "topk_cache", "cache_bytes",
-    "topk_distillation_loss",
+    "topk_distillation_loss", "check_indices",
     # kdjax.losses.chunked.
     "chunked_distillation_loss",
 ]
