@@ -82,6 +82,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from kdjax import fused, heads
 from kdjax import hparams as hparams_lib
 from kdjax import options, precision, validate
 from kdjax import student as student_lib
@@ -213,7 +214,7 @@ class TrainState:
     """The student's logits in evaluation mode (model state read only)."""
     logits, _ = self.apply_fn(self.params, self.model_state, *inputs,
                               train=False, rng=None)
-    return logits
+    return heads.to_logits(logits)  # A student built with head=.
 
   def export(self):
     """The trained model (see :meth:`kdjax.Student.export`)."""
@@ -293,6 +294,12 @@ def _teacher_logits(spec: options.StepSpec, teacher, batch, inputs,
         "teacher must see the same augmented batch as the student. "
         f"Drop {fields.teacher_logits!r} from the data (online teacher) "
         "or disable augmentation.")
+  if cached and obj.form == "hidden" and obj.needs_teacher:
+    raise ValueError(
+        f"objective {obj.name!r} works from the teacher's hidden states, "
+        f"not cached logits: drop {fields.teacher_logits!r} from the data "
+        "and pass a kdjax.Teacher built with head=, or cache top-k targets "
+        "for 'chunked_topk'.")
   if cached:
     return jax.lax.stop_gradient(batch[fields.teacher_logits])
   if not obj.needs_teacher:
@@ -305,7 +312,10 @@ def _teacher_logits(spec: options.StepSpec, teacher, batch, inputs,
               else model_inputs(fields.teacher_input_names))
   t = teacher if spec.precision.compute_dtype is None else teacher.replace(
       params=cast(teacher.params))
-  return t(*cast_inputs(list(t_inputs)))
+  out = t(*cast_inputs(list(t_inputs)))
+  # A teacher built with head= gives hidden states: a logits objective
+  # gets their logits.
+  return out if obj.form == "hidden" else heads.to_logits(out)
 
 
 def _reduce(obj, per_position, aux, logits_shape, weights, axis_name):
@@ -339,6 +349,9 @@ def _make_loss_fn(spec, state, inputs, t_logits, batch, hp, rng_drop,
                   cast, cast_inputs, axis_name):
   """``params -> (loss, (aux, logits, model_state, w, denominator))``."""
   fields, obj = spec.fields, spec.objective
+  if obj.form == "hidden":  # The fused chunked loss (kdjax.fused).
+    return fused.make_loss_fn(spec, state, inputs, t_logits, batch, hp,
+                              rng_drop, cast, cast_inputs, axis_name)
   weights = batch[fields.weights] if fields.weights is not None else None
   objective_batch = dict(batch)
   if fields.labels is not None:
@@ -348,6 +361,7 @@ def _make_loss_fn(spec, state, inputs, t_logits, batch, hp, rng_drop,
     s_logits, new_model_state = student_lib.student_forward(
         state.apply_fn, cast(params), state.model_state,
         cast_inputs(list(inputs)), train=True, rng=rng_drop)
+    s_logits = heads.to_logits(s_logits)  # A student built with head=.
     s_for_loss, t_for_loss = s_logits, t_logits
     if weights is not None:
       validate.check_weights(weights.shape, s_logits.shape, fields.weights)
@@ -478,7 +492,8 @@ def make_train_step(spec: Union[options.StepSpec, str, Callable, None] = None,
     (loss, (aux, s_logits, new_model_state, w, denominator)), grads = (
         jax.value_and_grad(loss_fn, has_aux=True)(state.params))
     labels = batch[fields.labels] if fields.labels is not None else None
-    metrics = _metrics(loss, aux, s_logits, t_logits, labels, w, denominator)
+    metrics = (fused.metrics(loss, aux) if obj.form == "hidden" else
+               _metrics(loss, aux, s_logits, t_logits, labels, w, denominator))
     if axis_name is not None:
       # Each device holds its part of the global sums: add them up.
       grads = jax.lax.psum(grads, axis_name)
