@@ -3,7 +3,7 @@
 Each hidden-state objective is checked against the logits objective it
 stands for, on the same model (logits = hidden @ kernel + bias): loss,
 metrics, gradients and params after a few steps, with padded positions
-(garbage inputs and labels there), to float32 rounding. Tiny sizes: a few ms of compute.
+(garbage inputs and labels there), to float32 rounding. Tiny sizes.
 """
 
 import flax.linen as nn
