@@ -20,7 +20,9 @@ loss and gradients ``chunk_size`` positions at a time inside one
   (one more forward matmul per model than unchunked).
 
 The objective per position is kdjax's ``kd`` objective,
-``alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 KL(p_t || q_s)``, with the
+``alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 KL(p_t || q_s)``, or with
+``divergence="reverse_kl"`` / ``"jsd"`` the reverse KL or the normalised
+generalised JSD in place of the forward KL (``T^2`` on each), with the
 teacher given either as its own hidden states and projection
 (``teacher=(h_t, W_t[, b_t])``, no gradient reaches it) or as cached top-k
 targets (``topk=(values, indices[, tail_logit])``, see :mod:`kdjax.topk`).
@@ -46,6 +48,11 @@ temporaries at V = 32,000 and 16,384 tokens, and 0.85x with 0.10 at V =
 to a third at 1.0-1.3x the time. A chunk larger than ``N`` is cut to ``N``.
 ``chunk_size=None`` computes the plain unchunked loss with autodiff (the
 reference, and the benchmark's baseline).
+
+:func:`chunked_sums` is the same fused loss returning its weighted sum and
+the weighted sums of its metrics (soft and hard loss, accuracy, agreement,
+from the same chunk logits); it is what the hidden-state objectives of
+:func:`kdjax.fit` call (:mod:`kdjax.fused`).
 """
 
 from __future__ import annotations
@@ -368,17 +375,12 @@ def chunked_distillation_loss(
   and :math:`\partial L / \partial z_n = (w_n / \sum w)\,[\alpha (q^{(1)}_n
   - \mathrm{onehot}(y_n)) + (1 - \alpha) T (q_n - p_n)]`, chained into
   :math:`\partial L/\partial W_s = \sum_n h_{s,n}^\top \partial L/\partial
-  z_n` etc. With ``divergence="reverse_kl"`` the soft term is
-  :math:`T^2 \mathrm{KL}(q_n \| p_n)`
-  (:func:`kdjax.losses.reverse_distillation_loss`), with ``"jsd"`` the
-  normalised generalised JSD of :func:`kdjax.losses.generalized_jsd_loss`
-  (mixture :math:`\beta p + (1 - \beta) q` in probability space, times
-  :math:`T^2 / (\beta (1 - \beta))`): each is a function of one position's
-  logits, so it fits the same chunked custom VJP. With ``topk``, the soft
-  term is :func:`kdjax.topk.topk_distillation_loss` (forward KL only: the
-  cache holds the teacher's distribution on its top ``k`` classes, and the
-  reverse KL and the JSD need :math:`p_i` wherever :math:`q_i > 0`, i.e.
-  on every class). The values and gradients equal
+  z_n` etc. ``divergence="reverse_kl"``: the soft term is :math:`T^2
+  \mathrm{KL}(q_n \| p_n)`; ``"jsd"``: the normalised generalised JSD of
+  :func:`kdjax.losses.generalized_jsd_loss` (mixture in probability
+  space); each depends on one position's logits, so fits the same custom
+  VJP. ``topk``: :func:`kdjax.topk.topk_distillation_loss`, forward KL
+  only (the reverse KL and JSD need :math:`p_i` on every class). The values and gradients equal
   the unchunked computation (``chunk_size=None``) to float32 rounding: only
   the order of the sums over positions differs.
 
