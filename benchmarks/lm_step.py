@@ -44,6 +44,11 @@ Usage (a few minutes of CPU at the defaults)::
       benchmarks/results/lm_step_cpu.json [--vocab-sizes 32000 128000] \\
       [--batch 8] [--length 256] [--hidden 128] [--chunk-size 256] \\
       [--repeats 3] [--note "..."]
+
+``--memory-batches 32 64`` only compiles the two forms at those batch
+sizes (nothing runs, a few minutes) and records their compiled memory: the
+ratio at batches larger than the timed one, where the logits form's
+``[tokens, V]`` arrays grow and the chunked form's ``[C, V]`` ones do not.
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ def _parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no-subprocess", action="store_true")
   parser.add_argument("--note", default=None)
+  parser.add_argument("--memory-batches", type=int, nargs="+", default=None,
+                      help="only compile (never run) both forms at these "
+                      "batch sizes and record their compiled memory")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -248,6 +256,26 @@ def bench_vocab(vocab: int, args, rss: dict) -> dict[str, Any]:
   }
 
 
+def memory_only(args) -> dict[str, Any]:
+  """Compiled memory of both forms at ``--memory-batches`` (not run)."""
+  rows = []
+  for vocab in args.vocab_sizes:
+    for b in args.memory_batches:
+      mem = {f: compiled_memory(_compile(f, vocab, args, b)[0])
+             for f in ("logits", "chunked")}
+      ratio = lambda k, mem=mem: mem["chunked"][k] / mem["logits"][k]
+      rows.append({
+          "vocab": vocab, "batch": b, "tokens": b * args.length,
+          "compiled_memory": mem,
+          "ratios_chunked_over_logits": {
+              "compiled_temp": ratio("temp_size_in_bytes"),
+              "compiled_total": ratio(
+                  "argument_plus_output_plus_temp_minus_alias")}})
+      print(f"V={vocab} B={b}: {rows[-1]['ratios_chunked_over_logits']}",
+            flush=True)
+  return {"memory_batches": rows}
+
+
 def main(args) -> int:
   argv = ["--batch", str(args.batch), "--length", str(args.length),
           "--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size)]
@@ -271,6 +299,11 @@ def main(args) -> int:
       "goals": {"memory_ratio_max": "1/8", "time_ratio_max": 1.05},
       "results": [],
   }
+  if args.memory_batches:
+    results.update(memory_only(args))
+    results["wall_seconds"] = time.perf_counter() - t_start
+    write_results(args.json, results)
+    return 0
   rss = {}
   if not args.no_subprocess:  # First, while this process is small.
     for vocab in args.vocab_sizes:

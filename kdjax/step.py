@@ -26,8 +26,10 @@ Teacher and student see the **same augmented batch** inside the same
 compiled step ("consistent teaching").
 
 The loss. The objective (:mod:`kdjax.objectives`: a registered name or a
-function) gives a loss per example, or per position for sequences; the
-step's loss is
+function) gives a loss per example, or per position for sequences (a
+hidden-state objective, ``form="hidden"``, gets the models' hidden states
+and output projections instead of logits and returns the weighted sums
+itself: :mod:`kdjax.fused`); the step's loss is
 
 .. math::
   L = \\frac{\\sum_i w_i \\ell_i}{\\sum_i w_i}
