@@ -34,16 +34,17 @@ Built-ins (registered in :mod:`kdjax.objectives`; each equals the logits
 objective named beside it, to float32 rounding, in loss, gradients and
 trained params; ``T^2`` on every one):
 
-======================  ====================================================
-``"chunked_kd"``        ``"kd"``: ``alpha CE + (1 - alpha) T^2 KL(p || q)``
-``"chunked_soft"``      ``"soft"``: ``T^2 KL(p || q)``
-``"chunked_reverse_kl"`` ``"reverse_kl"``: ``T^2 KL(q || p)``
-``"chunked_jsd"``       ``"jsd"``: ``T^2 JSD_beta / (beta (1 - beta))``, the
-                        mixture ``beta p + (1 - beta) q`` in probability
-                        space; reads ``beta`` (0.5 when the state has none)
-``"chunked_topk"``      ``"topk"``: ``T^2 KL`` from the batch's cached
-                        ``"topk_values"`` / ``"topk_indices"``; no teacher
-======================  ====================================================
+========================  ==================================================
+``"chunked_kd"``          ``"kd"``: ``alpha CE + (1 - alpha) T^2 KL(p || q)``
+``"chunked_soft"``        ``"soft"``: ``T^2 KL(p || q)``
+``"chunked_reverse_kl"``  ``"reverse_kl"``: ``T^2 KL(q || p)``
+``"chunked_jsd"``         ``"jsd"``: ``T^2 JSD_beta / (beta (1 - beta))``,
+                          the mixture ``beta p + (1 - beta) q`` in
+                          probability space; reads ``beta`` (0.5 when the
+                          state has none)
+``"chunked_topk"``        ``"topk"``: ``T^2 KL`` from the batch's cached
+                          ``"topk_values"`` / ``"topk_indices"``; no teacher
+========================  ==================================================
 
 :func:`kdjax.objectives.chunked` makes the others: any divergence with the
 hard labels mixed in (``alpha``), another chunk size, the top-k ``tail``.
