@@ -400,3 +400,16 @@ def test_fit_checkpoints_and_resumes_a_chunked_run(tmp_path):
   _close(resumed.params, whole.params, rtol=1e-6, atol=1e-7)
   assert "chunked_kd" in (tmp_path / "fit.json").read_text()
 
+
+
+def test_readme_lm_step_tables_come_from_the_committed_jsons():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location(
+      "bench_report", root / "benchmarks" / "report.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  readme = (root / "README.md").read_text()
+  assert module.lm_step_table() in readme
+  assert module.lm_step_memory_table() in readme
