@@ -8,7 +8,7 @@ median of per-round ratios is reported, as in the rest of the benchmark):
   epoch) against ``kdjax.fit`` on a ``grain.MapDataset`` of the same batches
   streamed from the host (prefetch thread, jitted blocks of 16 steps).
   Goal: host >= 0.95 x device.
-* **the chosen form** (``kdjax.models.CNN`` at batch 128, hard labels):
+* **the chosen form** (``kdjax.paper.models.CNN`` at batch 128, hard labels):
   ``fit(loop="scan")``, ``fit(loop="steps")`` and ``fit(loop="auto")``.
   Goal: auto >= 0.9 x the best of the two.
 
@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 import kdjax
-from kdjax import models
+from kdjax.paper import models
 
 
 class _Batches:

@@ -69,7 +69,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from kdjax import loop, models, provenance  # noqa: E402
+from kdjax import loop  # noqa: E402
+from kdjax.paper import models, provenance  # noqa: E402
 from kdjax import step as step_lib  # noqa: E402
 from kdjax import mesh as mesh_lib  # noqa: E402
 from kdjax.teacher import Teacher  # noqa: E402

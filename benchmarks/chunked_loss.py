@@ -2,7 +2,7 @@
 
 Times and measures the peak memory of the jitted ``value_and_grad`` (w.r.t.
 the student's hidden states ``h_s [N, D]`` and output projection
-``W_s [D, V]``) of :func:`kdjax.chunked.chunked_distillation_loss`, the
+``W_s [D, V]``) of :func:`kdjax.losses.chunked.chunked_distillation_loss`, the
 ``T^2 KL`` distillation loss from hidden states, with the teacher given as
 its own hidden states and projection (``h_t [N, D]``, ``W_t [D, V]``):
 
@@ -129,8 +129,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from kdjax import chunked
-from kdjax import provenance
+from kdjax.losses import chunked
+from kdjax.paper import provenance
 from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
 # pylint: enable=g-import-not-at-top,wrong-import-position
 

@@ -72,7 +72,8 @@ import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import kdjax  # noqa: E402
-from kdjax import objectives, provenance  # noqa: E402
+from kdjax import objectives  # noqa: E402
+from kdjax.paper import provenance  # noqa: E402
 from kdjax import step as train  # noqa: E402
 from _common import compiled_memory, write_results  # noqa: E402
 

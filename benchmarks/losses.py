@@ -45,7 +45,8 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from kdjax import losses, provenance  # pylint: disable=g-import-not-at-top
+from kdjax import losses  # pylint: disable=g-import-not-at-top
+from kdjax.paper import provenance
 from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
 
 TEMPERATURE = 4.0

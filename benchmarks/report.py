@@ -28,7 +28,7 @@ def headline(path: pathlib.Path = RESULTS / "train_step_cpu.json") -> str:
         f"`fit` on device-resident data, paper MLP kd step | "
         f"{fp['host_vs_device']:.3f} | >= 0.95 |",
         f"| `fit(loop=\"auto\")` ({fp['cnn_auto_chose']}) / best of scan "
-        f"and loop, `kdjax.models.CNN` | {fp['cnn_auto_vs_best']:.3f} "
+        f"and loop, `kdjax.paper.models.CNN` | {fp['cnn_auto_vs_best']:.3f} "
         "| >= 0.9 |",
         f"| CNN: loop of jitted steps / whole-epoch `lax.scan` on XLA:CPU | "
         f"{fp['cnn_steps_vs_scan']:.1f} | (why `auto` picks the loop) |"]

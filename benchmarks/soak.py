@@ -227,8 +227,8 @@ def run_phase(args: argparse.Namespace) -> int:
   import jax.numpy as jnp
   import numpy as np
   sys.path.insert(0, str(_ROOT))
-  from kdjax import (cache, checkpoint, data, evaluate, models, optim,
-                     provenance)
+  from kdjax import cache, checkpoint, evaluate
+  from kdjax.paper import data, models, optim, provenance
   from kdjax.teacher import Teacher
   from kdjax.step import TrainState
   from kdjax.fitting import fit

@@ -75,9 +75,10 @@ Usage::
       [--repeats 3]
 
 ``--backend`` sets ``JAX_PLATFORMS`` (``cpu`` or ``cuda``) before JAX is
-imported. Real MNIST is used when :func:`kdjax.data.load_mnist_splits` finds
-it (``KDJAX_DATA_DIR``); otherwise random ``uint8`` images of the same shape
-(``[50000, 28, 28]``) and random labels (``"data": "random"`` in the JSON).
+imported. Real MNIST is used when
+:func:`kdjax.paper.data.load_mnist_splits` finds it (``KDJAX_DATA_DIR``);
+otherwise random ``uint8`` images of the same shape (``[50000, 28, 28]``)
+and random labels (``"data": "random"`` in the JSON).
 Neither TensorFlow nor PyTorch is needed.
 """
 
@@ -137,8 +138,8 @@ import optax
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from kdjax import cache
 from kdjax import loop
-from kdjax import models
-from kdjax import provenance
+from kdjax.paper import models
+from kdjax.paper import provenance
 from kdjax import step as step_lib
 from _common import compiled_memory, write_results  # benchmarks/ is sys.path[0]
 import _fit_paths  # benchmarks/ is sys.path[0]
@@ -181,7 +182,7 @@ def load_data(seed: int) -> tuple[np.ndarray, np.ndarray, str, Optional[str]]:
     was used (None for MNIST).
   """
   try:
-    from kdjax import data as kdata  # pylint: disable=g-import-not-at-top
+    from kdjax.paper import data as kdata  # pylint: disable=g-import-not-at-top
     splits = kdata.load_mnist_splits(as_float=False)
     images = np.asarray(splits.train_images, np.uint8)
     labels = np.asarray(splits.train_labels, np.int32)

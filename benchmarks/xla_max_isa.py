@@ -37,7 +37,7 @@ def child(steps: int, epochs: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import kdjax  # pylint: disable=g-import-not-at-top
-  from kdjax import data, models, provenance  # pylint: disable=g-import-not-at-top
+  from kdjax.paper import data, models, provenance  # pylint: disable=g-import-not-at-top
   x, y = data.load_mnist("train")
   n = steps * 128
   train = {"image": x[:n], "label": y[:n].astype("int32")}
@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
   if args.child:
     print("RESULT " + json.dumps(child(args.steps, args.epochs)), flush=True)
     return {}
-  from kdjax import provenance  # pylint: disable=g-import-not-at-top
+  from kdjax.paper import provenance  # pylint: disable=g-import-not-at-top
   from _common import write_results  # pylint: disable=g-import-not-at-top
   runs = []
   for isa in args.isa:

@@ -37,7 +37,8 @@ import numpy as np
 import optax
 
 import kdjax
-from kdjax import checkpoint, data, provenance
+from kdjax import checkpoint
+from kdjax.paper import data, provenance
 
 
 def parse_args(argv=None, *, default_out: str) -> argparse.Namespace:

@@ -73,7 +73,8 @@ import optax
 import kdjax
 from examples import char_data, lm_objectives
 from examples.char_lm_model import CausalLM, num_params
-from kdjax import checkpoint, provenance
+from kdjax import checkpoint
+from kdjax.paper import provenance
 
 FIELDS = kdjax.Fields(inputs="tokens", labels="targets", weights="mask")
 TOPK_FIELDS = kdjax.Fields(inputs="tokens", labels="targets", weights="mask",

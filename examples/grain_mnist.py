@@ -12,7 +12,7 @@ jittered images. The run is killed once in the middle with SIGKILL (the
 script runs itself as a child process and kills it after its first
 mid-epoch checkpoint), then resumed from the checkpoint, which holds the
 data position. Finally the same step is timed on device-resident data
-(jitter on the device, ``kdjax.augment``) for the throughput comparison.
+(jitter on the device, ``kdjax.paper.augment``) for the throughput comparison.
 
 About 5-8 minutes on 2 CPU cores.
 """
@@ -35,7 +35,8 @@ import numpy as np
 import optax
 
 import kdjax
-from kdjax import augment, checkpoint, data, models, provenance
+from kdjax import checkpoint
+from kdjax.paper import augment, data, models, provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

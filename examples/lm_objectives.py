@@ -32,7 +32,7 @@ kdjax's losses, kept for the example's tests.
 from __future__ import annotations
 
 from kdjax import losses
-from kdjax import topk as _topk
+from kdjax.losses import topk as _topk
 
 IMPLEMENTATION = "kdjax.losses / kdjax.topk (library)"
 

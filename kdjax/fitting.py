@@ -61,10 +61,9 @@ from typing import Any, Callable, Optional, Union
 import jax
 import numpy as np
 
-from kdjax import augment as augment_lib
 from kdjax import hparams as hparams_lib
 from kdjax import mesh as mesh_lib
-from kdjax import objectives
+from kdjax import objectives, records
 from kdjax import step as step_lib
 from kdjax import student as student_lib
 from kdjax import sweep, validate
@@ -108,7 +107,7 @@ def check_run_config(workdir: str | pathlib.Path, run_config: dict, *,
     old = json.loads(path.read_text())
     if filename == "fit.json":  # Written by an older kdjax?
       old = hparams_lib.upgrade_fit_record(old)
-    if old != canonical and not augment_lib.same_fit_record(old, canonical):
+    if old != canonical and not records.same_fit_record(old, canonical):
       diff = sorted(k for k in set(old) | set(canonical)
                     if old.get(k) != canonical.get(k))
       raise validate.WorkdirMismatchError(

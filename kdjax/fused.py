@@ -71,7 +71,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kdjax import chunked, validate
+from kdjax import validate
+from kdjax.losses import chunked
 from kdjax import student as student_lib
 from kdjax.heads import Hidden
 

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import validate
+from kdjax.records import recorded_module
 
 __all__ = ["check_name", "check_value", "build", "current",
            "schedule_record", "fingerprint", "mismatch_hint",
@@ -246,12 +247,16 @@ def _feed(h, x, seen: set) -> None:
     _put(h, f"array:{a.dtype}:{a.shape}")
     h.update(np.ascontiguousarray(a).tobytes())
   elif isinstance(x, types.ModuleType):
-    _put(h, f"module:{x.__name__}")
+    _put(h, f"module:{recorded_module(x.__name__)}")
   elif id(x) in seen:
     _put(h, "seen")
   else:
     seen.add(id(x))
     _feed_object(h, x, seen)
+
+
+def _name(cls: type) -> str:
+  return f"{recorded_module(cls.__module__)}.{cls.__qualname__}"
 
 
 def _feed_object(h, x, seen: set) -> None:
@@ -266,19 +271,19 @@ def _feed_object(h, x, seen: set) -> None:
   elif isinstance(x, types.FunctionType):
     _feed_function(h, x, seen)
   elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-    _put(h, f"dataclass:{type(x).__module__}.{type(x).__qualname__}")
+    _put(h, f"dataclass:{_name(type(x))}")
     for f in dataclasses.fields(x):
       _put(h, f.name)
       _feed(h, getattr(x, f.name), seen)
   elif isinstance(x, type):
-    _put(h, f"type:{x.__module__}.{x.__qualname__}")
+    _put(h, f"type:{_name(x)}")
     if not _is_library(x.__module__):
       call = x.__dict__.get("__call__")
       if call is not None:
         _feed(h, call, seen)
   else:
     cls = type(x)
-    _put(h, f"object:{cls.__module__}.{cls.__qualname__}")
+    _put(h, f"object:{_name(cls)}")
     if not _is_library(cls.__module__):
       _feed(h, cls, seen)
       _feed(h, dict(getattr(x, "__dict__", {})), seen)
@@ -286,7 +291,7 @@ def _feed_object(h, x, seen: set) -> None:
 
 def _feed_function(h, fn: types.FunctionType, seen: set) -> None:
   module = fn.__module__
-  _put(h, f"function:{module}.{fn.__qualname__}")
+  _put(h, f"function:{recorded_module(module)}.{fn.__qualname__}")
   cells = []
   for cell in fn.__closure__ or ():
     try:

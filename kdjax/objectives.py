@@ -43,7 +43,7 @@ Built-ins (``T`` the temperature, ``p = softmax(v/T)`` the teacher,
   :func:`jsd` fixes ``beta`` instead.
 * ``"topk"`` reads ``temperature``: ``T^2 KL`` from the batch's cached
   ``"topk_values"`` / ``"topk_indices"``
-  (:func:`kdjax.topk.topk_distillation_loss`; declare them:
+  (:func:`kdjax.losses.topk.topk_distillation_loss`; declare them:
   ``Fields(extra=("topk_values", "topk_indices"))``); no teacher is run.
 * ``"chunked_kd"``, ``"chunked_soft"``, ``"chunked_reverse_kl"``,
   ``"chunked_jsd"``, ``"chunked_topk"``: the same losses as ``"kd"``,
@@ -84,6 +84,7 @@ from typing import Callable, Mapping, Optional, Union
 import jax.numpy as jnp
 
 from kdjax import hparams as hparams_lib
+from kdjax import records
 from kdjax import losses
 
 __all__ = ["Objective", "register", "get", "names", "jsd", "with_hard_labels",
@@ -319,12 +320,12 @@ def jsd(beta: Optional[float] = None) -> "Objective":
 
 
 def _topk_loss(s, t, batch, *, temperature):
-  from kdjax import topk  # pylint: disable=g-import-not-at-top
+  from kdjax.losses import topk  # pylint: disable=g-import-not-at-top
   del t  # None: the teacher's top-k logits are in the batch.
   if "topk_values" not in batch or "topk_indices" not in batch:
     raise ValueError(
         "objective 'topk' reads the batch's cached 'topk_values' and "
-        "'topk_indices' (kdjax.topk.topk_targets); add them and declare "
+        "'topk_indices' (kdjax.losses.topk.topk_targets); add them and declare "
         "them with kdjax.Fields(extra=('topk_values', 'topk_indices')).")
   soft = topk.topk_distillation_loss(s, batch["topk_values"],
                                      batch["topk_indices"], temperature)
@@ -445,7 +446,7 @@ def chunked(divergence: str = "forward_kl", *, hard_labels: bool = False,
   >>> obj.form, obj.hparams, obj.needs_labels
   ('hidden', ('temperature', 'alpha'), True)
   """
-  from kdjax import chunked as chunked_lib  # pylint: disable=g-import-not-at-top
+  from kdjax.losses import chunked as chunked_lib  # pylint: disable=g-import-not-at-top
   from kdjax import fused  # pylint: disable=g-import-not-at-top
   if divergence not in chunked_lib.DIVERGENCES:
     raise ValueError(f"divergence must be one of {chunked_lib.DIVERGENCES}, "
@@ -524,7 +525,8 @@ def record(objective: Objective) -> dict:
     return {"objective": obj.name}
   fn = obj.fn
   qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
-  module = getattr(fn, "__module__", type(fn).__module__)
+  module = records.recorded_module(
+      getattr(fn, "__module__", type(fn).__module__))
   return {"objective": obj.name, "objective_code": {
       "qualname": f"{module}.{qualname}",
       "sha256": hparams_lib.fingerprint(obj),

@@ -31,8 +31,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from kdjax import augment as augment_lib
-from kdjax import objectives, precision as precision_lib
+from kdjax import objectives, precision as precision_lib, records
 from kdjax.fields import Fields
 
 __all__ = ["StepSpec", "Precision", "Checkpointing", "Evaluation", "Loop",
@@ -91,7 +90,7 @@ class StepSpec:
       before augmentation, teacher and student alike (e.g.
       :func:`kdjax.preprocess.scale_pixels`).
     augment: optional ``(rng, x) -> x`` applied to the first model input
-      (e.g. :func:`kdjax.augment.make_jitter`); the teacher sees the
+      (e.g. :func:`kdjax.paper.augment.make_jitter`); the teacher sees the
       augmented batch.
     precision: a :class:`Precision` (default float32).
     on_nonfinite: ``"skip"`` (a step whose loss or gradients are not finite
@@ -143,7 +142,7 @@ class StepSpec:
     code (:func:`kdjax.objectives.record`).
     """
     record = {**objectives.record(self.objective),
-              "augment": augment_lib.describe(self.augment),
+              "augment": records.describe(self.augment),
               "skip_nonfinite": self.skip_nonfinite}
     if self.fields != Fields():
       record["fields"] = self.fields.describe()

@@ -3,7 +3,7 @@
 kdjax never rescales a batch behind the caller's back. Pixel scaling is a
 choice made explicitly:
 
-* kdjax's image models (:mod:`kdjax.models`) scale their own uint8 inputs
+* kdjax's image models (:mod:`kdjax.paper.models`) scale their own uint8 inputs
   with :func:`scale_pixels`;
 * for a model of your own that expects floats, pass
   ``input_transform=kdjax.preprocess.scale_pixels`` to the train step
@@ -39,7 +39,7 @@ def scale_pixels(x: jax.typing.ArrayLike) -> jax.Array:
   """uint8 pixels -> float32 ``x / 255``; any other dtype unchanged.
 
   A NumPy array gives a NumPy array (the host-side loaders,
-  :func:`kdjax.data.load_mnist` with ``as_float=True``); anything else a
+  :func:`kdjax.paper.data.load_mnist` with ``as_float=True``); anything else a
   JAX array. Both round the same way (one float32 division).
   """
   if isinstance(x, np.ndarray):

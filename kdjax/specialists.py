@@ -725,7 +725,7 @@ def train_specialists(apply_fn: Callable, params: PyTree, images: ArrayLike,
 
   Args:
     apply_fn: ``(params, x, train, rng) -> logits [B, k + 1]``, e.g.
-      :func:`kdjax.models.linen_student_apply` of an ``MLP`` with
+      :func:`kdjax.paper.models.linen_student_apply` of an ``MLP`` with
       ``num_classes=k + 1``.
     params: stacked params of the ``M`` specialists (:func:`stack_params`).
       They share one shape, so one ``k`` (subset size) per call; group

@@ -26,7 +26,7 @@ Constructors:
 * :meth:`Student.from_fn`: a pure forward function of the signature above;
 * :meth:`Student.from_logits_fn`: a stateless ``(params, *inputs, train,
   rng) -> logits`` (kdjax's models through
-  :func:`kdjax.models.linen_student_apply`).
+  :func:`kdjax.paper.models.linen_student_apply`).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ class Student:
     """A stateless student from ``fn(params, *inputs, train, rng) -> logits``.
 
     ``train`` and ``rng`` are passed positionally after the inputs, as
-    :func:`kdjax.models.linen_student_apply` takes them.
+    :func:`kdjax.paper.models.linen_student_apply` takes them.
     """
 
     return cls(apply_fn=_logits_forward(fn), params=params, model_state={})

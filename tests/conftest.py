@@ -43,7 +43,7 @@ def tiny_mnist_dir(tmp_path_factory) -> pathlib.Path:
   Runs that load MNIST from a ``data_dir`` run on it in seconds.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from kdjax import data  # pylint: disable=g-import-not-at-top
+  from kdjax.paper import data  # pylint: disable=g-import-not-at-top
   d = tmp_path_factory.mktemp("tiny_mnist")
   rng = np.random.RandomState(0)
   templates = rng.randint(0, 256, (10, 28, 28))
@@ -111,12 +111,12 @@ def smoke_run(tiny_mnist_dir, tmp_path_factory):
 def tiny_mnist(tiny_mnist_dir, monkeypatch):
   """tiny_mnist_dir, with 100 validation images as the default split.
 
-  ``kdjax.data.load_mnist_splits`` holds out 10,000 by default; here it
+  ``kdjax.paper.data.load_mnist_splits`` holds out 10,000 by default; here it
   holds out 100 of the 300, so code that loads MNIST with the default
   split (the examples) runs on these few images.
   """
   import functools  # pylint: disable=g-import-not-at-top
-  from kdjax import data  # pylint: disable=g-import-not-at-top
+  from kdjax.paper import data  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(data, "load_mnist_splits", functools.partial(
       data.load_mnist_splits, num_val=100))
   monkeypatch.setenv("KDJAX_PROGRESS", "0")

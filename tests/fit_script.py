@@ -18,7 +18,7 @@ import optax  # noqa: E402
 
 from kdjax import preprocess  # noqa: E402
 from kdjax import trainer as fit_lib  # noqa: E402
-from kdjax.provenance import params_sha256  # noqa: E402
+from kdjax.paper.provenance import params_sha256  # noqa: E402
 from kdjax.teacher import Teacher  # noqa: E402
 from kdjax.train import TrainState  # noqa: E402
 

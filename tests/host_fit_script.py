@@ -20,8 +20,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import kdjax  # noqa: E402
-from kdjax import models  # noqa: E402
-from kdjax.provenance import params_sha256  # noqa: E402
+from kdjax.paper import models  # noqa: E402
+from kdjax.paper.provenance import params_sha256  # noqa: E402
 
 BATCH, NUM, STEPS = 32, 256, 8
 

@@ -1,4 +1,4 @@
-"""Tests for kdjax.chunked: chunked = unchunked to float32 rounding.
+"""Tests for kdjax.losses.chunked: chunked = unchunked to float32 rounding.
 
 The unchunked path (``chunk_size=None``) is itself checked against a float64
 NumPy reference of the objective and its gradient; the chunked paths
@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax import chunked
-from kdjax import topk
+from kdjax.losses import chunked
+from kdjax.losses import topk
 
 EPS32 = float(np.finfo(np.float32).eps)
 N, D, D_T, V = 50, 16, 24, 300

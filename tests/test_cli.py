@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from kdjax import checkpoint, cli, data, validate
+from kdjax import checkpoint, validate
+from kdjax.paper import cli, data
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICK = "--config=experiments/mnist/configs/quick.py"

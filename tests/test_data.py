@@ -1,4 +1,4 @@
-"""Tests for kdjax.data: the offline IDX reader, splits and transfer sets."""
+"""Tests for kdjax.paper.data: the offline IDX reader, splits, transfer sets."""
 import gzip
 import hashlib
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from experiments.mnist import transfer
-from kdjax import data
+from kdjax.paper import data
 
 # md5 of the *decompressed* original MNIST files.
 MD5 = {
@@ -418,7 +418,7 @@ def test_transfer_unknown_variant():
 
 @pytest.mark.integration
 def test_import_does_not_import_tensorflow():
-  code = ("import sys, kdjax.data; "
+  code = ("import sys, kdjax.paper.data; "
           "bad = [m for m in sys.modules if m.split('.')[0] in "
           "('tensorflow', 'tensorflow_datasets')]; "
           "assert not bad, bad")

@@ -108,7 +108,7 @@ def test_an_earlier_runs_results_are_not_passed_off_as_this_runs(tmp_path,
   (work / "run_config.json").write_text('{"seeds": [9]}')
   proc = _run(tmp_path, mnist_dir, BENCH_S="1", MESH_S="1",
               SPECIALISTS_S="1")
-  # A user error (kdjax.cli): one line in paper.log and exit status 2.
+  # A user error (kdjax.paper.cli): one line in paper.log and exit status 2.
   assert proc.returncode == 2, proc.stdout + proc.stderr
   assert "paper config exit status 2" in proc.stdout
   # The specialists run is tried all the same (and cut short here); the

@@ -22,7 +22,8 @@ import optax
 import pytest
 
 import kdjax
-from kdjax import hostdata, loops, models, train
+from kdjax import hostdata, loops, train
+from kdjax.paper import models
 from kdjax.fields import BatchError
 
 SCRIPT = pathlib.Path(__file__).with_name("host_fit_script.py")

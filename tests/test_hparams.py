@@ -258,7 +258,7 @@ def _old(name):
     elif name == "logit_matching":
       d = losses.logit_matching_loss(s, t)
     else:
-      from kdjax import topk  # pylint: disable=g-import-not-at-top
+      from kdjax.losses import topk  # pylint: disable=g-import-not-at-top
       d = topk.topk_distillation_loss(s, batch["topk_values"],
                                       batch["topk_indices"], temperature)
     return _old_mix(d, s, batch, alpha)

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import optax
 
-from kdjax import checkpoint, constraints, models, train
+from kdjax import checkpoint, train
+from kdjax.paper import constraints, models
 
 
 def _old_key_name(key) -> str:

@@ -6,6 +6,8 @@ conftest.py). A test marked ``all_devices`` sees fit's real default mesh
 suite does. The several-process tests are in test_mesh_multihost.py.
 """
 
+import shutil
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import kdjax
 from kdjax import mesh as mesh_lib
-from kdjax import fitting, models, step as train
+from kdjax import fitting, step as train
+from kdjax.paper import models
 
 NUM_CLASSES = 10
 N = 256
@@ -318,6 +321,28 @@ def test_fsdp_shards_student_optimizer_and_teacher_and_matches(monkeypatch):
   assert len(both.params["hidden_0"]["kernel"].addressable_shards[0]
              .data) == 784 // 4
   _assert_close(both.params, one.params)
+
+
+@pytest.mark.integration
+@pytest.mark.all_devices
+def test_a_run_resumes_on_another_mesh(tmp_path):
+  """A checkpoint written on one device resumes data parallel and FSDP.
+
+  Orbax restores onto the new mesh's shardings; the resumed run equals the
+  uninterrupted one-device run to float32 rounding.
+  """
+  run = _mlp_run()
+  full, _ = _fit(run, _one_device())
+  first = tmp_path / "one_device"
+  _fit(run, _one_device(), epochs=1, checkpoint=kdjax.Checkpointing(first))
+  for name, mesh in (("fsdp", mesh_lib.make_mesh(fsdp=8)), ("data", None)):
+    workdir = tmp_path / name
+    shutil.copytree(first, workdir)
+    resumed, history = _fit(run, mesh, checkpoint=kdjax.Checkpointing(
+        workdir))
+    assert len(history) == 1, (name, history)  # Only epoch 2 ran.
+    _spans_all_devices(resumed.params)
+    _assert_close(resumed.params, full.params)
 
 
 @pytest.mark.integration

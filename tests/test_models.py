@@ -1,4 +1,4 @@
-"""Tests for kdjax.models, kdjax.constraints and kdjax.augment."""
+"""Tests for kdjax.paper.models, .constraints and .augment."""
 
 import flax
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import augment, constraints, models
+from kdjax.paper import augment, constraints, models
 
 
 # ----------------------------------------------------------------------------

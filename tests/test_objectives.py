@@ -10,7 +10,8 @@ import optax
 import pytest
 
 import kdjax
-from kdjax import losses, objectives, topk, train
+from kdjax import losses, objectives, train
+from kdjax.losses import topk
 
 
 class TokenNet(nn.Module):

@@ -10,7 +10,8 @@ import optax
 import pytest
 
 import kdjax
-from kdjax import fitting, models, options
+from kdjax import fitting, options
+from kdjax.paper import models
 
 BATCH, NUM = 32, 128
 
@@ -40,7 +41,7 @@ def test_fit_has_at_most_15_parameters():
 
 
 def test_option_types_are_frozen_hashable_and_equal_by_value():
-  jitter = kdjax.augment.make_jitter(1)
+  jitter = kdjax.paper.augment.make_jitter(1)
   a = kdjax.StepSpec("kd", augment=jitter,
                      precision=kdjax.Precision(jnp.bfloat16, ["logits"]))
   b = kdjax.StepSpec("kd", augment=jitter,

@@ -16,7 +16,7 @@ import pathlib
 import pytest
 
 from experiments.mnist import pipeline
-from kdjax import provenance
+from kdjax.paper import provenance
 
 
 @pytest.mark.integration

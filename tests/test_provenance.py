@@ -1,8 +1,8 @@
-"""kdjax.provenance: parameter hashes and the environment record."""
+"""kdjax.paper.provenance: parameter hashes and the environment record."""
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import provenance
+from kdjax.paper import provenance
 
 AVX512_HOST = """processor\t: 0
 vendor_id\t: GenuineIntel

@@ -5,8 +5,8 @@ rounding of every sum, depend on the CPU's vector extensions (AVX2,
 AVX-512, ...). A run is bit-identical to another only on the same *kind* of
 machine: the same vector extensions, the same host core count and the same
 jax, flax and optax versions (``environment`` in results.json, from
-:func:`kdjax.provenance.environment`). Results JSONs written before the CPU
-was recorded (``quick_cpu.json`` and the older reruns) have no CPU record:
+:func:`kdjax.paper.provenance.environment`). Results JSONs written before the
+CPU was recorded (``quick_cpu.json`` and the older reruns) have no CPU record:
 "no record" is a kind of its own, the machine that wrote ``quick_cpu.json``.
 
 * ``results/quick_cpu.json``: the README's demo table, the reference of the

@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from kdjax import checkpoint, data, models, provenance
+from kdjax import checkpoint
+from kdjax.paper import data, models, provenance
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEACHER = ROOT / "experiments" / "mnist" / "teacher" / "teacher_cpu.msgpack"

@@ -19,7 +19,8 @@ import numpy as np
 import optax
 import pytest
 
-from kdjax import losses, models, specialists as sp
+from kdjax import losses, specialists as sp
+from kdjax.paper import models
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from experiments.specialists import data as pair_data
-from kdjax import data as kd_data
+from kdjax.paper import data as kd_data
 
 
 def _digits(n=500, seed=0):
@@ -93,7 +93,7 @@ def test_real_pairs_no_leakage_between_splits(real_pairs, mnist_dir):
   used = {name: np.union1d(p.source_left, p.source_right)
           for name, p in real_pairs.items()}
   # Train and validation pairs use disjoint images of the 60k file, each
-  # only from its own part of kdjax.data's split.
+  # only from its own part of kdjax.paper.data's split.
   assert np.intersect1d(used["train"], used["val"]).size == 0
   assert np.all(np.isin(used["train"], train_ids))
   assert np.all(np.isin(used["val"], val_ids))

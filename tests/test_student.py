@@ -654,7 +654,7 @@ def test_bfloat16_mnist_run_ends_near_the_float32_run(mnist_dir):
   points (10 of 2,000) of the float32 student's, from the same init and
   data order. The step's T^2 KL is also checked within 5%.
   """
-  from kdjax import data as kdata, models  # pylint: disable=g-import-not-at-top
+  from kdjax.paper import data as kdata, models  # pylint: disable=g-import-not-at-top
   splits = kdata.load_mnist_splits(mnist_dir, as_float=False)
   train_data = {"image": splits.train_images[:6000],
                 "label": splits.train_labels[:6000]}

@@ -1,4 +1,4 @@
-"""Tests for kdjax.topk against a float64 NumPy reference.
+"""Tests for kdjax.losses.topk against a float64 NumPy reference.
 
 The top-k loss must equal kdjax.losses.distillation_loss at k = V (to
 float32 rounding), and its error for small k must obey the documented exact
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kdjax import losses
-from kdjax import topk
+from kdjax.losses import topk
 
 EPS32 = float(np.finfo(np.float32).eps)
 SHAPE = (2, 3, 50)  # [batch, length, vocabulary]

@@ -21,7 +21,8 @@ import json
 import pathlib
 import sys
 
-from kdjax import checkpoint, cli
+from kdjax import checkpoint
+from kdjax.paper import cli
 
 
 def collect(workdirs, note: str = "") -> dict:

@@ -63,7 +63,8 @@ import numpy as np
 
 from experiments.mnist import ensemble_stats as stats
 from experiments.mnist import pipeline, report
-from kdjax import augment, checkpoint, models, provenance, sweep
+from kdjax import checkpoint, sweep
+from kdjax.paper import augment, models, provenance
 from kdjax.fields import Fields
 from kdjax.teacher import Teacher, ensemble
 from kdjax.fitting import check_run_config, fit
@@ -591,6 +592,6 @@ def write_all(results: dict, workdir: pathlib.Path) -> None:
 
 
 if __name__ == "__main__":
-  from kdjax import cli  # pylint: disable=g-import-not-at-top
+  from kdjax.paper import cli  # pylint: disable=g-import-not-at-top
   cli.run_config_main(
       run, "Path to experiments/mnist/configs/ensemble_cpu.py.")

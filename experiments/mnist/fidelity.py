@@ -36,7 +36,8 @@ import ml_collections
 import numpy as np
 
 from experiments.mnist import pipeline
-from kdjax import checkpoint, cli, losses, provenance, sweep
+from kdjax import checkpoint, losses, sweep
+from kdjax.paper import cli, provenance
 
 
 def _stats(student: np.ndarray, teacher: np.ndarray,

@@ -15,7 +15,7 @@ set KDJAX_TRACEBACK=1) for the full traceback.
 """
 
 from experiments.mnist import pipeline
-from kdjax import cli
+from kdjax.paper import cli
 
 if __name__ == "__main__":
   cli.run_config_main(pipeline.run,

@@ -58,8 +58,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kdjax import (augment, cache, checkpoint, data, evaluate, models, optim,
-                   provenance, sweep, validate)
+from kdjax import cache, checkpoint, evaluate, sweep, validate
+from kdjax.paper import augment, data, models, optim, provenance
 from kdjax.fitting import check_run_config, fit
 from kdjax.options import Checkpointing, Evaluation, StepSpec
 

@@ -19,7 +19,8 @@ import sys
 
 import numpy as np
 
-from kdjax import checkpoint, cli
+from kdjax import checkpoint
+from kdjax.paper import cli
 
 
 def _fmt(values) -> str:

@@ -1,7 +1,7 @@
 """The paper's transfer sets: the data a student is distilled on (§3).
 
 The MNIST experiment's protocol, not library code: the library's
-:mod:`kdjax.data` only loads and splits MNIST.
+:mod:`kdjax.paper.data` only loads and splits MNIST.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ A pair is a left and a right MNIST image concatenated along the width
 and ``07..97``), which is what the paper's specialists are for.
 
 Pairs of a split are drawn **only from that split's images** (the 50k / 10k
-train / validation split of :func:`kdjax.data.train_val_split` and the 10k
+train / validation split of :func:`kdjax.paper.data.train_val_split` and the 10k
 test images), so no image of one split appears in another split's pairs.
 Every pair records the indices of its two images in their MNIST file
 (``source``), which is what the no-leakage tests check.
@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kdjax import data as kd_data
+from kdjax.paper import data as kd_data
 
 __all__ = ["NUM_CLASSES", "Pairs", "make_pairs", "load_pair_splits",
            "FreshPairs", "subset_probs", "row_column_families",
@@ -122,13 +122,13 @@ def load_pair_splits(data_dir, train_pairs: int, val_pairs: int,
                      split_seed: int = 0) -> dict[str, Pairs]:
   """Pairs for train / validation / test, each from its own split's images.
 
-  The 60k training file is split as :func:`kdjax.data.load_mnist_splits`
+  The 60k training file is split as :func:`kdjax.paper.data.load_mnist_splits`
   does (``num_val``, ``split_seed``: 50k train, 10k validation); the test
   pairs come from the 10k test file. Split ``i`` (train, val, test) draws
   with seed ``[seed, i]`` (``np.random.default_rng``).
 
   Args:
-    data_dir: the MNIST IDX directory (see :func:`kdjax.data.load_mnist`).
+    data_dir: the MNIST IDX directory (see :func:`kdjax.paper.data.load_mnist`).
     train_pairs, val_pairs, test_pairs: pairs per split.
     seed: seed of the pairing.
     num_val, split_seed: the train/validation split.
@@ -308,7 +308,7 @@ def subset_probs(subset, fraction_in_subset: float = 0.5) -> np.ndarray:
 def split_images(data_dir, *, num_val: int = 10_000, split_seed: int = 0):
   """The three splits' digit images: ``{name: (images, labels, file ids)}``.
 
-  ``train`` and ``val`` are :func:`kdjax.data.train_val_split` of the 60k
+  ``train`` and ``val`` are :func:`kdjax.paper.data.train_val_split` of the 60k
   training file (as in :func:`load_pair_splits`), ``test`` the 10k test
   file; ``file ids`` index each image in its MNIST file.
   """

@@ -10,7 +10,7 @@ WORKDIR/results.json (+ results.md and a plot).
 """
 
 from experiments.specialists import pipeline, regime
-from kdjax import cli
+from kdjax.paper import cli
 
 
 def run(config, workdir):

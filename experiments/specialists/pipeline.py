@@ -79,7 +79,8 @@ import optax
 
 from experiments.specialists import data as pair_data
 import kdjax.loop
-from kdjax import checkpoint, losses, models, provenance, specialists as sp
+from kdjax import checkpoint, losses, specialists as sp
+from kdjax.paper import models, provenance
 from kdjax.step import TrainState
 from kdjax.fitting import fit
 

@@ -64,7 +64,8 @@ import optax
 
 from experiments.specialists import data as pair_data
 from experiments.specialists import pipeline
-from kdjax import checkpoint, losses, models, objectives, provenance
+from kdjax import checkpoint, losses, objectives
+from kdjax.paper import models, provenance
 from kdjax import specialists as sp
 from kdjax.fields import Fields
 from kdjax.teacher import Teacher

@@ -9,6 +9,12 @@ Expected wall time: not yet measured on a GPU (no accelerator was lent to
 the session that wrote it). The issue's budget is 8 minutes on one H100; the
 vmapped sweeps and on-device epochs are what make that feasible. On the
 2-core CPU it takes many hours: use quick.py there.
+
+On a host with several devices (a TPU v5e-8, 8 GPUs) ``kdjax.fit`` trains
+data parallel over all of them, and every batch size must be a multiple of
+the device count: the teacher's 100 is refused there before anything
+compiles; pass ``--config.teacher.batch_size=104`` (or 96) on 8 devices, or
+run on one device with ``CUDA_VISIBLE_DEVICES=0``.
 """
 
 import ml_collections

@@ -5,7 +5,7 @@
       --workdir=runs/specialists_regime_gpu
 
 The CPU config (regime_cpu.py) with a small CNN generalist
-(``kdjax.models.CNN``: conv 16 -> conv 32 -> dense 64, about 0.21M
+(``kdjax.paper.models.CNN``: conv 16 -> conv 32 -> dense 64, about 0.21M
 parameters on 28x56 pairs; capacity limited on purpose), more fresh pairs
 for everyone, and the three candidate families (rows/columns, spectral
 clusters with 10 and 20 subsets). Specialists are the same CNN with

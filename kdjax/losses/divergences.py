@@ -1,4 +1,4 @@
-"""Distillation losses as pure JAX functions.
+"""Divergences and the KD objective as pure JAX functions.
 
 Every function here follows optax's conventions:
 

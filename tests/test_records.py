@@ -1,4 +1,5 @@
-"""fit.json names the augmentation (augment.describe); old records resume."""
+"""kdjax.records: fit.json names the augmentation (describe), old records
+resume (same_fit_record), and moved modules keep their recorded names."""
 import functools
 import json
 import pathlib
@@ -8,7 +9,8 @@ import jax
 import pytest
 
 import kdjax
-from kdjax import augment, fitting, validate
+from kdjax import fitting, records, validate
+from kdjax.paper import augment
 
 SCRIPT_DIR = pathlib.Path(__file__).parent
 
@@ -32,24 +34,24 @@ def _jitter_kw(rng, images, *, max_shift):  # a module-level plain function
 
 
 def test_describe():
-  assert augment.describe(None) is None
-  assert augment.describe(augment.make_jitter(2)) == "jitter(max_shift=2)"
-  assert augment.describe(augment.make_jitter(0)) == "jitter(max_shift=0)"
+  assert records.describe(None) is None
+  assert records.describe(augment.make_jitter(2)) == "jitter(max_shift=2)"
+  assert records.describe(augment.make_jitter(0)) == "jitter(max_shift=0)"
   # A plain function keeps the name fit.json always recorded for it.
-  assert augment.describe(_jitter_kw) == "_jitter_kw"
-  assert augment.describe(lambda r, x: x) == "test_describe.<locals>.<lambda>"
+  assert records.describe(_jitter_kw) == "_jitter_kw"
+  assert records.describe(lambda r, x: x) == "test_describe.<locals>.<lambda>"
   # Any functools.partial: name(args, kw=value), nested partials included.
-  assert (augment.describe(functools.partial(_jitter_kw, max_shift=3))
+  assert (records.describe(functools.partial(_jitter_kw, max_shift=3))
           == "_jitter_kw(max_shift=3)")
-  assert (augment.describe(functools.partial(augment.translate, max_shift=1))
+  assert (records.describe(functools.partial(augment.translate, max_shift=1))
           == "translate(max_shift=1)")
-  assert augment.describe(functools.partial(max, 2, key=abs)) == (
+  assert records.describe(functools.partial(max, 2, key=abs)) == (
       "max(2, key=<built-in function abs>)")
 
   class Flip:
     def __call__(self, rng, images):
       return images[:, :, ::-1]
-  assert augment.describe(Flip()) == "Flip"
+  assert records.describe(Flip()) == "Flip"
 
 
 def test_make_jitter_still_jits_and_matches_jitter():
@@ -87,18 +89,18 @@ def test_a_different_shift_is_refused(tmp_path):
 
 def test_same_fit_record_legacy_rule():
   old = {"augment": "partial", "batch_size": 32}
-  assert augment.same_fit_record(old, {"augment": "jitter(max_shift=2)",
+  assert records.same_fit_record(old, {"augment": "jitter(max_shift=2)",
                                        "batch_size": 32})
-  assert augment.same_fit_record(old, {"augment": "jitter(max_shift=1)",
+  assert records.same_fit_record(old, {"augment": "jitter(max_shift=1)",
                                        "batch_size": 32})
-  assert not augment.same_fit_record(old, {"augment": "jitter(max_shift=2)",
+  assert not records.same_fit_record(old, {"augment": "jitter(max_shift=2)",
                                            "batch_size": 64})
-  assert not augment.same_fit_record(old, {"augment": None, "batch_size": 32})
-  assert not augment.same_fit_record(old, {"augment": "translate(max_shift=1)",
+  assert not records.same_fit_record(old, {"augment": None, "batch_size": 32})
+  assert not records.same_fit_record(old, {"augment": "translate(max_shift=1)",
                                            "batch_size": 32})
-  assert not augment.same_fit_record(old, {"augment": "jitter(max_shift=2)"})
+  assert not records.same_fit_record(old, {"augment": "jitter(max_shift=2)"})
   # Only "partial" in the old record is legacy; the other way round is not.
-  assert not augment.same_fit_record(
+  assert not records.same_fit_record(
       {"augment": "jitter(max_shift=2)"}, {"augment": "partial"})
 
 
@@ -151,3 +153,43 @@ def test_default_record_has_the_old_keys(tmp_path):
   with pytest.warns(DeprecationWarning):
     old = kdjax.options.step_spec("kd", skip_nonfinite=False)
   assert old == kdjax.StepSpec(on_nonfinite="apply")
+
+
+# fingerprint() of kdjax's own objects, computed at 071381b, before
+# kdjax.losses, kdjax.topk, kdjax.models and kdjax.augment moved (to
+# kdjax.losses.divergences, kdjax.losses.topk and kdjax.paper): hashes
+# recorded then (fit.json's objective_code) must still match.
+_HASHES_BEFORE_THE_MOVE = {
+    "partial_distill": "0ee7c0821ae5a2c0",
+    "partial_kd": "d4dd3f9f06b5cecf",
+    "partial_topk": "5c21362f07d00aa4",
+    "jitter": "d98e8fe40e948315",
+    "mlp_type": "083c4ddb74843091",
+    "module_topk": "ca55521ff477692e",
+    "module_models": "bfa452421186ac59",
+}
+
+
+def test_fingerprints_of_moved_modules_are_unchanged():
+  from kdjax import hparams, losses  # pylint: disable=g-import-not-at-top
+  from kdjax.paper import models  # pylint: disable=g-import-not-at-top
+  items = {
+      "partial_distill": functools.partial(losses.distillation_loss,
+                                           temperature=2.0),
+      "partial_kd": functools.partial(kdjax.kd_objective, alpha=0.1),
+      "partial_topk": functools.partial(losses.topk_distillation_loss,
+                                        temperature=2.0),
+      "jitter": augment.make_jitter(2),
+      "mlp_type": models.MLP,
+      "module_topk": losses.topk,
+      "module_models": models,
+  }
+  got = {k: hparams.fingerprint(v) for k, v in items.items()}
+  assert got == _HASHES_BEFORE_THE_MOVE
+
+
+def test_recorded_module():
+  assert records.recorded_module("kdjax.paper.models") == "kdjax.models"
+  assert records.recorded_module("kdjax.losses.divergences") == "kdjax.losses"
+  assert records.recorded_module("kdjax.step") == "kdjax.step"
+  assert records.recorded_module("mymodel") == "mymodel"
