@@ -88,9 +88,64 @@ def chunked_table(path: pathlib.Path = RESULTS / "chunked_loss_cpu.json"
   return "\n".join(lines)
 
 
+def _gib(n: float) -> str:
+  return f"{n / 2**30:.2f}"
+
+
+def lm_step_table(path: pathlib.Path = RESULTS / "lm_step_cpu.json") -> str:
+  """The whole LM step, chunked_kd against kd: time, memory, largest batch."""
+  r = json.loads(path.read_text())
+  lines = ["| V | time, logits -> chunked | compiled temporaries | "
+           "compiled total | process peak RSS | largest batch in 24 GiB "
+           "(logits / chunked) |", "| --- | --- | --- | --- | --- | --- |"]
+  total = "argument_plus_output_plus_temp_minus_alias"
+  for res in r["results"]:
+    t, q = res["seconds"]["median"], res["ratios_chunked_over_logits"]
+    m, rss = res["compiled_memory"], res["process_rss"]
+    big = {f: v["largest_batch_in_24_GiB"]
+           for f, v in res["largest_batch_24_GiB"].items()}
+    lines.append(
+        f"| {res['vocab']:,} | {t['logits']:.1f} s -> {t['chunked']:.1f} s "
+        f"({q['time_median']:.2f}x) | "
+        f"{_gib(m['logits']['temp_size_in_bytes'])} -> "
+        f"{_gib(m['chunked']['temp_size_in_bytes'])} GiB "
+        f"({q['compiled_temp']:.3f}) | {_gib(m['logits'][total])} -> "
+        f"{_gib(m['chunked'][total])} GiB ({q['compiled_total']:.3f}) | "
+        f"{_gib(rss['logits']['ru_maxrss_bytes'])} -> "
+        f"{_gib(rss['chunked']['ru_maxrss_bytes'])} GiB "
+        f"({q['process_ru_maxrss']:.2f}) | {big['logits']:,} / "
+        f"~{round(big['chunked'], -3):,} sequences of "
+        f"{r['config']['length']} |")
+  lines.append(f"\nCommit `{r['git_commit'][:7]}` (its uncommitted changes "
+               f"were docstrings), {r['machine']}.")
+  return "\n".join(lines)
+
+
+def lm_step_memory_table(
+    path: pathlib.Path = RESULTS / "lm_step_cpu_memory.json") -> str:
+  """Compiled memory of both LM-step forms at larger batches (not run)."""
+  r = json.loads(path.read_text())
+  total = "argument_plus_output_plus_temp_minus_alias"
+  lines = ["| V | tokens | compiled temporaries | compiled total |",
+           "| --- | --- | --- | --- |"]
+  for row in r["memory_batches"]:
+    m, q = row["compiled_memory"], row["ratios_chunked_over_logits"]
+    lines.append(
+        f"| {row['vocab']:,} | {row['tokens']:,} | "
+        f"{_gib(m['logits']['temp_size_in_bytes'])} -> "
+        f"{_gib(m['chunked']['temp_size_in_bytes'])} GiB "
+        f"({q['compiled_temp']:.3f}) | {_gib(m['logits'][total])} -> "
+        f"{_gib(m['chunked'][total])} GiB ({q['compiled_total']:.3f}) |")
+  lines.append(f"\nCompiled only, commit `{r['git_commit'][:7]}`, "
+               f"{r['machine']}.")
+  return "\n".join(lines)
+
+
 if __name__ == "__main__":
   print(headline())
   print()
   print(steps_table())
   print()
   print(chunked_table())
+  print()
+  print(lm_step_table())

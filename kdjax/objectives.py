@@ -45,6 +45,13 @@ Built-ins (``T`` the temperature, ``p = softmax(v/T)`` the teacher,
   ``"topk_values"`` / ``"topk_indices"``
   (:func:`kdjax.losses.topk.topk_distillation_loss`; declare them:
   ``Fields(extra=("topk_values", "topk_indices"))``); no teacher is run.
+* ``"chunked_kd"``, ``"chunked_soft"``, ``"chunked_reverse_kl"``,
+  ``"chunked_jsd"``, ``"chunked_topk"``: the same losses as ``"kd"``,
+  ``"soft"``, ``"reverse_kl"``, ``"jsd"`` and ``"topk"``, computed by the
+  fused chunked loss from the student's (and teacher's) hidden states and
+  output projection, never holding ``[tokens, V]`` logits: hidden-state
+  objectives (``form="hidden"``, :mod:`kdjax.fused`; build the student and
+  teacher with ``head=``). :func:`chunked` makes the other combinations.
 
 The soft objectives log ``soft_loss`` (and ``hard_loss`` when the batch
 has labels). To train any of them with the hard labels mixed in, wrap it:
@@ -81,19 +88,24 @@ from kdjax import records
 from kdjax import losses
 
 __all__ = ["Objective", "register", "get", "names", "jsd", "with_hard_labels",
-           "check_hparams", "record", "REGISTRY"]
+           "chunked", "check_hparams", "record", "REGISTRY"]
 
 _P = inspect.Parameter
 
 
-def _declared(fn: Callable, name: str) -> tuple[tuple[str, ...],
-                                                tuple[str, ...]]:
+def _declared(fn: Callable, name: str, form: str = "logits"
+              ) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """``(names, optional)``: the hyperparameters ``fn``'s signature reads."""
   if not callable(fn):
     raise TypeError(f"objective {name!r} is not callable: got "
                     f"{type(fn).__name__}.")
   usage = ("an objective is called as fn(student_logits, teacher_logits, "
            "batch, *, <hyperparameters>) -> per-position loss")
+  first = 3
+  if form == "hidden":
+    usage = ("a hidden-state objective is called as fn(student, teacher, "
+             "batch, weights, *, <hyperparameters>) -> (sum, terms)")
+    first = 4
   try:
     sig = inspect.signature(fn)
   except (TypeError, ValueError):
@@ -105,7 +117,7 @@ def _declared(fn: Callable, name: str) -> tuple[tuple[str, ...],
   kinds = [p.kind for p in params]
   positional = [p for p in params
                 if p.kind in (_P.POSITIONAL_ONLY, _P.POSITIONAL_OR_KEYWORD)]
-  if len(positional) < 3 and _P.VAR_POSITIONAL not in kinds:
+  if len(positional) < first and _P.VAR_POSITIONAL not in kinds:
     raise TypeError(f"objective {name!r} has signature {name}{sig}, but "
                     f"{usage}.")
   if _P.VAR_KEYWORD in kinds:
@@ -114,7 +126,8 @@ def _declared(fn: Callable, name: str) -> tuple[tuple[str, ...],
         f"cannot be told from its signature {name}{sig}; name them: "
         f"kdjax.objectives.Objective(fn, {name!r}, hparams=('temperature', "
         "...)).")
-  rest = positional[3:] + [p for p in params if p.kind == _P.KEYWORD_ONLY]
+  rest = positional[first:] + [p for p in params
+                               if p.kind == _P.KEYWORD_ONLY]
   for p in rest:
     if p.kind == _P.POSITIONAL_ONLY:
       raise TypeError(f"objective {name!r}: hyperparameter {p.name!r} is "
@@ -141,6 +154,11 @@ class Objective:
       only when the state holds them). Read from the signature with
       ``hparams``; an explicit ``hparams`` is all required unless listed
       here.
+    form: ``"logits"`` (the default: ``fn`` gets logits and returns
+      per-position losses) or ``"hidden"``: ``fn(student, teacher, batch,
+      weights, *, <hyperparameters>) -> (sum, terms)`` gets hidden states
+      and output projections (:class:`kdjax.heads.Hidden`) and returns
+      weighted sums (:mod:`kdjax.fused`).
   """
   fn: Callable
   name: str
@@ -148,10 +166,14 @@ class Objective:
   needs_labels: bool = False
   hparams: Optional[tuple[str, ...]] = None
   optional: tuple[str, ...] = ()
+  form: str = "logits"
 
   def __post_init__(self):
+    if self.form not in ("logits", "hidden"):
+      raise ValueError(f"objective {self.name!r}: form must be 'logits' or "
+                       f"'hidden', got {self.form!r}.")
     if self.hparams is None:
-      names, optional = _declared(self.fn, self.name)
+      names, optional = _declared(self.fn, self.name, self.form)
       object.__setattr__(self, "hparams", names)
       object.__setattr__(self, "optional", optional)
       return
@@ -178,8 +200,12 @@ class Objective:
     check_hparams(self, values)
     return {n: values[n] for n in self.hparams if n in values}
 
-  def __call__(self, student_logits, teacher_logits, batch, **hparams):
+  def __call__(self, student_logits, teacher_logits, batch, *args,
+               **hparams):
     """``(loss, aux)``, given exactly the hyperparameters it declares.
+
+    A hidden-state objective (``form="hidden"``) takes the weights as a
+    fourth argument and returns weighted sums (:mod:`kdjax.fused`).
 
     Raises:
       TypeError: a hyperparameter it does not read (it would be ignored).
@@ -191,7 +217,7 @@ class Objective:
           f"objective {self.name!r} reads {list(self.hparams)}, not "
           f"{unread}: pass only those (Objective.select(values) picks them).")
     check_hparams(self, hparams)
-    out = self.fn(student_logits, teacher_logits, batch, **hparams)
+    out = self.fn(student_logits, teacher_logits, batch, *args, **hparams)
     loss, aux = out if isinstance(out, tuple) else (out, {})
     return loss, dict(aux)
 
@@ -343,6 +369,10 @@ def with_hard_labels(objective: Union[str, Objective, Callable]
     ValueError: ``objective`` already reads ``alpha``.
   """
   inner = get(objective)
+  if inner.form == "hidden":
+    raise ValueError(
+        f"objective {inner.name!r} works from hidden states; mix the hard "
+        "labels in with kdjax.objectives.chunked(..., hard_labels=True).")
   if "alpha" in inner.hparams:
     raise ValueError(f"objective {inner.name!r} already reads alpha; "
                      "with_hard_labels would mix the hard labels in twice.")
@@ -357,18 +387,24 @@ REGISTRY: dict[str, Objective] = {}
 
 def register(name: str, fn: Callable, *, needs_teacher: bool = True,
              needs_labels: bool = False, overwrite: bool = False,
-             hparams: Optional[tuple[str, ...]] = None) -> Objective:
+             hparams: Optional[tuple[str, ...]] = None,
+             optional: tuple[str, ...] = (),
+             form: str = "logits") -> Objective:
   """Registers ``fn`` as the objective ``name`` (see the module docstring).
 
   ``hparams``: the names of the hyperparameters ``fn`` reads, if its
-  signature does not say (see :class:`Objective`).
+  signature does not say, and ``optional`` those of them with a default
+  (see :class:`Objective`); ``form="hidden"`` for a hidden-state objective
+  (:mod:`kdjax.fused`).
 
   Raises:
     TypeError: ``fn`` does not have an objective's signature.
     ValueError: ``name`` is taken (unless ``overwrite``).
   """
   obj = Objective(fn, name, needs_teacher=needs_teacher,
-                  needs_labels=needs_labels, hparams=hparams)
+                  needs_labels=needs_labels, hparams=hparams,
+                  optional=optional if hparams is not None else (),
+                  form=form)
   if name in REGISTRY and not overwrite:
     raise ValueError(f"objective {name!r} is already registered; pass "
                      "overwrite=True to replace it.")
@@ -383,6 +419,66 @@ register("hard", _hard, needs_teacher=False, needs_labels=True)
 register("reverse_kl", _reverse_kl, needs_teacher=True)
 register("jsd", _jsd, needs_teacher=True)
 register("topk", _topk_loss, needs_teacher=False)
+
+
+def chunked(divergence: str = "forward_kl", *, hard_labels: bool = False,
+            topk: bool = False, chunk_size: int = 512,
+            tail: str = "renormalize") -> Objective:
+  """A hidden-state objective: the fused chunked loss (:mod:`kdjax.fused`).
+
+  Args:
+    divergence: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"`` (reads
+      ``beta``, 0.5 when the state holds none).
+    hard_labels: mix in ``alpha CE(y, softmax(z))`` (reads ``alpha``; the
+      ``alpha = 0`` guard of ``"kd"``); needs labels.
+    topk: the teacher is the batch's cached ``"topk_values"`` /
+      ``"topk_indices"`` (forward KL only); no teacher is run.
+    chunk_size: positions per chunk (memory against speed, see
+      :mod:`kdjax.chunked`).
+    tail: the top-k tail mode (:func:`kdjax.topk.topk_distillation_loss`;
+      ``"bucket"`` reads the batch's ``"topk_tail"``).
+
+  ``chunked()`` is the registered ``"chunked_soft"``,
+  ``chunked(hard_labels=True)`` ``"chunked_kd"``.
+
+  >>> from kdjax import objectives
+  >>> obj = objectives.chunked("reverse_kl", hard_labels=True)
+  >>> obj.form, obj.hparams, obj.needs_labels
+  ('hidden', ('temperature', 'alpha'), True)
+  """
+  from kdjax.losses import chunked as chunked_lib  # pylint: disable=g-import-not-at-top
+  from kdjax import fused  # pylint: disable=g-import-not-at-top
+  if divergence not in chunked_lib.DIVERGENCES:
+    raise ValueError(f"divergence must be one of {chunked_lib.DIVERGENCES}, "
+                     f"got {divergence!r}.")
+  if topk and divergence != "forward_kl":
+    raise ValueError(
+        f"divergence={divergence!r} from cached top-k targets is not "
+        "offered: it needs the teacher's probability of every class, which "
+        "a top-k cache does not hold; use divergence='forward_kl' or an "
+        "online teacher.")
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or (
+      chunk_size < 1):
+    raise ValueError(f"chunk_size must be a positive int, got "
+                     f"{chunk_size!r}.")
+  fn = fused.ChunkedObjective(divergence, bool(hard_labels), bool(topk),
+                              chunk_size, tail)
+  hp = ("temperature",) + (("alpha",) if hard_labels else ()) + (
+      ("beta",) if divergence == "jsd" else ())
+  name = (f"chunked({divergence}, hard_labels={bool(hard_labels)}, "
+          f"topk={bool(topk)}, chunk_size={chunk_size}, tail={tail})")
+  return Objective(fn, name, needs_teacher=not topk,
+                   needs_labels=bool(hard_labels), hparams=hp,
+                   optional=("beta",) if divergence == "jsd" else (),
+                   form="hidden")
+
+
+for _name, _obj in [("chunked_kd", chunked(hard_labels=True)),
+                    ("chunked_soft", chunked()),
+                    ("chunked_reverse_kl", chunked("reverse_kl")),
+                    ("chunked_jsd", chunked("jsd")),
+                    ("chunked_topk", chunked(topk=True))]:
+  REGISTRY[_name] = dataclasses.replace(_obj, name=_name)
 # kdjax's own: fit.json names them; any other objective is recorded with a
 # hash of its code too.
 _BUILTINS = dict(REGISTRY)

@@ -138,6 +138,12 @@ class StepSpec:
                        f"of micro-batches per step), got "
                        f"{self.accumulate!r}.")
     set_("accumulate", int(self.accumulate))
+    if self.accumulate > 1 and self.objective.form == "hidden":
+      raise ValueError(
+          f"StepSpec(accumulate={self.accumulate}) is not supported with the "
+          f"hidden-state objective {self.objective.name!r} yet: use "
+          "accumulate=1 (the fused loss already holds no [tokens, V] "
+          "logits, so a larger batch usually fits), or its logits objective.")
     for name in ("input_transform", "augment"):
       fn = getattr(self, name)
       if fn is not None and not callable(fn):

@@ -26,8 +26,10 @@ Teacher and student see the **same augmented batch** inside the same
 compiled step ("consistent teaching").
 
 The loss. The objective (:mod:`kdjax.objectives`: a registered name or a
-function) gives a loss per example, or per position for sequences; the
-step's loss is
+function) gives a loss per example, or per position for sequences (a
+hidden-state objective, ``form="hidden"``, gets the models' hidden states
+and output projections instead of logits and returns the weighted sums
+itself: :mod:`kdjax.fused`); the step's loss is
 
 .. math::
   L = \\frac{\\sum_i w_i \\ell_i}{\\sum_i w_i}
@@ -89,6 +91,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from kdjax import accumulate as accumulate_lib
+from kdjax import fused, heads
 from kdjax import hparams as hparams_lib
 from kdjax import mesh as mesh_lib
 from kdjax import options, precision, validate
@@ -221,7 +224,7 @@ class TrainState:
     """The student's logits in evaluation mode (model state read only)."""
     logits, _ = self.apply_fn(self.params, self.model_state, *inputs,
                               train=False, rng=None)
-    return logits
+    return heads.to_logits(logits)  # A student built with head=.
 
   def export(self):
     """The trained model (see :meth:`kdjax.Student.export`)."""
@@ -301,6 +304,12 @@ def _teacher_logits(spec: options.StepSpec, teacher, batch, inputs,
         "teacher must see the same augmented batch as the student. "
         f"Drop {fields.teacher_logits!r} from the data (online teacher) "
         "or disable augmentation.")
+  if cached and obj.form == "hidden" and obj.needs_teacher:
+    raise ValueError(
+        f"objective {obj.name!r} works from the teacher's hidden states, "
+        f"not cached logits: drop {fields.teacher_logits!r} from the data "
+        "and pass a kdjax.Teacher built with head=, or cache top-k targets "
+        "for 'chunked_topk'.")
   if cached:
     return jax.lax.stop_gradient(batch[fields.teacher_logits])
   if not obj.needs_teacher:
@@ -313,7 +322,10 @@ def _teacher_logits(spec: options.StepSpec, teacher, batch, inputs,
               else model_inputs(fields.teacher_input_names))
   t = teacher if spec.precision.compute_dtype is None else teacher.replace(
       params=cast(teacher.params))
-  return t(*cast_inputs(list(t_inputs)))
+  out = t(*cast_inputs(list(t_inputs)))
+  # A teacher built with head= gives hidden states: a logits objective
+  # gets their logits.
+  return out if obj.form == "hidden" else heads.to_logits(out)
 
 
 def _reduce(obj, per_position, aux, logits_shape, weights, axis_name,
@@ -359,6 +371,9 @@ def _make_loss_fn(spec, state, inputs, t_logits, batch, hp, rng_drop,
   ``sums``: weighted sums instead of means (see :func:`_reduce`).
   """
   fields, obj = spec.fields, spec.objective
+  if obj.form == "hidden":  # The fused chunked loss (kdjax.fused).
+    return fused.make_loss_fn(spec, state, inputs, t_logits, batch, hp,
+                              rng_drop, cast, cast_inputs, axis_name)
   weights = batch[fields.weights] if fields.weights is not None else None
   objective_batch = dict(batch)
   if fields.labels is not None:
@@ -368,6 +383,7 @@ def _make_loss_fn(spec, state, inputs, t_logits, batch, hp, rng_drop,
     s_logits, new_model_state = student_lib.student_forward(
         state.apply_fn, cast(params), state.model_state,
         cast_inputs(list(inputs)), train=True, rng=rng_drop)
+    s_logits = heads.to_logits(s_logits)  # A student built with head=.
     s_for_loss, t_for_loss = s_logits, t_logits
     if weights is not None:
       validate.check_weights(weights.shape, s_logits.shape, fields.weights)
@@ -444,7 +460,8 @@ def _whole_batch(spec, state, teacher, batch, inputs, model_inputs,
   (loss, (aux, s_logits, new_model_state, w, denominator)), grads = (
       jax.value_and_grad(loss_fn, has_aux=True)(state.params))
   labels = batch[fields.labels] if fields.labels is not None else None
-  metrics = _metrics(loss, aux, s_logits, t_logits, labels, w, denominator)
+  metrics = (fused.metrics(loss, aux) if spec.objective.form == "hidden" else
+             _metrics(loss, aux, s_logits, t_logits, labels, w, denominator))
   return hp, metrics, grads, new_model_state
 
 

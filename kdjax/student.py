@@ -79,7 +79,8 @@ def _linen_forward(*args):
 
 
 def _build_linen_forward(module, train_kwargs: tuple, eval_kwargs: tuple,
-                         mutable: tuple, rng_collections: tuple):
+                         mutable: tuple, rng_collections: tuple,
+                         head: Optional[str] = None):
   """The forward of a linen student, one per configuration.
 
   Students of equal modules (linen modules compare and hash by their
@@ -94,6 +95,11 @@ def _build_linen_forward(module, train_kwargs: tuple, eval_kwargs: tuple,
     return {name: (rng if i == 0 else jax.random.fold_in(rng, i))
             for i, name in enumerate(rng_collections)}
 
+  if head is not None:
+    return _with_linen_head(
+        _build_linen_forward(module, train_kwargs, eval_kwargs, mutable,
+                             rng_collections), head)
+
   def forward(params, model_state, *inputs, train, rng):
     variables = {"params": params, **model_state}
     if train and mutable:
@@ -106,6 +112,19 @@ def _build_linen_forward(module, train_kwargs: tuple, eval_kwargs: tuple,
 
   def export(params, model_state):
     return {"params": params, **model_state}
+
+  return forward, export
+
+
+def _with_linen_head(built, head: str):
+  """A linen ``(forward, export)`` returning :class:`kdjax.heads.Hidden`."""
+  from kdjax import heads  # pylint: disable=g-import-not-at-top
+  inner, export = built
+
+  def forward(params, model_state, *inputs, train, rng):
+    (out, new_state), captured = heads.linen_call(head, lambda: inner(
+        params, model_state, *inputs, train=train, rng=rng))
+    return heads.check_head(head, out, captured), new_state
 
   return forward, export
 
@@ -178,7 +197,8 @@ class Student:
                  train_kwargs: Optional[dict] = None,
                  eval_kwargs: Optional[dict] = None,
                  mutable: Optional[Sequence[str]] = None,
-                 rng_collections: Sequence[str] = ("dropout",)) -> "Student":
+                 rng_collections: Sequence[str] = ("dropout",),
+                 head: Optional[str] = None) -> "Student":
     """A student from a ``flax.linen`` module and its variables.
 
     Args:
@@ -193,6 +213,11 @@ class Student:
         of ``variables`` except ``params``.
       rng_collections: rng streams given a key in training (the step's key
         for ``'dropout'``, keys folded from it for the others).
+      head: the output layer's path (``"logits"``, ``"decoder/lm_head"``):
+        the forward then returns a :class:`kdjax.heads.Hidden` (its input
+        hidden states and ``[D, V]`` kernel and bias) instead of logits,
+        for the hidden-state objectives (:mod:`kdjax.fused`); the head
+        must be the model's last operation (:mod:`kdjax.heads`).
 
     Returns:
       A :class:`Student`; :meth:`export` gives back the variables dict.
@@ -205,12 +230,13 @@ class Student:
     mutable = tuple(model_state) if mutable is None else tuple(mutable)
     forward, export = _linen_forward(
         module, tuple(sorted(train_kwargs.items())),
-        tuple(sorted(eval_kwargs.items())), mutable, tuple(rng_collections))
+        tuple(sorted(eval_kwargs.items())), mutable, tuple(rng_collections),
+        head)
     return cls(apply_fn=forward, params=params, model_state=model_state,
                export_fn=export)
 
   @classmethod
-  def from_nnx(cls, model) -> "Student":
+  def from_nnx(cls, model, *, head: Optional[str] = None) -> "Student":
     """A student from a Flax NNX module; the module itself is not modified.
 
     The module is cloned and split into a graph definition, its
@@ -228,6 +254,11 @@ class Student:
 
     :meth:`export` returns a new module in eval mode holding the trained
     params and statistics.
+
+    ``head``: the output layer's attribute path (``"lm_head"``,
+    ``"decoder/lm_head"``): the forward then returns a
+    :class:`kdjax.heads.Hidden` instead of logits (see
+    :meth:`from_linen` and :mod:`kdjax.heads`).
     """
     from flax import nnx  # Local import: NNX is optional for linen users.
 
@@ -253,7 +284,11 @@ class Student:
       if train and rng is not None and streams:
         nnx.reseed(module, **{s: jax.random.fold_in(
             rng, zlib.crc32(s.encode())) for s in streams})
-      logits = module(*inputs)
+      if head is None:
+        logits = module(*inputs)
+      else:
+        from kdjax import heads  # pylint: disable=g-import-not-at-top
+        logits = heads.nnx_head(module, head, lambda m: m(*inputs))
       if not train:
         return logits, model_state
       _, _, _, new_state = nnx.split(module, nnx.Param, nnx.RngState, ...)

@@ -42,6 +42,7 @@ from typing import Callable, Optional, Sequence
 import flax
 import jax
 import jax.numpy as jnp
+from kdjax import heads
 from kdjax._types import PyTree
 from kdjax.trees import copy_arrays, split_variables
 
@@ -76,7 +77,8 @@ class Teacher:
   # -- constructors ----------------------------------------------------------
 
   @classmethod
-  def from_linen(cls, module, variables: PyTree, **eval_kwargs) -> "Teacher":
+  def from_linen(cls, module, variables: PyTree, *, head: Optional[str] = None,
+                 **eval_kwargs) -> "Teacher":
     """A teacher from a ``flax.linen`` module and its variables.
 
     Args:
@@ -86,6 +88,10 @@ class Teacher:
       **eval_kwargs: the keyword that puts the module in inference mode.
         Defaults to ``train=False`` (kdjax's models and the Flax examples'
         convention); pass e.g. ``deterministic=True`` for other modules.
+      head: the output layer's path: the teacher then returns a
+        :class:`kdjax.heads.Hidden` (hidden states and output projection)
+        instead of logits, for the hidden-state objectives
+        (:mod:`kdjax.fused`, :mod:`kdjax.heads`).
 
     Returns:
       A :class:`Teacher` whose ``apply_fn`` always runs ``module.apply`` with
@@ -98,17 +104,20 @@ class Teacher:
     def apply_fn(params, state, *inputs):
       return module.apply({"params": params, **state}, *inputs, **eval_kwargs)
 
+    if head is not None:
+      apply_fn = _linen_head_fn(apply_fn, head)
     return cls(apply_fn=apply_fn, params=params, state=variables)
 
   @classmethod
-  def from_nnx(cls, model) -> "Teacher":
+  def from_nnx(cls, model, *, head: Optional[str] = None) -> "Teacher":
     """A teacher from a Flax NNX module: a snapshot, in eval mode.
 
     The module is cloned and its arrays copied before the split, so later
     changes to the caller's module (an optimizer step on it, ``.train()``)
     never reach the teacher, and the caller's module is not switched to
     eval mode. The clone runs in eval mode: dropout off, batch statistics
-    read, not updated.
+    read, not updated. ``head``: as for :meth:`from_linen` (an attribute
+    path).
     """
     from flax import nnx  # Local import: NNX is optional for linen users.
 
@@ -118,7 +127,10 @@ class Teacher:
     params, rest = copy_arrays((params, rest))
 
     def apply_fn(params, state, *inputs):
-      return nnx.merge(graphdef, params, state)(*inputs)
+      module = nnx.merge(graphdef, params, state)
+      if head is None:
+        return module(*inputs)
+      return heads.nnx_head(module, head, lambda m: m(*inputs))
 
     return cls(apply_fn=apply_fn, params=params, state=rest)
 
@@ -128,6 +140,17 @@ class Teacher:
     """A teacher from a pure function ``fn(params, *inputs) -> logits``."""
     return cls(apply_fn=lambda p, _, *inputs: fn(p, *inputs), params=params,
                state={})
+
+
+def _linen_head_fn(apply_fn, head: str):
+  """``apply_fn`` returning :class:`kdjax.heads.Hidden` (``head`` captured)."""
+
+  def fn(params, state, *inputs):
+    out, captured = heads.linen_call(head, lambda: apply_fn(params, state,
+                                                            *inputs))
+    return heads.check_head(head, out, captured)
+
+  return fn
 
 
 def ensemble(teachers: Sequence[Teacher], *, combine: str = "mean_logits",
@@ -158,8 +181,9 @@ def ensemble(teachers: Sequence[Teacher], *, combine: str = "mean_logits",
   fns = tuple(t.apply_fn for t in teachers)
 
   def apply_fn(params, state, *inputs):
-    logits = jnp.stack([f(p, s, *inputs).astype(jnp.float32)
-                        for f, p, s in zip(fns, params, state)])
+    logits = jnp.stack([
+        heads.to_logits(f(p, s, *inputs)).astype(jnp.float32)
+        for f, p, s in zip(fns, params, state)])
     if combine == "mean_logits":
       return jnp.mean(logits, axis=0)
     log_q = jax.nn.log_softmax(logits / temperature, axis=-1)

@@ -461,3 +461,11 @@ def test_fit_check_uses_the_plans_batch_axes():
     fitting._check_accumulate(kdjax.StepSpec(accumulate=2), 24, plan)  # pylint: disable=protected-access
   fitting._check_accumulate(kdjax.StepSpec(accumulate=2), 32, plan)  # pylint: disable=protected-access
   assert plan.batch_spec(1) == P(None, ("data", "fsdp"))
+
+
+def test_hidden_state_objectives_refuse_accumulation_for_now():
+  """The fused objectives return whole-batch sums; accumulating them is not
+  wired yet, so the spec refuses it rather than dividing wrongly."""
+  with pytest.raises(ValueError, match=r"accumulate=2.*'chunked_kd'"):
+    kdjax.StepSpec("chunked_kd", accumulate=2)
+  assert kdjax.StepSpec("chunked_kd").accumulate == 1

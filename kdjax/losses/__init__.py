@@ -23,7 +23,8 @@ their modules.
 """
 
 from kdjax.losses import chunked, divergences, topk
-from kdjax.losses.chunked import chunked_distillation_loss
+from kdjax.losses.chunked import (DIVERGENCES, chunked_distillation_loss,
+                                  chunked_sums)
 from kdjax.losses.divergences import (
     distillation_loss,
     generalized_jsd_loss,
@@ -55,5 +56,5 @@ __all__ = [
     "topk_targets", "tail_logit", "topk_cache", "cache_bytes",
     "topk_distillation_loss", "check_indices",
     # kdjax.losses.chunked.
-    "chunked_distillation_loss",
+    "chunked_distillation_loss", "chunked_sums", "DIVERGENCES",
 ]

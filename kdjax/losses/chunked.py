@@ -20,7 +20,9 @@ loss and gradients ``chunk_size`` positions at a time inside one
   (one more forward matmul per model than unchunked).
 
 The objective per position is kdjax's ``kd`` objective,
-``alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 KL(p_t || q_s)``, with the
+``alpha * CE(y, softmax(z)) + (1 - alpha) * T^2 KL(p_t || q_s)``, or with
+``divergence="reverse_kl"`` / ``"jsd"`` the reverse KL or the normalised
+generalised JSD in place of the forward KL (``T^2`` on each), with the
 teacher given either as its own hidden states and projection
 (``teacher=(h_t, W_t[, b_t])``, no gradient reaches it) or as cached top-k
 targets (``topk=(values, indices[, tail_logit])``, see
@@ -57,6 +59,11 @@ math: :mod:`kdjax.vocab`). Each chunk's teacher logits are computed on all
 152,064), so the teacher's distribution is renormalised over the student's
 classes. Any other difference in ``V`` raises, naming both sizes; a top-k
 cache must hold student classes (see :mod:`kdjax.losses.topk`).
+
+:func:`chunked_sums` is the same fused loss returning its weighted sum and
+the weighted sums of its metrics (soft and hard loss, accuracy, agreement,
+from the same chunk logits); it is what the hidden-state objectives of
+:func:`kdjax.fit` call (:mod:`kdjax.fused`).
 """
 
 from __future__ import annotations
@@ -69,14 +76,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import vocab as vocab_lib
 from kdjax.losses import divergences as losses
 from kdjax.losses import topk as topk_lib
+from kdjax import vocab as vocab_lib
 
 Array = jax.Array
 ArrayLike = jax.typing.ArrayLike
 
-__all__ = ["chunked_distillation_loss"]
+__all__ = ["chunked_distillation_loss", "chunked_sums", "DIVERGENCES"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -88,26 +95,53 @@ def _logits(h: Array, w: Array, b: Array) -> Array:
   return z + b.astype(out_dtype)
 
 
-def _make_per_position(mode: str, tail: str, has_labels: bool):
-  """``fn(z, consts, rows, temperature, alpha) -> [c]`` per-position losses."""
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
-  def fn(z, consts, rows, temperature, alpha):
+
+def _soft_term(divergence: str, z, v, temperature, beta):
+  """The per-position divergence of student logits ``z`` from teacher ``v``."""
+  if divergence == "forward_kl":
+    return losses.distillation_loss(z, v, temperature)
+  if divergence == "reverse_kl":
+    return losses.reverse_distillation_loss(z, v, temperature)
+  return losses.generalized_jsd_loss(z, v, temperature, beta=beta)
+
+
+def _make_per_position(mode: str, tail: str, has_labels: bool,
+                       divergence: str = "forward_kl"):
+  """``fn(z, consts, rows, hp) -> (loss [c], terms)`` per position.
+
+  ``hp`` holds ``temperature``, ``alpha`` and ``beta``; ``terms`` the
+  per-position ``soft_loss``, ``hard_loss`` (with labels), ``accuracy``
+  (student top-1 equals the label) and ``agreement`` (student top-1 equals
+  the teacher's; with top-k targets, the teacher's first index).
+  """
+
+  def fn(z, consts, rows, hp):
+    temperature = hp["temperature"]
     if mode == "teacher":
       v = jax.lax.stop_gradient(_logits(rows["h_t"], consts["w_t"],
                                         consts["b_t"]))
       if v.shape[-1] != z.shape[-1]:  # Padding dropped (kdjax.vocab).
         v = v[..., :z.shape[-1]]
-      soft = losses.distillation_loss(z, v, temperature)
+      soft = _soft_term(divergence, z, v, temperature, hp["beta"])
+      teacher_top = jnp.argmax(v, -1)
     else:
       soft = topk_lib.topk_distillation_loss(
           z, rows["values"], rows["indices"], temperature, tail=tail,
           tail_logit=rows.get("tail_logit"))
+      teacher_top = rows["indices"][:, 0]
+    top = jnp.argmax(z, -1)
+    terms = {"soft_loss": soft,
+             "agreement": (top == teacher_top).astype(jnp.float32)}
     if not has_labels:
-      return soft
+      return soft, terms
     hard = losses.hard_label_loss(z, rows["labels"])
-    a = jnp.asarray(alpha, soft.dtype)
+    terms["hard_loss"] = hard
+    terms["accuracy"] = (top == rows["labels"]).astype(jnp.float32)
+    a = jnp.asarray(hp["alpha"], soft.dtype)
     # As in kd_objective: at alpha = 0 a NaN hard term (bad label) is 0.
-    return jnp.where(a > 0, a * hard, 0.0) + (1.0 - a) * soft
+    return jnp.where(a > 0, a * hard, 0.0) + (1.0 - a) * soft, terms
 
   return fn
 
@@ -117,76 +151,93 @@ def _split(tree, num_chunks: int, chunk_size: int):
       lambda a: a.reshape((num_chunks, chunk_size) + a.shape[1:]), tree)
 
 
+def _masked_sum(values, w):
+  """``sum_n w_n v_n`` with positions of weight 0 exactly 0 (NaN included)."""
+  return jnp.sum(jnp.where(w != 0, w * values, 0.0))
+
+
 @functools.lru_cache(maxsize=None)
 def _make_fused(mode: str, tail: str, has_labels: bool, num_chunks: int,
-                chunk_size: int, static_temperature: Optional[float],
-                static_alpha: Optional[float]):
-  """The custom-VJP ``sum_n w_n l_n`` over chunks (see the module doc).
+                chunk_size: int, static_hp: tuple, divergence: str):
+  """The custom-VJP ``(sum_n w_n l_n, terms)`` over chunks (module doc).
 
-  A Python ``temperature`` / ``alpha`` is baked in (``static_*``), as it
-  would be without the custom VJP (whose arguments are always traced): the
-  losses then take their static code paths (e.g. no high-T select).
+  ``terms`` are the weighted sums of the per-position terms of
+  :func:`_make_per_position` (metrics: they carry no gradient, their
+  cotangent is ignored). A Python hyperparameter is baked in
+  (``static_hp``: ``(name, value)`` pairs), as it would be without the
+  custom VJP (whose arguments are always traced): the losses then take
+  their static code paths (e.g. no high-T select).
   """
-  per_position = _make_per_position(mode, tail, has_labels)
+  per_position = _make_per_position(mode, tail, has_labels, divergence)
 
-  def chunk_sum(h_c, w_s, b_s, consts, rows_c, temperature, alpha):
-    z = _logits(h_c, w_s, b_s)
-    if static_temperature is not None:
-      temperature = static_temperature
-    if static_alpha is not None:
-      alpha = static_alpha
-    ell = per_position(z, consts, rows_c, temperature, alpha)
+  def chunk_sum(h_c, w_s, b_s, consts, rows_c, hp):
+    hp = {**hp, **dict(static_hp)}
+    ell, terms = per_position(_logits(h_c, w_s, b_s), consts, rows_c, hp)
     w = rows_c["weights"]
-    return jnp.sum(jnp.where(w != 0, w * ell, 0.0))
+    return _masked_sum(ell, w), {k: _masked_sum(t, w)
+                                 for k, t in terms.items()}
+
+  def zero_terms(h_s, w_s, b_s, consts, rows, hp):
+    shapes = jax.eval_shape(
+        chunk_sum, h_s[:chunk_size], w_s, b_s, consts,
+        jax.tree.map(lambda a: a[:chunk_size], rows), hp)[1]
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
   @jax.custom_vjp
-  def fused(h_s, w_s, b_s, consts, rows, temperature, alpha):
+  def fused(h_s, w_s, b_s, consts, rows, hp):
     xs = _split((h_s, rows), num_chunks, chunk_size)
-
-    def body(total, x):
-      h_c, rows_c = x
-      return total + chunk_sum(h_c, w_s, b_s, consts, rows_c, temperature,
-                               alpha), None
-
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-    return total
-
-  def fwd(h_s, w_s, b_s, consts, rows, temperature, alpha):
-    xs = _split((h_s, rows), num_chunks, chunk_size)
-    grad_fn = jax.value_and_grad(chunk_sum, argnums=(0, 1, 2))
 
     def body(carry, x):
-      total, d_w, d_b = carry
+      total, terms = carry
       h_c, rows_c = x
-      value, (d_h, d_w_c, d_b_c) = grad_fn(h_c, w_s, b_s, consts, rows_c,
-                                           temperature, alpha)
-      return (total + value, d_w + d_w_c.astype(d_w.dtype),
+      value, t = chunk_sum(h_c, w_s, b_s, consts, rows_c, hp)
+      return (total + value, jax.tree.map(jnp.add, terms, t)), None
+
+    init = (jnp.zeros((), jnp.float32),
+            zero_terms(h_s, w_s, b_s, consts, rows, hp))
+    out, _ = jax.lax.scan(body, init, xs)
+    return out
+
+  def fwd(h_s, w_s, b_s, consts, rows, hp):
+    xs = _split((h_s, rows), num_chunks, chunk_size)
+    grad_fn = jax.value_and_grad(chunk_sum, argnums=(0, 1, 2), has_aux=True)
+
+    def body(carry, x):
+      total, terms, d_w, d_b = carry
+      h_c, rows_c = x
+      (value, t), (d_h, d_w_c, d_b_c) = grad_fn(h_c, w_s, b_s, consts,
+                                                rows_c, hp)
+      return (total + value, jax.tree.map(jnp.add, terms, t),
+              d_w + d_w_c.astype(d_w.dtype),
               d_b + d_b_c.astype(d_b.dtype)), d_h
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(w_s.shape, jnp.float32),
+    init = (jnp.zeros((), jnp.float32),
+            zero_terms(h_s, w_s, b_s, consts, rows, hp),
+            jnp.zeros(w_s.shape, jnp.float32),
             jnp.zeros(b_s.shape, jnp.float32))
-    (total, d_w, d_b), d_h = jax.lax.scan(body, init, xs)
+    (total, terms, d_w, d_b), d_h = jax.lax.scan(body, init, xs)
     d_h = d_h.reshape(h_s.shape)
-    return total, (d_h, d_w.astype(w_s.dtype), d_b.astype(b_s.dtype))
+    return (total, terms), (d_h, d_w.astype(w_s.dtype), d_b.astype(b_s.dtype))
 
   def bwd(res, ct):
     d_h, d_w, d_b = res
+    ct = ct[0]  # The terms are metrics: their cotangent is ignored.
     scale = lambda g: (ct * g).astype(g.dtype)
-    return (scale(d_h), scale(d_w), scale(d_b), None, None, None, None)
+    return (scale(d_h), scale(d_w), scale(d_b), None, None, None)
 
   fused.defvjp(fwd, bwd)
   return fused
 
 
-def _per_position_chunked(per_position, h_s, w_s, b_s, consts, rows,
-                          temperature, alpha, num_chunks, chunk_size):
+def _per_position_chunked(per_position, h_s, w_s, b_s, consts, rows, hp,
+                          num_chunks, chunk_size):
   """``[N_pad]`` weighted per-position losses, rematerialised per chunk."""
   xs = _split((h_s, rows), num_chunks, chunk_size)
 
   @jax.checkpoint
   def chunk(h_c, w_s, b_s, rows_c):
     z = _logits(h_c, w_s, b_s)
-    ell = per_position(z, consts, rows_c, temperature, alpha)
+    ell, _ = per_position(z, consts, rows_c, hp)
     w = rows_c["weights"]
     return jnp.where(w != 0, w * ell, 0.0)
 
@@ -249,9 +300,6 @@ def _topk_rows(topk, tail: str, n: int, num_classes: int) -> dict:
 
 def _targets(teacher, topk, tail, n: int, num_classes: int, padding):
   """``(mode, rows, consts)`` of the online teacher or the top-k cache."""
-  if (teacher is None) == (topk is None):
-    raise ValueError("give exactly one of teacher=(h_t, W_t[, b_t]) and "
-                     "topk=(values, indices[, tail_logit]).")
   if teacher is not None:
     return ("teacher", *_teacher_rows(
         teacher, n, num_classes, vocab_lib._check_padding(padding)))  # pylint: disable=protected-access
@@ -264,9 +312,18 @@ def _targets(teacher, topk, tail, n: int, num_classes: int, padding):
   return "topk", _topk_rows(topk, tail, n, num_classes), {}
 
 
-def _chunked(per_position, mode, tail, has_labels, h_s, w_s, b_s, consts,
-             rows, temperature, alpha, chunk_size, reduction):
-  """The chunked total (``"mean"``, ``"sum"``) or ``[N]`` weighted values."""
+def _static(x):
+  """A Python real as a float (baked into the program), else None."""
+  return (float(x) if isinstance(x, numbers.Real) and not isinstance(x, bool)
+          else None)
+
+
+def _chunked(per_position, key: tuple, h_s, w_s, b_s, consts, rows, hp,
+             chunk_size, reduction):
+  """``(total, terms)`` (``"sum"``) or ``[N]`` weighted values (``"none"``).
+
+  ``key``: ``(mode, tail, has_labels, divergence)``.
+  """
   n = h_s.shape[0]
   if isinstance(chunk_size, bool) or int(chunk_size) < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size}.")
@@ -282,13 +339,14 @@ def _chunked(per_position, mode, tail, has_labels, h_s, w_s, b_s, consts,
   h_pad = _pad_rows(h_s, total_rows)
   if reduction == "none":
     return _per_position_chunked(
-        per_position, h_pad, w_s, b_s, consts, padded, temperature, alpha,
-        num_chunks, chunk_size)[:n]
-  static = lambda x: (float(x) if isinstance(x, numbers.Real) and
-                      not isinstance(x, bool) else None)
+        per_position, h_pad, w_s, b_s, consts, padded, hp, num_chunks,
+        chunk_size)[:n]
+  static_hp = tuple((k, _static(v)) for k, v in sorted(hp.items())
+                    if _static(v) is not None)
+  mode, tail, has_labels, divergence = key
   fused = _make_fused(mode, tail, has_labels, num_chunks, chunk_size,
-                      static(temperature), static(alpha))
-  return fused(h_pad, w_s, b_s, consts, padded, temperature, alpha)
+                      static_hp, divergence)
+  return fused(h_pad, w_s, b_s, consts, padded, hp)
 
 
 def _student_head(h_s, w_s, b_s):
@@ -337,8 +395,10 @@ def chunked_distillation_loss(
     weights: Optional[ArrayLike] = None,
     reduction: str = "mean",
     chunk_size: Optional[int] = 512,
+    divergence: str = "forward_kl",
+    beta: float | ArrayLike = 0.5,
     teacher_vocab_padding: int = 0) -> Array:
-  r"""The ``kd`` loss from hidden states, ``chunk_size`` rows at a time.
+  r"""A distillation loss from hidden states, ``chunk_size`` rows at a time.
 
   With student logits :math:`z_n = h_{s,n} W_s + b_s` and teacher logits
   :math:`v_n = h_{t,n} W_t + b_t` (or cached top-k targets):
@@ -352,10 +412,14 @@ def chunked_distillation_loss(
   and :math:`\partial L / \partial z_n = (w_n / \sum w)\,[\alpha (q^{(1)}_n
   - \mathrm{onehot}(y_n)) + (1 - \alpha) T (q_n - p_n)]`, chained into
   :math:`\partial L/\partial W_s = \sum_n h_{s,n}^\top \partial L/\partial
-  z_n` etc. With ``topk``, the soft term is
-  :func:`kdjax.losses.topk.topk_distillation_loss`. The values and gradients
-  equal the unchunked computation (``chunk_size=None``) to float32 rounding:
-  only the order of the sums over positions differs.
+  z_n` etc. ``divergence="reverse_kl"``: the soft term is :math:`T^2
+  \mathrm{KL}(q_n \| p_n)`; ``"jsd"``: the normalised generalised JSD of
+  :func:`kdjax.losses.generalized_jsd_loss` (mixture in probability
+  space); each depends on one position's logits, so fits the same custom
+  VJP. ``topk``: :func:`kdjax.losses.topk.topk_distillation_loss`,
+  forward KL only (the reverse KL and JSD need :math:`p_i` on every class).
+  The values and gradients equal the unchunked computation
+  (``chunk_size=None``) to float32 rounding.
 
   Args:
     h_s: ``[N, D]`` student final hidden states (any float dtype; logits
@@ -377,6 +441,9 @@ def chunked_distillation_loss(
       ``"none"`` (``[N]`` weighted per-position values ``w_n l_n``).
     chunk_size: positions per chunk (default 512: see the module doc for
       the measured memory and time); ``None`` for the unchunked reference.
+    divergence: ``"forward_kl"`` (the default, kdjax's ``kd``),
+      ``"reverse_kl"`` or ``"jsd"`` (``teacher`` only).
+    beta: the JSD's teacher weight in ``[0, 1]`` (``"jsd"`` only).
     teacher_vocab_padding: ``P``, the teacher projection's trailing
       padding columns (``W_t [D_t, V + P]``): dropped, the teacher
       renormalised over the student's ``V`` classes (:mod:`kdjax.vocab`).
@@ -400,27 +467,84 @@ def chunked_distillation_loss(
   if reduction not in _REDUCTIONS:
     raise ValueError(f"reduction must be one of {_REDUCTIONS}, got "
                      f"{reduction!r}.")
-  losses._check_temperature(temperature)  # pylint: disable=protected-access
-  losses._check_alpha(alpha)  # pylint: disable=protected-access
-  h_s, w_s, b_s = _student_head(h_s, w_s, b_s)
-  n, num_classes = h_s.shape[0], w_s.shape[1]
-  mode, rows, consts = _targets(teacher, topk, tail, n, num_classes,
-                                teacher_vocab_padding)
-  has_labels = labels is not None
-  rows.update(_label_weight_rows(labels, weights, alpha, n))
+  key, h_s, w_s, b_s, consts, rows, hp = _prepare(
+      h_s, w_s, b_s, temperature=temperature, teacher=teacher, topk=topk,
+      tail=tail, labels=labels, alpha=alpha, weights=weights,
+      divergence=divergence, beta=beta, padding=teacher_vocab_padding)
   w = rows["weights"]
-  per_position = _make_per_position(mode, tail, has_labels)
-
+  per_position = _make_per_position(*key)
   if chunk_size is None:  # The unchunked reference: plain autodiff.
-    z = _logits(h_s, w_s, b_s)
-    ell = per_position(z, consts, rows, temperature, alpha)
+    ell, _ = per_position(_logits(h_s, w_s, b_s), consts, rows, hp)
     weighted = jnp.where(w != 0, w * ell, 0.0)
     total = jnp.sum(weighted)
+  elif reduction == "none":
+    weighted = _chunked(per_position, key, h_s, w_s, b_s, consts, rows, hp,
+                        chunk_size, reduction)
   else:
-    out = _chunked(per_position, mode, tail, has_labels, h_s, w_s, b_s,
-                   consts, rows, temperature, alpha, chunk_size, reduction)
-    weighted = total = out
+    total, _ = _chunked(per_position, key, h_s, w_s, b_s, consts, rows, hp,
+                        chunk_size, reduction)
   if reduction != "mean":
     return weighted if reduction == "none" else total
   denom = jnp.sum(w)
   return jnp.where(denom > 0, total / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def _prepare(h_s, w_s, b_s, *, temperature, teacher, topk, tail, labels,
+             alpha, weights, divergence, beta, padding=0):
+  """Checks the arguments; ``(key, h_s, w_s, b_s, consts, rows, hp)``."""
+  if (teacher is None) == (topk is None):
+    raise ValueError("give exactly one of teacher=(h_t, W_t[, b_t]) and "
+                     "topk=(values, indices[, tail_logit]).")
+  if divergence not in DIVERGENCES:
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got "
+                     f"{divergence!r}.")
+  if topk is not None and divergence != "forward_kl":
+    raise ValueError(
+        f"divergence={divergence!r} needs the teacher's whole distribution; "
+        "cached top-k targets give only the forward KL (pass "
+        "teacher=(h_t, W_t[, b_t]) for the reverse KL or the JSD).")
+  losses._check_temperature(temperature)  # pylint: disable=protected-access
+  losses._check_alpha(alpha)  # pylint: disable=protected-access
+  if divergence == "jsd":
+    losses._check_beta(beta, True)  # pylint: disable=protected-access
+  h_s, w_s, b_s = _student_head(h_s, w_s, b_s)
+  n, num_classes = h_s.shape[0], w_s.shape[1]
+  mode, rows, consts = _targets(teacher, topk, tail, n, num_classes,
+                                padding)
+  rows.update(_label_weight_rows(labels, weights, alpha, n))
+  hp = {"temperature": temperature, "alpha": alpha, "beta": beta}
+  key = (mode, tail, labels is not None, divergence)
+  return key, h_s, w_s, b_s, consts, rows, hp
+
+
+def chunked_sums(h_s: ArrayLike, w_s: ArrayLike,
+                 b_s: Optional[ArrayLike] = None, *,
+                 temperature: float | ArrayLike,
+                 teacher: Optional[Sequence[ArrayLike]] = None,
+                 topk: Optional[Sequence[ArrayLike]] = None,
+                 tail: str = "renormalize",
+                 labels: Optional[ArrayLike] = None,
+                 alpha: float | ArrayLike = 0.0,
+                 weights: Optional[ArrayLike] = None,
+                 chunk_size: int = 512,
+                 divergence: str = "forward_kl",
+                 beta: float | ArrayLike = 0.5,
+                 teacher_vocab_padding: int = 0) -> tuple[Array, dict]:
+  r"""``(sum_n w_n l_n, terms)``: the fused loss and its metrics' sums.
+
+  The loss is :func:`chunked_distillation_loss`'s ``reduction="sum"``
+  (same arguments, same custom VJP: no recomputation); ``terms`` holds the
+  weighted sums :math:`\sum_n w_n t_n` of the per-position ``soft_loss``
+  (the divergence), ``agreement`` (student top-1 equals the teacher's) and,
+  with ``labels``, ``hard_loss`` and ``accuracy``, computed from the same
+  ``[chunk_size, V]`` logits. The terms are metrics: no gradient flows
+  through them (their cotangent is ignored). What the hidden-state
+  objectives of :mod:`kdjax.fused` call; the train step divides both by the
+  global batch's weight.
+  """
+  key, h_s, w_s, b_s, consts, rows, hp = _prepare(
+      h_s, w_s, b_s, temperature=temperature, teacher=teacher, topk=topk,
+      tail=tail, labels=labels, alpha=alpha, weights=weights,
+      divergence=divergence, beta=beta, padding=teacher_vocab_padding)
+  return _chunked(_make_per_position(*key), key, h_s, w_s, b_s, consts, rows,
+                  hp, chunk_size, "sum")
