@@ -360,7 +360,9 @@ def write_targets(teacher, data, directory: str | os.PathLike, *, k: int,
                   value_dtype: str = "float32",
                   bucket_temperature: Optional[float] = None,
                   teacher_vocab_padding: int = 0, mesh: Optional[Mesh] = None,
-                  teacher_id: Optional[str] = None) -> dict:
+                  teacher_id: Optional[str] = None,
+                  process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> dict:
   """Writes the teacher's top-k targets of ``data``, this process's shards.
 
   Every process of a run makes the same call; each writes shards
@@ -389,6 +391,9 @@ def write_targets(teacher, data, directory: str | os.PathLike, *, k: int,
       :func:`kdjax.mesh.default_mesh`).
     teacher_id: a string naming the teacher in the manifest instead of the
       SHA-256 of its params (which reads them all to the host once).
+    process_index, process_count: which shards this call writes (default
+      ``jax.process_index()`` of ``jax.process_count()``); e.g. to split
+      the work over independent single-process jobs.
 
   Returns:
     ``{"written": [...], "skipped": [...]}``: this process's shard numbers.
@@ -415,7 +420,10 @@ def write_targets(teacher, data, directory: str | os.PathLike, *, k: int,
          "idtype": np.dtype(manifest["index_dtype"]).newbyteorder("<"),
          "sharding": NamedSharding(local, P(mesh_lib.DATA)),
          "teacher": jax.device_put(teacher, NamedSharding(local, P()))}
-  me, procs = jax.process_index(), jax.process_count()
+  me = jax.process_index() if process_index is None else process_index
+  procs = jax.process_count() if process_count is None else process_count
+  if not 0 <= me < procs:
+    raise ValueError(f"process_index must lie in [0, {procs}), got {me}.")
   done = {"written": [], "skipped": []}
   for s in range(me, manifest["num_shards"], procs):
     path = directory / _shard_name(s, manifest["num_shards"])
