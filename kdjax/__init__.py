@@ -15,6 +15,9 @@ The core, read top-down (one concern per module):
 
 * :mod:`kdjax.vocab`: a teacher whose vocabulary is the student's plus
   padding columns (dropped and the teacher renormalised; opt-in).
+* :mod:`kdjax.offline`: a teacher's top-k targets of a whole corpus,
+  written once to ArrayRecord shards (resumable, every process) and read
+  back next to the data by example index.
 * :mod:`kdjax.objectives`: the objective registry (``kd``, ``soft``, ...);
   each objective declares the hyperparameters it reads.
   :mod:`kdjax.hparams`: the state's hyperparameters (``temperature``,
@@ -65,7 +68,7 @@ import importlib as _importlib
 
 from kdjax import (accumulate, cache, checkpoint, distributed, evaluate,
                    fields, fitting, hparams, loop, losses, mesh, objectives,
-                   options, precision, preprocess, progress, records,
+                   offline, options, precision, preprocess, progress, records,
                    specialists, step, sweep, validate, vocab)
 from kdjax import hostdata, loops, train, trainer  # noqa: F401  (old names)
 from kdjax.fields import Fields
@@ -90,7 +93,7 @@ __all__ = [
     # Modules of the core.
     "accumulate", "cache", "checkpoint", "distributed", "evaluate",
     "fields", "fitting", "hparams", "loop", "losses", "mesh", "objectives",
-    "options", "precision", "preprocess", "progress", "records",
+    "offline", "options", "precision", "preprocess", "progress", "records",
     "specialists", "step",
     "sweep", "validate", "vocab",
     # The losses.

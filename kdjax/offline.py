@@ -403,6 +403,10 @@ def write_targets(teacher, data, directory: str | os.PathLike, *, k: int,
     ValueError, TypeError: bad arguments, before the teacher runs.
   """
   fields = Fields() if fields is None else fields
+  me = jax.process_index() if process_index is None else process_index
+  procs = jax.process_count() if process_count is None else process_count
+  if not 0 <= me < procs:
+    raise ValueError(f"process_index must lie in [0, {procs}), got {me}.")
   examples = _examples(data)
   local = _local_mesh(mesh)
   bucket_temperature = _check_sizes(len(examples), shard_size, batch_size,
@@ -420,10 +424,6 @@ def write_targets(teacher, data, directory: str | os.PathLike, *, k: int,
          "idtype": np.dtype(manifest["index_dtype"]).newbyteorder("<"),
          "sharding": NamedSharding(local, P(mesh_lib.DATA)),
          "teacher": jax.device_put(teacher, NamedSharding(local, P()))}
-  me = jax.process_index() if process_index is None else process_index
-  procs = jax.process_count() if process_count is None else process_count
-  if not 0 <= me < procs:
-    raise ValueError(f"process_index must lie in [0, {procs}), got {me}.")
   done = {"written": [], "skipped": []}
   for s in range(me, manifest["num_shards"], procs):
     path = directory / _shard_name(s, manifest["num_shards"])
