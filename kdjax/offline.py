@@ -98,7 +98,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kdjax import heads
 from kdjax import mesh as mesh_lib
 from kdjax import vocab
-from kdjax.checkpoint import write_atomic
 from kdjax.fields import Fields
 from kdjax.losses import topk
 
@@ -217,8 +216,11 @@ def read_manifest(directory: str | os.PathLike) -> dict:
 
 def _check_or_write_manifest(directory: pathlib.Path, manifest: dict) -> None:
   path = directory / MANIFEST
-  if not path.exists():
-    write_atomic(path, json.dumps(manifest, indent=1, sort_keys=True))
+  if not path.exists():  # Every process may get here: a temporary each.
+    tmp = path.with_name(
+        f".{MANIFEST}.tmp-{jax.process_index()}-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, path)
     return
   old = json.loads(path.read_text())
   diff = sorted(key for key in set(old) | set(manifest)

@@ -2,6 +2,9 @@
 
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -193,3 +196,109 @@ def test_fit_from_reader_equals_fit_from_live_targets(tmp_path):
                params, params_live)
   assert not np.allclose(params["Dense_0"]["kernel"],
                          student.params["Dense_0"]["kernel"])
+
+
+_KILLED_RUN = r"""
+import os, sys
+import numpy as np, jax.numpy as jnp
+import kdjax
+from kdjax import offline
+
+w = np.random.RandomState(0).randn(11, 13).astype(np.float32)
+teacher = kdjax.Teacher.from_fn(lambda w, x: jnp.take(w, x, axis=0), w)
+tokens = np.random.RandomState(1).randint(0, 11, (20, 6)).astype(np.int32)
+
+class Dying:  # Killed (no cleanup at all) reading example 12, in shard 1.
+  def __len__(self):
+    return 20
+  def __getitem__(self, i):
+    if i == 12:
+      os._exit(3)
+    return {"tokens": tokens[i]}
+
+offline.write_targets(teacher, Dying(), sys.argv[1], k=4, shard_size=8,
+                      batch_size=4, fields=kdjax.Fields(inputs="tokens"))
+"""
+
+
+@pytest.mark.integration
+def test_killed_run_resumes_without_recomputing(tmp_path):
+  proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(tmp_path)],
+                        capture_output=True, text=True, timeout=300,
+                        env={**os.environ,
+                             "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 3, proc.stderr
+  finished = sorted(p.name for p in tmp_path.glob("shard-*"))
+  assert finished == ["shard-00000-of-00003.array_record"]
+  assert len(list(tmp_path.glob(".shard-00001-of-00003*.tmp-*"))) == 1
+  mtime = (tmp_path / finished[0]).stat().st_mtime_ns
+  w = np.random.RandomState(0).randn(11, 13).astype(np.float32)
+  teacher = kdjax.Teacher.from_fn(lambda w, x: jnp.take(w, x, axis=0), w)
+  tokens = np.random.RandomState(1).randint(0, 11, (20, 6)).astype(np.int32)
+  done = offline.write_targets(teacher, {"tokens": tokens}, tmp_path, k=4,
+                               shard_size=8, batch_size=4,
+                               fields=kdjax.Fields(inputs="tokens"))
+  assert done == {"written": [1, 2], "skipped": [0]}
+  assert (tmp_path / finished[0]).stat().st_mtime_ns == mtime
+  assert not list(tmp_path.glob(".*tmp*"))
+  got = _read(tmp_path)
+  values, indices = topk.topk_targets(w[tokens], 4)
+  np.testing.assert_array_equal(got["topk_values"], np.asarray(values))
+  np.testing.assert_array_equal(got["topk_indices"], np.asarray(indices))
+
+
+_PROCESS = r"""
+import sys
+import numpy as np, jax.numpy as jnp
+from kdjax import distributed
+port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+distributed.initialize(f"localhost:{port}", 2, pid)
+import jax
+import kdjax
+from kdjax import offline
+assert jax.process_count() == 2 and len(jax.local_devices()) == 2
+w = np.random.RandomState(0).randn(11, 13).astype(np.float32)
+teacher = kdjax.Teacher.from_fn(lambda w, x: jnp.take(w, x, axis=0), w)
+tokens = np.random.RandomState(1).randint(0, 11, (20, 6)).astype(np.int32)
+done = offline.write_targets(teacher, {"tokens": tokens}, out, k=4,
+                             shard_size=6, batch_size=4,
+                             fields=kdjax.Fields(inputs="tokens"))
+print("DONE", done, flush=True)
+"""
+
+
+def _free_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_two_processes_write_their_own_shards(tmp_path):
+  env = {k: v for k, v in os.environ.items()
+         if k.lower() not in ("http_proxy", "https_proxy", "all_proxy",
+                              "grpc_proxy")}
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _PROCESS, str(port), str(i), str(tmp_path)],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert "DONE {'written': [0, 2], 'skipped': []}" in outs[0], outs[0]
+  assert "DONE {'written': [1, 3], 'skipped': []}" in outs[1], outs[1]
+  w = np.random.RandomState(0).randn(11, 13).astype(np.float32)
+  tokens = np.random.RandomState(1).randint(0, 11, (20, 6)).astype(np.int32)
+  values, indices = topk.topk_targets(w[tokens], 4)
+  got = _read(tmp_path)
+  np.testing.assert_array_equal(got["topk_values"], np.asarray(values))
+  np.testing.assert_array_equal(got["topk_indices"], np.asarray(indices))
