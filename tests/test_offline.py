@@ -302,3 +302,37 @@ def test_two_processes_write_their_own_shards(tmp_path):
   got = _read(tmp_path)
   np.testing.assert_array_equal(got["topk_values"], np.asarray(values))
   np.testing.assert_array_equal(got["topk_indices"], np.asarray(indices))
+
+
+class HeadLM(nn.Module):
+  """Tokens -> logits through a named head (for the chunked objective)."""
+
+  @nn.compact
+  def __call__(self, tokens, train=False):
+    h = jnp.tanh(nn.Embed(11, 8)(tokens))
+    return nn.Dense(V - PAD, name="head")(h)
+
+
+@pytest.mark.integration  # ~20 s on the shared CPU (the chunked compile).
+def test_chunked_topk_bucket_trains_from_reader(tmp_path):
+  _write(tmp_path, teacher_vocab_padding=PAD, bucket_temperature=2.0)
+  batch = offline.dataset(_data(), tmp_path).batch(8)[0]
+  assert sorted(batch) == ["targets", "tokens", "topk_indices", "topk_tail",
+                           "topk_values"]
+  net = HeadLM()
+  variables = net.init(jax.random.key(3), jnp.zeros((1, L), jnp.int32))
+  state = kdjax.TrainState.create(
+      kdjax.Student.from_linen(net, variables, head="head"),
+      tx=optax.sgd(0.5), temperature=2.0)
+  fields = kdjax.Fields(inputs="tokens", labels="targets",
+                        extra=offline.TargetsSource(tmp_path).fields)
+  step = jax.jit(kdjax.make_train_step(
+      kdjax.objectives.chunked(topk=True, tail="bucket", chunk_size=16),
+      fields=fields))
+  _, m = step(state, None, batch, jax.random.key(0))
+  values, indices, tail = _live(padding=PAD, bucket=2.0)
+  z = net.apply(variables, batch["tokens"])
+  want = topk.topk_distillation_loss(z, values[:8], indices[:8], 2.0,
+                                     tail="bucket", tail_logit=tail[:8])
+  np.testing.assert_allclose(float(m["loss"]), float(jnp.mean(want)),
+                             rtol=1e-5)
