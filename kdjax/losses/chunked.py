@@ -444,9 +444,8 @@ def chunked_distillation_loss(
     divergence: ``"forward_kl"`` (the default, kdjax's ``kd``),
       ``"reverse_kl"`` or ``"jsd"`` (``teacher`` only).
     beta: the JSD's teacher weight in ``[0, 1]`` (``"jsd"`` only).
-    teacher_vocab_padding: ``P``, the teacher projection's trailing
-      padding columns (``W_t [D_t, V + P]``): dropped, the teacher
-      renormalised over the student's ``V`` classes (:mod:`kdjax.vocab`).
+    teacher_vocab_padding: ``P`` trailing padding columns of ``W_t [D_t,
+      V + P]``, dropped (the teacher renormalised: :mod:`kdjax.vocab`).
 
   Returns:
     A float32 scalar (``"mean"``, ``"sum"``) or ``[N]`` values (``"none"``).
@@ -457,10 +456,9 @@ def chunked_distillation_loss(
     >>> k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     >>> h = jax.random.normal(k1, (10, 4)); w = jax.random.normal(k2, (4, 7))
     >>> teacher = (h, jax.random.normal(k3, (4, 7)))
-    >>> a = chunked.chunked_distillation_loss(h, w, temperature=2.0,
-    ...                                       teacher=teacher, chunk_size=3)
-    >>> b = chunked.chunked_distillation_loss(h, w, temperature=2.0,
-    ...                                       teacher=teacher, chunk_size=None)
+    >>> kw = dict(temperature=2.0, teacher=teacher)
+    >>> a = chunked.chunked_distillation_loss(h, w, chunk_size=3, **kw)
+    >>> b = chunked.chunked_distillation_loss(h, w, chunk_size=None, **kw)
     >>> bool(jnp.allclose(a, b, rtol=1e-6))
     True
   """
