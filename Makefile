@@ -38,7 +38,7 @@ test: venv
 # Both tiers (what CI runs): adds the pipelines, examples, notebook,
 # kill/resume, multi-process, README and rerun tests.
 test-all: venv
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests kdjax
+	$(PY) -m pytest -n 2 -q --hypothesis-profile=thorough $(PYTEST_ARGS) tests kdjax
 
 # Lint only: `ruff format` is configured (pyproject.toml) but not enforced.
 lint: venv

@@ -11,13 +11,24 @@ with a one-device default mesh unless it is marked ``all_devices``, where
 Tests come in two tiers: ``make test`` runs the unit tier
 (``-m "not integration"``), ``make test-all`` both. A test still marked
 ``slow`` (the marker's old name) is in the integration tier too.
+
+Hypothesis profiles: ``unit`` (the default) draws few examples of the
+property tests whose examples each compile (new shapes); ``thorough``
+(``make test-all``: ``--hypothesis-profile=thorough``) draws more. Both
+draw at random each run, so either can fail.
 """
 import os
 
+import hypothesis
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+hypothesis.settings.register_profile("unit", max_examples=6, deadline=None)
+hypothesis.settings.register_profile("thorough", max_examples=25,
+                                     deadline=None)
+hypothesis.settings.load_profile("unit")  # --hypothesis-profile overrides.
 
 # The deprecated module names are aliases of other modules (sys.modules):
 # their doctests are collected from the modules they stand for.
