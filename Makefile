@@ -32,16 +32,13 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # The unit tier: no subprocess, no training on real data beyond a few steps.
-# --dist loadgroup: the tests marked xdist_group("smoke_run") share one
-# worker, so the pipeline run they read is built once.
 test: venv
-	$(PY) -m pytest -n 2 --dist loadgroup -q -m "not integration" $(PYTEST_ARGS) tests kdjax
+	$(PY) -m pytest -n 2 -q -m "not integration" $(PYTEST_ARGS) tests kdjax
 
 # Both tiers (what CI runs): adds the pipelines, examples, notebook,
-# kill/resume, multi-process, README and rerun tests, and more examples of
-# the property tests (the "thorough" hypothesis profile, conftest.py).
+# kill/resume, multi-process, README and rerun tests.
 test-all: venv
-	$(PY) -m pytest -n 2 --dist loadgroup -q --hypothesis-profile=thorough $(PYTEST_ARGS) tests kdjax
+	$(PY) -m pytest -n 2 -q --hypothesis-profile=thorough $(PYTEST_ARGS) tests kdjax
 
 # Lint only: `ruff format` is configured (pyproject.toml) but not enforced.
 lint: venv

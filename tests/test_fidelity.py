@@ -36,7 +36,6 @@ def test_fidelity_restores_the_rows_students(quick_config, tmp_path):
       assert s["kl_T20"] > 0 and s["logit_rmse"] > 0
 
 
-@pytest.mark.xdist_group("smoke_run")  # one worker builds it
 def test_smoke_fidelity_of_a_one_step_run(smoke_run, tmp_path):
   """fidelity.py on a one-step run on a few synthetic images."""
   workdir, results = smoke_run

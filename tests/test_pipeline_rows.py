@@ -207,7 +207,6 @@ def test_student_dropout_is_recorded_and_used(quick_config, tmp_path):
   assert [m["test"]["errors"] for m in f["members"]] == row["test_errors"]
 
 
-@pytest.mark.xdist_group("smoke_run")  # one worker builds it
 def test_smoke_demo_rows_one_step(smoke_run):
   """The demo's pipeline, one step a row on a few synthetic images.
 
