@@ -36,9 +36,10 @@ test: venv
 	$(PY) -m pytest -n 2 -q -m "not integration" $(PYTEST_ARGS) tests kdjax
 
 # Both tiers (what CI runs): adds the pipelines, examples, notebook,
-# kill/resume, multi-process, README and rerun tests.
+# kill/resume, multi-process, README and rerun tests, and more examples of
+# the property tests (the "thorough" hypothesis profile, conftest.py).
 test-all: venv
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS) tests kdjax
+	$(PY) -m pytest -n 2 -q --hypothesis-profile=thorough $(PYTEST_ARGS) tests kdjax
 
 # Lint only: `ruff format` is configured (pyproject.toml) but not enforced.
 lint: venv

@@ -11,14 +11,35 @@ with a one-device default mesh unless it is marked ``all_devices``, where
 Tests come in two tiers: ``make test`` runs the unit tier
 (``-m "not integration"``), ``make test-all`` both. A test still marked
 ``slow`` (the marker's old name) is in the integration tier too.
+
+Each pytest process (each xdist worker) keeps JAX's persistent compilation
+cache in a fresh temporary directory of its own, removed at the end: a
+computation compiled again in a later test (the same train step built anew,
+the same tiny net in another test) is loaded instead of recompiled. It is
+the same executable, so no number changes; subprocesses do not use it
+(it is set with ``jax.config``, not the environment), and nothing is kept
+between runs. ``KDJAX_TEST_XLA_CACHE=0`` turns it off.
+
+Hypothesis profiles: ``unit`` (the default) draws few examples of the
+property tests whose examples each compile (new shapes); ``thorough``
+(``make test-all``: ``--hypothesis-profile=thorough``) draws more. Both
+draw at random each run, so either can fail.
 """
 import os
 import pathlib
+import shutil
+import tempfile
 
+import hypothesis
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+hypothesis.settings.register_profile("unit", max_examples=6, deadline=None)
+hypothesis.settings.register_profile("thorough", max_examples=25,
+                                     deadline=None)
+hypothesis.settings.load_profile("unit")  # --hypothesis-profile overrides.
 
 # The deprecated module names (kdjax.train, kdjax.trainer, kdjax.hostdata,
 # and the old names of the modules that moved into kdjax.losses and
@@ -29,6 +50,17 @@ collect_ignore = [
     str(path.relative_to(_ROOT))
     for path in sorted((_ROOT / "kdjax").glob("*.py"))
     if "sys.modules[__name__] = " in path.read_text()]
+
+
+def pytest_configure(config):
+  if os.environ.get("KDJAX_TEST_XLA_CACHE", "1") == "0":
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = tempfile.mkdtemp(prefix="kdjax-test-xla-cache-")
+  config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects

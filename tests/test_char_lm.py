@@ -173,6 +173,7 @@ def test_tiny_run_on_the_fallback_corpus(tmp_path):
   assert jax.tree.leaves(results["budget"])  # recorded
 
 
+@pytest.mark.integration  # 7 models compiled; the unit tier's smoke: below
 def test_smoke_one_step_per_model(tmp_path):
   """Every row of the example, one step each on 16 fallback documents."""
   out = tmp_path / "char_lm.json"
@@ -187,6 +188,30 @@ def test_smoke_one_step_per_model(tmp_path):
     assert all(math.isfinite(v) and v > 0 for v in r["val_bpc"] +
                r["test_bpc"]), r["name"]
     assert r["steps"] == 1, r["name"]
+  assert results["complete"] is True
+
+
+def test_smoke_one_step_per_kind_of_row(tmp_path, monkeypatch):
+  """The example's pipeline, one step a model, one row of each kind.
+
+  The teacher, the student alone, one divergence (forward KL) and top-k:
+  4 models compiled instead of 7. The other divergences are the same code
+  path with another objective function (their math: the float64 test
+  above; every row, one step each: the integration test above).
+  """
+  monkeypatch.setattr(char_lm, "DIVERGENCES", ("forward_kl",))
+  out = tmp_path / "char_lm.json"
+  results = char_lm.main(["--corpus", "fallback", "--smoke", "--length",
+                          "32", "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+  names = [r["name"] for r in results["rows"]]
+  assert names == ["teacher", "student_alone", "student_forward_kl",
+                   "student_top4"]
+  for r in results["rows"]:
+    assert all(math.isfinite(v) and v > 0 for v in r["val_bpc"] +
+               r["test_bpc"]), r["name"]
+    assert r["steps"] == 1, r["name"]
+  assert results["data"]["length"] == 32
   assert results["complete"] is True
 
 

@@ -971,7 +971,8 @@ def _problems(draw):
   return s, t, y, mask, float(temperature)
 
 
-@hypothesis.settings(max_examples=25, deadline=None)
+# Every example is a new shape, so a compile: as many examples as the
+# profile says (conftest.py: 6 in the unit tier, 25 with "thorough").
 @hypothesis.given(_problems())
 def test_property_finite_nonnegative_and_matches_reference(problem):
   s, t, y, mask, temperature = problem
