@@ -222,6 +222,49 @@ def test_spectral_input_checks():
 # -----------------------------------------------------------------------------
 
 
+def test_regime_one_step_smoke_one_seed(tiny_mnist_dir, tmp_path,
+                                        monkeypatch):
+  """The unit tier's smoke: one seed, one family, one top_n, few steps.
+
+  Every row of the experiment, its JSON, table and figure, on the tiny
+  synthetic MNIST; two seeds and a grid of 2 x 2: the integration test below.
+  """
+  from experiments.specialists import regime, report
+  from experiments.specialists.configs import regime_cpu
+  monkeypatch.setenv("KDJAX_PROGRESS", "0")
+  c = regime_cpu.get_config()
+  c.data_dir = str(tiny_mnist_dir)
+  c.num_val = 100
+  c.seeds = (0,)
+  c.val_pairs = c.test_pairs = 100
+  c.generalist.model.hidden = (8,)
+  c.generalist.pairs_per_epoch = c.generalist.batch_size = 64
+  c.generalist.epochs = 1
+  c.specialists.families = ("spectral_2",)
+  c.specialists.pairs_per_epoch = c.specialists.batch_size = 32
+  c.specialists.epochs = 1
+  c.combine.top_n = (1,)
+  c.combine.num_steps = 1
+  c.soft.temperatures = (2.0,)
+  res = regime.run(c, tmp_path)
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert [r["name"] for r in on_disk["rows"]] == list(regime.ROWS)
+  (s0,) = res["seeds"]
+  assert [(g["family"], g["top_n"]) for g in s0["selection"]["grid"]] == [
+      ("spectral_2", 1)]
+  assert res["choice"]["family"] == "spectral_2"
+  assert len(s0["subsets"]) == 2
+  assert s0["train_examples"]["compute"] == 2 * 32
+  assert s0["params"]["compute"] == s0["params"]["generalist"]
+  for r in res["rows"]:
+    assert len(r["test_errors"]) == 1
+    assert all(0 <= e <= 100 for e in r["test_errors"])
+  assert sum(r["num_test"] for r in s0["by_covering"]) == 100
+  assert report.regime_table(res) in (tmp_path / "results.md").read_text()
+  assert (tmp_path / "specialists.png").stat().st_size > 0
+
+
+@pytest.mark.integration  # 2 seeds, a 2 x 2 grid; the unit smoke: above
 def test_regime_one_step_smoke(mnist_dir, tmp_path, monkeypatch):
   from experiments.specialists import regime, report
   from experiments.specialists.configs import regime_cpu
