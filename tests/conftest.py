@@ -95,14 +95,18 @@ def smoke_config(tiny_mnist_dir, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smoke_run(tiny_mnist_dir, tmp_path_factory):
-  """``(workdir, results)``: the demo's pipeline, rows ``student_alone`` and
-  ``distilled_T20``, one step each on tiny_mnist_dir (once per worker)."""
+  """``(workdir, results)``: the demo's pipeline, the shipped teacher and
+  row ``distilled_T20``, one step on tiny_mnist_dir (once per worker: the
+  pipeline and fidelity smokes use it, and xdist may put them on both).
+
+  One distilled row, the one fidelity.py reads; the student alone's row is
+  the same code with the hard objective (every row: the integration tier's
+  tests/test_pipeline_rows.py)."""
   from experiments.mnist import pipeline  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("smoke_run")
   with pytest.MonkeyPatch.context() as m:
     m.setenv("KDJAX_PROGRESS", "0")
-    config = _smoke_config_fn(tiny_mnist_dir)("student_alone",
-                                              "distilled_T20")
+    config = _smoke_config_fn(tiny_mnist_dir)("distilled_T20")
     results = pipeline.run(config, str(workdir))
   return workdir, results
 

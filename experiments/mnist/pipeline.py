@@ -164,8 +164,10 @@ def save_teacher(path: pathlib.Path, params, info: dict) -> None:
 
 
 def load_teacher_params(path: pathlib.Path, module):
-  return checkpoint.load_params(
-      path, models.init_params(module, jax.random.key(0), (1, 28, 28)))
+  # Only the structure and shapes are needed: no initialisation is run.
+  like = jax.eval_shape(lambda: models.init_params(
+      module, jax.random.key(0), (1, 28, 28)))
+  return checkpoint.load_params(path, like)
 
 
 def train_teacher(config, splits, workdir: pathlib.Path):

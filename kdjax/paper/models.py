@@ -315,7 +315,8 @@ def load_shipped_teacher(name: str = "teacher_cpu"):
   from kdjax import checkpoint  # pylint: disable=g-import-not-at-top
   from kdjax.teacher import Teacher  # pylint: disable=g-import-not-at-top
   net = paper_teacher()
-  params = checkpoint.load_params(
-      shipped_teacher_path(name),
-      like=init_params(net, jax.random.key(0), (1, 28, 28)))
+  # Only the structure and shapes are needed: no initialisation is run.
+  like = jax.eval_shape(lambda: init_params(net, jax.random.key(0),
+                                            (1, 28, 28)))
+  params = checkpoint.load_params(shipped_teacher_path(name), like=like)
   return Teacher.from_linen(net, {"params": params})
