@@ -50,9 +50,15 @@ def test_grain_example_kills_resumes_and_reports(mnist_dir, tmp_path):
 def test_smoke_batchnorm_example_one_step(name, tiny_mnist, tmp_path,
                                          monkeypatch):
   module = __import__(f"examples.{name}", fromlist=["main"])
-  if name == "bn_cnn_linen":  # The student's net as the teacher's: its
-    # steps and predictions are then the student's, compiled once.
+  # The student's net as the teacher's: its steps and predictions are then
+  # the student's, compiled once (the real sizes: tests/test_examples.py's
+  # integration tests).
+  if name == "bn_cnn_linen":
     monkeypatch.setattr(module, "TEACHER", module.STUDENT)
+  else:
+    net = module.BNCNN
+    monkeypatch.setattr(module, "BNCNN", lambda features, dense, *, rngs:
+                        net((8, 16), 32, rngs=rngs))
   out = tmp_path / "results.json"
   results = module.main(["--tiny", "--data-dir", str(tiny_mnist),
                          "--batch-size", "200", "--temperatures", "2.0",
