@@ -32,6 +32,13 @@ def headline(path: pathlib.Path = RESULTS / "train_step_cpu.json") -> str:
         "| >= 0.9 |",
         f"| CNN: loop of jitted steps / whole-epoch `lax.scan` on XLA:CPU | "
         f"{fp['cnn_steps_vs_scan']:.1f} | (why `auto` picks the loop) |"]
+  versions = path.parent / "fit_versions_cpu.json"
+  if versions.exists():  # benchmarks/fit_versions.py (the engine's goal).
+    v = json.loads(versions.read_text())
+    lines.append(
+        f"| `fit` at `{v['git_commit'][:7]}` / `fit` at "
+        f"`{v['baseline_commit'][:7]}` (before the engine), demo kd step, "
+        f"one device | {v['new_vs_old_paired']:.3f} | >= 0.98 |")
   lines.append(f"\nCommit `{r['git_commit'][:7]}`, {r['device']}, jax "
                f"{r['jax_version']}.")
   return "\n".join(lines)

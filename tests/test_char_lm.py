@@ -99,6 +99,7 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
+@pytest.mark.integration
 def test_objectives_match_float64_references():
   rng = np.random.default_rng(0)
   s, t = rng.normal(size=(2, 3, 7)) * 2

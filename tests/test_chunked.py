@@ -118,6 +118,7 @@ def test_unchunked_matches_float64_reference(alpha):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("chunk_size", [16, 7, 50, 64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_chunked_equals_unchunked_teacher(chunk_size, reduction):
@@ -139,6 +140,7 @@ def test_chunked_equals_unchunked_teacher(chunk_size, reduction):
             p["h_s"], p["w_s"], p["b_s"]))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("tail", ["renormalize", "bucket"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_chunked_equals_unchunked_topk(tail, reduction):
@@ -161,6 +163,7 @@ def test_chunked_equals_unchunked_topk(tail, reduction):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_weights_mask_and_normalise():
   p = _problem(4)
   keep = np.asarray(p["weights"]) > 0
@@ -204,6 +207,7 @@ def test_no_gradient_reaches_the_teacher():
     np.testing.assert_array_equal(g_w, 0.0)
 
 
+@pytest.mark.integration
 def test_bf16_inputs_compute_in_float32():
   p = _problem(6, jnp.bfloat16)
   value, grads = _value_and_grads(_loss(p, 16), p)

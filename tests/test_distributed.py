@@ -180,6 +180,7 @@ def test_global_batch_single_process_equals_shard_batch():
     distributed.global_batch(data, mesh, data_axis="batch")
 
 
+@pytest.mark.integration
 def test_replicate_teacher_and_sharded_teacher_step():
   """Replicated teacher, and the sharded-teacher jit from the docstring."""
   mesh = train.data_mesh()

@@ -191,6 +191,7 @@ _JSD_JIT = jax.jit(losses.generalized_jsd_loss,
 _REVERSE_JIT = jax.jit(losses.reverse_distillation_loss)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("normalize", [True, False])
 def test_jsd_matches_float64_reference(normalize):
   s, t = _logits(0), _logits(1)
@@ -221,6 +222,7 @@ def test_reverse_matches_float64_reference():
       _close(out, ref, _atol(s, t, temperature))
 
 
+@pytest.mark.integration
 def test_other_shapes():
   for shape in ((10,), (2, 3, 7)):
     s, t = _logits(4, shape), _logits(5, shape)
@@ -248,6 +250,7 @@ def _grad_close(g, e, temperature):
       g, e, rtol=1e-4, atol=1e-5 * np.max(np.abs(e)) + 64 * EPS32 * temperature)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("normalize", [True, False])
 def test_jsd_gradients_match_analytic_float64(normalize):
   s, t = _logits(6), _logits(7)
@@ -268,6 +271,7 @@ def test_reverse_gradients_match_analytic_float64():
     _grad_close(g_v, e_v, temperature)
 
 
+@pytest.mark.integration
 def test_gradient_matches_float64_finite_differences():
   """Central differences of the float64 reference at one point."""
   s, t, temperature, beta = _logits(10), _logits(11), 2.0, 0.3
@@ -343,6 +347,7 @@ def test_jsd_mixture_is_in_probability_space():
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
 def test_jsd_endpoints_are_forward_and_reverse_kl(temperature):
   s, t = _logits(18), _logits(19)
@@ -370,6 +375,7 @@ def test_jsd_endpoints_are_forward_and_reverse_kl(temperature):
           g, expected, rtol=1e-4, atol=1e-5 * np.max(np.abs(expected)))
 
 
+@pytest.mark.integration
 def test_jsd_limits_converge_linearly_in_beta():
   """beta -> 0 gives the forward KL, beta -> 1 the reverse, errors O(beta).
 
@@ -473,6 +479,7 @@ def test_adding_a_per_row_constant_changes_nothing(temperature):
                                 atol=atol, custom_message=name)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [1.0, 20.0])
 def test_duplicating_the_batch_duplicates_the_values(temperature):
   s, t = _logits(26), _logits(27)
@@ -504,6 +511,7 @@ def test_equal_inputs_give_zero(temperature):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 10.0, 100.0])
 @pytest.mark.parametrize("scale", [1e4, 1e-4])
 def test_extreme_magnitudes(temperature, scale):
@@ -534,6 +542,7 @@ _STUDENT = jnp.array([[1.0, 0.0, -1.0, 2.0, 0.5],
                       [0.5, -0.5, 1.0, 0.0, 2.0]])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 20.0, 1000.0])
 def test_masked_teacher_where_the_student_has_mass(temperature):
   """-inf teacher logits: JSD finite and exact; reverse KL huge, finite."""
@@ -561,6 +570,7 @@ def test_masked_teacher_where_the_student_has_mass(temperature):
     assert np.all(np.isfinite(g_s)) and np.all(np.isfinite(g_t))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 20.0])
 def test_masked_in_both_is_absent(temperature):
   s = _STUDENT.at[:, 1].set(-jnp.inf)
@@ -584,6 +594,7 @@ def test_masked_in_both_is_absent(temperature):
                                   atol=1e-7, custom_message=name)
 
 
+@pytest.mark.integration
 def test_where_mask_equals_dropping_the_classes():
   temperature = 2.0
   keep = np.array([0, 2, 3, 6, 7, 9])
@@ -636,6 +647,7 @@ def test_low_precision_inputs_are_computed_in_float32(dtype):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_jit_vmap_and_grad_agree_with_eager():
   s, t, temperature = _logits(35), _logits(36), 4.0
   fns = _fns(temperature)
@@ -695,6 +707,7 @@ def _values_and_grads(s, t, mask, temperature, beta):
     closeness=st.sampled_from([1.0, 1e-2]),
     use_mask=st.booleans(),
     seed=st.integers(0, 2**32 - 1))
+@pytest.mark.integration
 def test_property_finite_nonnegative_and_matches_reference(
     temperature, scale, beta, closeness, use_mask, seed):
   rng = np.random.default_rng(seed)

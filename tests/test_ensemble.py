@@ -77,6 +77,7 @@ def _ref_loss(s, t, y, lab, temp, alpha):
   return np.where(lab, alpha * ce + (1 - alpha) * soft, soft)
 
 
+@pytest.mark.integration
 def test_coverage_objective_soft_only_off_the_members_part():
   rng = np.random.default_rng(1)
   s = rng.normal(size=(6, 10)).astype(np.float32) * 3

@@ -199,6 +199,7 @@ def _fit(state, teacher, data, workdir, **kw):
   return fit_lib.fit(state, teacher, data, workdir=workdir, **kw)
 
 
+@pytest.mark.integration
 def test_resuming_with_other_settings_is_refused(tmp_path):
   """Regression: without run_config, fit used to resume any workdir silently,
   keeping the checkpoint's T and alpha and mixing batch sizes and objectives."""
@@ -230,6 +231,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
   assert [r["epoch"] for r in _metrics(tmp_path)] == [1, 2]
 
 
+@pytest.mark.integration
 def test_resume_drops_the_metrics_of_epochs_run_again(tmp_path):
   """Regression: metrics.jsonl held epoch 3 twice after a resume from 2."""
   import shutil

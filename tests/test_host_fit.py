@@ -61,6 +61,7 @@ def _device_order_batches(data, rng, epoch, batch=BATCH):
   return [{k: v[idx] for k, v in data.items()} for idx in order]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("loop, block", [("steps", 1), ("scan", 4),
                                          ("scan", 3)])
 def test_host_path_equals_device_path(loop, block):
@@ -80,6 +81,7 @@ def test_host_path_equals_device_path(loop, block):
                              "skipped", "steps_per_s"}
 
 
+@pytest.mark.integration
 def test_grain_map_dataset_reshuffles_each_epoch():
   class Src:
     def __len__(self):
@@ -122,6 +124,7 @@ def test_an_iterator_is_refused_unread():
               epochs=1, rng=jax.random.key(0), progress=False)
 
 
+@pytest.mark.integration
 def test_a_batch_size_that_is_not_the_host_batches_is_an_error(tmp_path):
   batches = _device_order_batches(_data(), jax.random.key(0), 0)
   state = _state()
@@ -138,6 +141,7 @@ def test_a_batch_size_that_is_not_the_host_batches_is_an_error(tmp_path):
     assert int(out.step) == 2
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("bad", ["shape", "label"])
 def test_a_bad_batch_names_its_epoch_and_index(bad):
   batches = _device_order_batches(_data(), jax.random.key(0), 0)
@@ -171,6 +175,7 @@ def test_prefetch_lands_batches_with_the_steps_sharding():
                                 [2, 3])
 
 
+@pytest.mark.integration
 def test_repeated_fit_calls_continue_the_run_without_recompiling():
   data, rng, teacher = _data(), jax.random.key(0), _teacher()
   traces = []
@@ -193,6 +198,7 @@ def test_repeated_fit_calls_continue_the_run_without_recompiling():
     kdjax.fit(state, teacher, data, epochs=3, **kw)
 
 
+@pytest.mark.integration
 def test_loop_is_chosen_per_model():
   cnn = models.CNN()
   cnn_state = kdjax.TrainState.create(
@@ -244,6 +250,7 @@ def test_host_run_killed_mid_epoch_resumes_bit_identical(kind, tmp_path):
   assert _run(work, kind) == reference
 
 
+@pytest.mark.integration
 def test_shipped_teacher_loads_from_any_directory(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   teacher = models.load_shipped_teacher()
@@ -252,6 +259,7 @@ def test_shipped_teacher_loads_from_any_directory(tmp_path, monkeypatch):
     models.load_shipped_teacher(name="no_such_teacher")
 
 
+@pytest.mark.integration
 def test_vmapped_sweep_on_host_batches_equals_members_alone():
   net = models.MLP((16,))
   apply = models.linen_student_apply(net)

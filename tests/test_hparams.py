@@ -86,6 +86,7 @@ def test_builtins_declare_exactly_what_they_read():
                            temperature=2.0, alpha=0.5)
 
 
+@pytest.mark.integration
 def test_the_step_passes_exactly_the_declared_hyperparameters():
   seen = []
 
@@ -111,6 +112,7 @@ def test_the_step_passes_exactly_the_declared_hyperparameters():
       3.0, float(np.float32(0.7)), 0.25]
 
 
+@pytest.mark.integration
 def test_create_accepts_numbers_and_schedules_and_checks_them():
   beta = optax.linear_schedule(0.2, 0.8, 2)
   state = train.TrainState.create(_student(), tx=optax.sgd(0.1),
@@ -140,6 +142,7 @@ def test_create_accepts_numbers_and_schedules_and_checks_them():
                             hparams={"gamma": float("nan")})
 
 
+@pytest.mark.integration
 def test_jsd_reads_beta_from_the_state():
   teacher, _ = _models()
   batch = _batch()
@@ -266,6 +269,7 @@ def _old(name):
                               needs_labels=True)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd",
                                   "logit_matching", "topk"])
 def test_lm_objectives_are_bitwise_what_the_example_computed(name):
@@ -377,6 +381,7 @@ def _fit(state, workdir, epochs, **kw):
                    **kw)
 
 
+@pytest.mark.integration
 def test_an_edited_objective_is_refused_on_resume(tmp_path):
   _fit(train.TrainState.create(_student(), tx=optax.sgd(0.1)), tmp_path, 1,
        objective=_compile(BASE))
@@ -396,6 +401,7 @@ def test_an_edited_objective_is_refused_on_resume(tmp_path):
   assert len(history) == 1
 
 
+@pytest.mark.integration
 def test_a_different_schedule_is_refused_on_resume(tmp_path):
   make = lambda t: train.TrainState.create(_student(), tx=optax.sgd(0.1),
                                            temperature=t)

@@ -340,6 +340,7 @@ _STUDENT = jnp.array([[1.0, 0.0, -1.0, 2.0, 0.5],
                       [0.5, -0.5, 1.0, 0.0, 2.0]])
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 4.0, 20.0, 1000.0])
 def test_regression_masked_teacher_logits_finite_values_and_gradients(
     temperature):
@@ -417,6 +418,7 @@ def test_regression_one_hot_teacher_at_low_temperature():
   np.testing.assert_array_equal(losses.distillation_loss(t, t, 0.1), 0.0)
 
 
+@pytest.mark.integration
 def test_regression_where_mask_equals_dropping_the_classes():
   """(e) where= is the same as slicing the masked classes away, everywhere."""
   shape, temperature = SHAPE, 2.0
@@ -479,6 +481,7 @@ def test_regression_where_mask_equals_dropping_the_classes():
       chex.assert_trees_all_close(g[:, keep], gk, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_regression_nonnegativity_clip_keeps_gradient():
   """Clipping the KL's rounding error at 0 must not zero its gradient.
 
@@ -518,6 +521,7 @@ def _per_example_fns(temperature, y):
   }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [1.0, 20.0])
 def test_duplicating_the_batch_changes_no_per_example_value(temperature):
   shape = SHAPE
@@ -616,6 +620,7 @@ def test_distillation_gradient_is_t_times_q_minus_p(temperature):
                               rtol=1e-4, atol=1e-6 * temperature)
 
 
+@pytest.mark.integration
 def test_high_temperature_gradient_approaches_logit_matching():
   """As T grows, grad of T^2 KL -> grad of logit matching, error ~ 1/T."""
   shape = (4, 10)
@@ -804,6 +809,7 @@ def test_alpha_outside_unit_interval_raises(alpha):
     losses.kd_objective(s, t, y, temperature=2.0, alpha=alpha)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("wrap", [jnp.float32, np.float64, np.asarray])
 def test_concrete_array_temperature_and_alpha_are_checked(wrap):
   s = t = jnp.zeros((2, 3))
@@ -831,6 +837,7 @@ def test_non_numeric_temperature_or_alpha_is_a_type_error():
                         alpha="0.5")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("bad_label", [-1, 3, 100])
 def test_regression_out_of_range_label_is_nan_not_another_class(bad_label):
   # optax's integer cross-entropy wraps -1 around to class C - 1 (a
@@ -895,6 +902,7 @@ def test_where_that_does_not_broadcast_raises():
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0, 100.0, 1000.0])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_extreme_inputs_give_finite_values_and_gradients(temperature, dtype):
@@ -973,6 +981,7 @@ def _problems(draw):
 
 # Every example is a new shape, so a compile: as many examples as the
 # profile says (conftest.py: 6 in the unit tier, 25 with "thorough").
+@pytest.mark.integration
 @hypothesis.given(_problems())
 def test_property_finite_nonnegative_and_matches_reference(problem):
   s, t, y, mask, temperature = problem

@@ -126,6 +126,7 @@ def test_suite_default_is_one_device_and_fit_does_nothing_there():
   assert plan.constrain_batch(tree) is tree
 
 
+@pytest.mark.integration
 def test_one_device_fit_places_nothing_on_a_mesh():
   """On one device fit runs as before: single-device arrays, no mesh."""
   net = models.MLP((8,))
@@ -166,6 +167,7 @@ def test_fsdp_rule_largest_divisible_dimension_small_leaves_replicated():
   assert data_only.leaf_spec((784, 800)) == P()
 
 
+@pytest.mark.integration
 @pytest.mark.all_devices
 def test_batch_size_the_data_axis_does_not_divide_is_refused_before_compiling(
     monkeypatch):

@@ -51,6 +51,7 @@ def test_paper_student_param_count(student):
   assert params["logits"]["bias"].shape == (10,)
 
 
+@pytest.mark.integration
 def test_paper_student_width():
   params = models.init_params(models.paper_student(width=30),
                               jax.random.key(0), (1, 28, 28))
@@ -58,6 +59,7 @@ def test_paper_student_width():
                                          + 30 * 10 + 10)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("shape", [(5, 28, 28), (5, 784), (5, 28, 28, 1)])
 def test_mlp_output_shape_any_input_layout(student, shape):
   net, params = student
@@ -181,6 +183,7 @@ def test_cnn_shapes_and_params():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_cnn_custom_classes():
   net = models.CNN(num_classes=3, features=(4,), dense=8)
   params = models.init_params(net, jax.random.key(0), (1, 28, 28))
@@ -223,6 +226,7 @@ def _mixed_params(key):
   }
 
 
+@pytest.mark.integration
 def test_project_matches_numpy_reference():
   params = _mixed_params(jax.random.key(0))
   out = constraints.project_max_norm(params, C)
@@ -266,6 +270,7 @@ def _sgd_step_setup(lr=1.0):
   return params, grads, tx
 
 
+@pytest.mark.integration
 def test_max_norm_chain_with_sgd_under_jit():
   params, grads, tx = _sgd_step_setup()
   state = tx.init(params)
@@ -354,6 +359,7 @@ def test_max_norm_rejects_bad_bound(bad):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("shape,dtype", [((4, 28, 28), jnp.uint8),
                                          ((4, 28, 28), jnp.float32),
                                          ((4, 28, 28, 3), jnp.float32),
@@ -423,6 +429,7 @@ def test_jitter_per_example_shifts():
   assert len(distinct) > 1
 
 
+@pytest.mark.integration
 def test_jitter_jit_and_vmap():
   x = jax.random.uniform(jax.random.key(0), (3, 5, 28, 28))
   keys = jax.random.split(jax.random.key(1), 3)

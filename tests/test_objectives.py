@@ -52,6 +52,7 @@ def _weighted(per, w):
     ("reverse_kl", lambda s, t: losses.reverse_distillation_loss(s, t, 3.0)),
     ("jsd", lambda s, t: losses.generalized_jsd_loss(s, t, 3.0, beta=0.5)),
 ])
+@pytest.mark.integration
 def test_divergences_by_name(name, loss):
   teacher, student = _models()
   state = train.TrainState.create(student, tx=optax.sgd(0.1),
@@ -82,6 +83,7 @@ def test_jsd_at_another_beta_and_its_endpoint():
   assert float(m["loss"]) > 0
 
 
+@pytest.mark.integration
 def test_topk_by_name_runs_no_teacher():
   teacher, student = _models()
   state = train.TrainState.create(student, tx=optax.sgd(0.1),

@@ -106,6 +106,7 @@ def test_fit_with_options_equals_fit_with_the_old_keywords(tmp_path):
           == (tmp_path / "b" / "fit.json").read_text())
 
 
+@pytest.mark.integration
 def test_a_second_fit_with_an_equal_spec_does_not_recompile():
   fitting._RUNNERS.clear()  # pylint: disable=protected-access
   kw = dict(epochs=1, batch_size=BATCH, rng=jax.random.key(0),
@@ -115,6 +116,7 @@ def test_a_second_fit_with_an_equal_spec_does_not_recompile():
   assert len(fitting._RUNNERS) == 1  # pylint: disable=protected-access
 
 
+@pytest.mark.integration
 def test_make_train_step_from_a_spec_equals_the_keyword_form():
   batch = {k: jnp.asarray(v[:BATCH]) for k, v in _data().items()}
   spec = kdjax.StepSpec("kd", input_transform=kdjax.preprocess.scale_pixels)
@@ -166,6 +168,7 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
                 checkpoint=kdjax.Checkpointing(workdir))
 
 
+@pytest.mark.integration
 def test_a_different_run_in_the_workdir_names_the_workdir_argument(tmp_path):
   kw = dict(epochs=1, rng=jax.random.key(0), progress=False,
             checkpoint=tmp_path)

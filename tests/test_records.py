@@ -54,6 +54,7 @@ def test_describe():
   assert records.describe(Flip()) == "Flip"
 
 
+@pytest.mark.integration
 def test_make_jitter_still_jits_and_matches_jitter():
   x = jax.numpy.ones((4, 8, 8))
   key = jax.random.key(0)
@@ -61,6 +62,7 @@ def test_make_jitter_still_jits_and_matches_jitter():
   assert (jax.jit(fn)(key, x) == augment.jitter(key, x, 2)).all()
 
 
+@pytest.mark.integration
 def test_record_names_the_shift():
   state, _, _ = _tiny_run()
   assert _record(state, None)["augment"] is None
@@ -70,6 +72,7 @@ def test_record_names_the_shift():
       state, augment.make_jitter(2))
 
 
+@pytest.mark.integration
 def test_a_different_shift_is_refused(tmp_path):
   state, _, _ = _tiny_run()
   fitting.check_run_config(tmp_path, _record(state, augment.make_jitter(2)),
@@ -104,6 +107,7 @@ def test_same_fit_record_legacy_rule():
       {"augment": "jitter(max_shift=2)"}, {"augment": "partial"})
 
 
+@pytest.mark.integration
 def test_old_partial_workdir_resumes(tmp_path):
   """A workdir written when fit.json said "partial" for make_jitter resumes."""
   kw = {"batch_size": 32, "rng": jax.random.key(0), "progress": False,

@@ -37,6 +37,7 @@ def test_shipped_teacher_matches_its_record(shipped, mnist_dir):
       info["val_errors"])
 
 
+@pytest.mark.integration
 def test_load_params_rejects_wrong_architecture(tmp_path):
   small = models.paper_student(30)
   with pytest.raises(ValueError,

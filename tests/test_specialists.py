@@ -468,6 +468,7 @@ def _loop_reference(apply_fn, params, images, idx, lab, key, tx, epochs, bs):
   return params, np.array(epoch_losses)
 
 
+@pytest.mark.integration
 def test_vmapped_specialists_equal_solo_runs():
   apply_fn, params, images, idx, lab, rngs = _tiny_problem()
   tx = optax.sgd(0.2, momentum=0.9)
@@ -623,6 +624,7 @@ def test_combine_matches_float64_reference(seed, scale):
   assert np.all(f - f_ref <= 10 * EPS32 * (1 + active.sum(1)))
 
 
+@pytest.mark.integration
 def test_combine_matches_scipy_minimiser():
   """A second independent reference: L-BFGS on z in float64."""
   scipy_optimize = pytest.importorskip("scipy.optimize")
@@ -672,6 +674,7 @@ def test_combine_full_models_give_the_arithmetic_mean():
   np.testing.assert_allclose(q, _ref_em(p_g, p_m, full, active), atol=2e-5)
 
 
+@pytest.mark.integration
 def test_combine_is_per_example_and_jittable():
   p_g, p_m, active = _inputs(7)
   q = sp.combine(p_g, p_m, SUBSETS, top_n=2, num_steps=200)
@@ -685,6 +688,7 @@ def test_combine_is_per_example_and_jittable():
   np.testing.assert_allclose(np.sum(q, axis=1), 1.0, rtol=4 * EPS32 * C)
 
 
+@pytest.mark.integration
 def test_combine_zero_probabilities_are_finite():
   p_g, p_m, active = _inputs(8)
   p_g[:, 3] = 0.0

@@ -161,6 +161,7 @@ def test_combine_full_is_eq5_with_all_class_subsets():
                              atol=2e-4)
 
 
+@pytest.mark.integration
 def test_soft_specialist_loss_mixes_hard_and_soft_targets():
   """One step's loss: hard CE on subset labels, T^2 KL to p_g elsewhere."""
   import jax

@@ -65,6 +65,7 @@ def _state(student, tx=None, **kw):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_linen_batch_stats_update_in_training_and_are_read_in_eval():
   student = _bn_student()
   state = _state(student)
@@ -98,6 +99,7 @@ def test_linen_batch_stats_update_in_training_and_are_read_in_eval():
   assert set(exported) == {"params", "batch_stats"}
 
 
+@pytest.mark.integration
 def test_linen_student_matches_a_handwritten_flax_step():
   """The Flax ImageNet example's pattern, written out, gives the same state."""
   student, teacher = _bn_student(), _bn_teacher()
@@ -127,6 +129,7 @@ def test_linen_student_matches_a_handwritten_flax_step():
                new.model_state["batch_stats"], updates["batch_stats"])
 
 
+@pytest.mark.integration
 def test_skipped_step_keeps_model_state():
   state = _state(_bn_student())
   batch = _images(0)
@@ -178,6 +181,7 @@ def test_student_from_fn_with_state():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_nnx_student_trains_without_the_user_splitting():
   model = NnxNet(nnx.Rngs(0))
   before = nnx.state(model, nnx.Param)
@@ -272,6 +276,7 @@ def _token_models():
   return teacher, kdjax.Student.from_linen(student_net, variables)
 
 
+@pytest.mark.integration
 def test_unknown_field_is_refused_not_ignored():
   teacher, student = _token_models()
   batch = _token_batch(0)
@@ -293,6 +298,7 @@ def test_unknown_field_is_refused_not_ignored():
     ("weights", r"weights field 'mask' has shape \(16, 11\).*logits have "
                 r"shape \(16, 12, 11\).*need shape \(16, 12\)"),
 ])
+@pytest.mark.integration
 def test_bad_batches_fail_before_compiling(case, pattern):
   teacher, student = _token_models()
   batch = _token_batch(0)
@@ -321,6 +327,7 @@ def test_objective_with_wrong_signature_is_refused():
     train.make_train_step("kl")
 
 
+@pytest.mark.integration
 def test_objective_returning_a_scalar_is_refused():
   def mean_loss(s, t, batch, *, temperature, alpha):
     return jnp.mean(losses.distillation_loss(s, t, temperature))
@@ -372,6 +379,7 @@ def _ref_weighted_kd(s, t, labels, w, temperature, alpha):
   return np.sum(np.where(w > 0, per, 0.0) * w) / np.sum(w)
 
 
+@pytest.mark.integration
 def test_weighted_loss_matches_float64_reference():
   teacher, student = _token_models()
   state = _state(student)
@@ -412,6 +420,7 @@ def _grads_and_loss(step_kind, batch, mesh=None):
   return float(m["loss"]), grads, m
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["jit", "pmap", "sharded"])
 def test_padding_changes_neither_loss_nor_gradient(kind):
   """[B, L, V] logits: what padded positions hold is invisible."""
@@ -436,6 +445,7 @@ def test_padding_changes_neither_loss_nor_gradient(kind):
   assert abs(float(m1["loss"]) - loss_b) > 1e-3
 
 
+@pytest.mark.integration
 def test_global_normalisation_across_devices():
   """pmap and sharded jit divide by the global weight, not per device."""
   batch = _token_batch(1)
@@ -476,6 +486,7 @@ def test_all_zero_weights_give_zero_loss_and_no_update():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_kd_is_losses_kd_objective():
   s = jnp.asarray(np.random.RandomState(0).randn(4, 5, 7), jnp.float32)
   t = jnp.asarray(np.random.RandomState(1).randn(4, 5, 7), jnp.float32)
@@ -487,6 +498,7 @@ def test_kd_is_losses_kd_objective():
   assert set(aux) == {"hard_loss", "soft_loss"}
 
 
+@pytest.mark.integration
 def test_a_users_objective_plugs_in_without_editing_kdjax():
   calls = []
 
@@ -540,6 +552,7 @@ def test_temperature_and_alpha_schedules_are_used_and_logged():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_jit_pmap_and_sharded_agree_on_params_and_model_state():
   teacher = _bn_teacher()
   mesh = train.data_mesh()
@@ -565,6 +578,7 @@ def test_jit_pmap_and_sharded_agree_on_params_and_model_state():
     jax.tree.map(close, other.model_state, s_jit.model_state)
 
 
+@pytest.mark.integration
 def test_pmap_averages_unsynchronised_batch_statistics():
   """Without a BatchNorm axis every replica still ends with the same state."""
   state = train.replicate(_state(_bn_student()))
@@ -591,6 +605,7 @@ def test_pmap_averages_unsynchronised_batch_statistics():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_bfloat16_forward_keeps_float32_state_and_losses():
   state = _state(_bn_student(), tx=optax.adam(1e-3))
   seen = {}
@@ -622,6 +637,7 @@ def test_bfloat16_forward_keeps_float32_state_and_losses():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_fit_twice_from_the_same_params():
   student = _bn_student()
   state = _state(student)

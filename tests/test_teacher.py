@@ -278,6 +278,7 @@ def test_from_nnx_in_jitted_train_step(nnx_teacher):
   _assert_trees_equal(nnx.state(model, nnx.BatchStat), saved)
 
 
+@pytest.mark.integration
 def test_from_fn_teacher():
   w = np.random.RandomState(7).randn(64, NUM_CLASSES).astype(np.float32)
   teacher = Teacher.from_fn(lambda p, x: x.reshape(len(x), -1) @ p["w"],
@@ -364,6 +365,7 @@ def test_ensemble_mean_logits(members):
         atol=1e-7)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
 def test_ensemble_arithmetic(members, temperature):
   x = _images(9)

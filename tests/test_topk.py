@@ -109,6 +109,7 @@ def _both(s, t, k, temperature):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 20.0])
 def test_k_equals_v_is_the_full_distillation_loss(temperature):
   s, t = _logits(0), _logits(1)
@@ -131,6 +132,7 @@ def test_k_equals_v_is_the_full_distillation_loss(temperature):
                               atol=_atol(temperature))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [1.0, 4.0, 20.0])
 @pytest.mark.parametrize("k", [1, 5, 20])
 def test_small_k_matches_float64_reference(k, temperature):
@@ -159,6 +161,7 @@ def test_small_k_matches_float64_reference(k, temperature):
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 @pytest.mark.parametrize("k", [1, 3, 10, 30])
 def test_renormalize_error_identity_and_bound(k, temperature):
@@ -227,6 +230,7 @@ def test_renormalize_keeps_the_temperature_free_and_bucket_does_not():
 # -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_where_masks_padded_positions():
   s, t, temperature = _logits(10), _logits(11), 2.0
   values, indices = topk.topk_targets(t, 8)
@@ -258,6 +262,7 @@ def test_where_masks_padded_positions():
   np.testing.assert_array_equal(np.asarray(out)[:, 1], 0.0)
 
 
+@pytest.mark.integration
 def test_minus_inf_logits_give_finite_values_and_gradients():
   s, t, temperature = _logits(12), _logits(13), 1.0
   t = t.at[..., 10:].set(-jnp.inf)  # Only 10 finite teacher classes ...
@@ -293,6 +298,7 @@ def test_bf16_student_logits_are_computed_in_float32():
                               rtol=1e-5, atol=_atol(2.0))
 
 
+@pytest.mark.integration
 def test_jit_and_vmap_agree_with_eager():
   s, t = _logits(16), _logits(17)
   values, indices = topk.topk_targets(t, 6)
@@ -304,6 +310,7 @@ def test_jit_and_vmap_agree_with_eager():
   chex.assert_trees_all_close(vmapped, eager, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.integration
 def test_topk_targets_and_chunked_cache():
   t = _logits(18, (7, 3, V), dtype=jnp.bfloat16)
   values, indices = topk.topk_targets(t, 4)

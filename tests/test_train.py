@@ -265,6 +265,7 @@ class ObjectiveTest(chex.TestCase):
                                  rtol=1e-6)
 
 
+@pytest.mark.integration
 def test_global_norm_matches_float64_reference():
   rng = np.random.default_rng(0)
   tree = {"scalar": np.float32(3.0), "bias": rng.normal(size=7),
@@ -296,6 +297,7 @@ def test_global_norm_is_non_finite_when_a_leaf_is(bad):
   assert not np.isfinite(float(jax.jit(train.global_norm)(g)))
 
 
+@pytest.mark.integration
 def test_kd_alpha_one_is_hard_and_alpha_zero_is_soft():
   batch, rng, teacher = _float_batch(1), jax.random.key(0), _teacher()
   hard, _ = _jit_step("hard")(_state(alpha=1.0), None, batch, rng)
@@ -323,6 +325,7 @@ def _nan_batch():
   return {**batch, "image": image}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("skip_impl", ["cond", "select"])
 def test_skip_nonfinite_keeps_params_and_opt_state(skip_impl):
   step = _jit_step("kd", skip_impl=skip_impl)
@@ -343,6 +346,7 @@ def test_skip_nonfinite_keeps_params_and_opt_state(skip_impl):
   assert _trees_differ(state.params, before[0])
 
 
+@pytest.mark.integration
 def test_skip_implementations_agree_on_finite_steps():
   states = []
   for impl in ("cond", "select"):
@@ -372,6 +376,7 @@ def test_without_skip_nonfinite_params_become_nan():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_jit_pmap_and_sharded_jit_agree():
   assert jax.device_count() == 8
   objective, rng, teacher = "kd", jax.random.key(0), _teacher()
@@ -427,6 +432,7 @@ def _linen_dropout_apply(params, x, training, rng):
                                rngs={"dropout": rng})
 
 
+@pytest.mark.integration
 def test_sharded_jit_equals_jit_with_dropout_and_pmap_does_not():
   """What the module docstring claims for a stochastic student."""
   objective, rng, teacher = "kd", jax.random.key(0), _teacher()
@@ -468,6 +474,7 @@ def test_compute_teacher_logits_ragged():
   np.testing.assert_allclose(logits, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_cached_teacher_equals_online_teacher_over_an_epoch():
   data, rng, teacher = _device_data(), jax.random.key(0), _teacher()
   epoch = _epoch_fn()
@@ -516,6 +523,7 @@ def _batches_in_epoch_order(data, rng, epoch_index, batch_size=BATCH):
           for i in range(0, n - batch_size + 1, batch_size)]
 
 
+@pytest.mark.integration
 def test_epoch_equals_manual_steps():
   # NUM_EXAMPLES = 70 in batches of 16: 4 steps, the last 6 examples of the
   # epoch's order are dropped.
@@ -591,6 +599,7 @@ def _sweep_init(rng, temperature, alpha):
                                  alpha=alpha)
 
 
+@pytest.mark.integration
 def test_sweep_members_equal_runs_alone():
   seeds, temps, alphas = [0, 1, 2], [1.0, 4.0, 20.0], [0.0, 0.1, 0.5]
   states = sweep.create_sweep(_sweep_init, seeds=seeds, temperatures=temps,

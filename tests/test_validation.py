@@ -100,6 +100,7 @@ def bad_index():
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_skip_mode_skips_the_nan_steps(bad_index):
   epochs = 3
   state, history = fit_lib.fit(
@@ -117,6 +118,7 @@ def test_skip_mode_skips_the_nan_steps(bad_index):
   assert float(history[1]["finite"]) == pytest.approx(1 - 1 / STEPS)
 
 
+@pytest.mark.integration
 def test_raise_mode_raises_before_checkpointing(bad_index, tmp_path):
   pos = list(_used(RNG, 1)).index(bad_index) // BATCH
   with pytest.raises(FloatingPointError,
@@ -141,6 +143,7 @@ def test_raise_mode_raises_before_checkpointing(bad_index, tmp_path):
   assert [json.loads(l)["epoch"] for l in lines] == [1]
 
 
+@pytest.mark.integration
 def test_raise_mode_names_the_sweep_member():
   n, bad = 64, 5  # No example dropped: every member sees the NaN in epoch 0.
   members = [_init(jax.random.key(s), t, 0.1) for s, t in [(0, 2.0), (1, 4.0)]]
