@@ -197,10 +197,11 @@ def test_smoke_one_step_per_kind_of_row(tmp_path, monkeypatch):
   student (top-k, the row with its own fields), and the student alone.
 
   The teacher has the student's sizes here, so its hard-label step is the
-  student alone's, compiled once (then loaded from the tests' compilation
-  cache): 2 train steps compiled instead of 7. The divergences are the
-  same code path with another objective function (their math: the float64
-  test above; every row, one step each: the integration test above).
+  same computation as the student alone's (the tests' compilation cache can
+  serve it): 3 models and 2 kinds of train step instead of 7 models. The
+  divergences are the same code path with another objective function (their
+  math: the float64 test above; every row, one step each: the integration
+  test above).
   """
   monkeypatch.setattr(char_lm, "DIVERGENCES", ())
   monkeypatch.setattr(char_lm, "TINY_TEACHER", char_lm.TINY_STUDENT)
