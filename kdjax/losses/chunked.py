@@ -418,8 +418,7 @@ def chunked_distillation_loss(
   space); each depends on one position's logits, so fits the same custom
   VJP. ``topk``: :func:`kdjax.losses.topk.topk_distillation_loss`,
   forward KL only (the reverse KL and JSD need :math:`p_i` on every class).
-  The values and gradients equal the unchunked computation
-  (``chunk_size=None``) to float32 rounding.
+  Values and gradients equal ``chunk_size=None``'s to float32 rounding.
 
   Args:
     h_s: ``[N, D]`` student final hidden states (any float dtype; logits
