@@ -184,6 +184,7 @@ def test_a_nonfinite_micro_batch_skips_the_whole_step():
              for x in jax.tree.leaves(after.params))
 
 
+@pytest.mark.integration
 def test_bf16_compute_keeps_float32_losses_and_matches_k1():
   state, teacher = _token_run()
   batch = _uneven_batch()
@@ -238,6 +239,7 @@ def test_k1_is_the_step_without_accumulation():
   assert kdjax.StepSpec(accumulate=3).record()["accumulate"] == 3
 
 
+@pytest.mark.integration
 def test_batchnorm_statistics_are_per_micro_batch_threaded_in_order():
   net = H.BNNet()
   student = kdjax.Student.from_linen(net, H.np_init(net, 0))
@@ -287,6 +289,7 @@ def _collectives(hlo: str) -> dict:
       "reduce-scatter")}
 
 
+@pytest.mark.integration
 def test_on_eight_devices_rows_stay_local_and_equal_one_device():
   state, teacher = _token_run()
   batch = {n: np.concatenate([v, v[::-1]]) for n, v in
@@ -314,6 +317,7 @@ def _data(copies=4):
           batch.items()}
 
 
+@pytest.mark.integration
 def test_fit_accumulates_each_batch_of_its_epoch():
   """fit's epoch (scan over device data) with accumulate=4 takes the
   steps the k = 1 step takes on the same batches, in the same order."""
@@ -416,6 +420,7 @@ def test_a_batch_that_does_not_split_is_refused_before_compiling(jit_calls):
   assert not jit_calls
 
 
+@pytest.mark.integration
 def test_pmap_psums_the_weight_before_dividing():
   """Under pmap each device accumulates its rows' sums; the weight sum is
   psum-ed before the one division, so the result is the global batch's."""

@@ -621,6 +621,7 @@ def test_where_mask_equals_dropping_the_classes():
       chex.assert_trees_all_close(g[:, keep], gk, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_inputs_are_computed_in_float32(dtype):
   s, t, temperature = _logits(33, dtype=dtype), _logits(34, dtype=dtype), 4.0

@@ -104,6 +104,7 @@ def test_grain_map_dataset_reshuffles_each_epoch():
   assert int(state.step) == 2 * (NUM // BATCH) and len(history) == 2
 
 
+@pytest.mark.integration
 def test_an_iterator_is_refused_unread():
   batches = _device_order_batches(_data(), jax.random.key(0), 0)
   read = []

@@ -373,6 +373,7 @@ def test_regression_masked_teacher_logits_finite_values_and_gradients(
                               atol=1e-6 * temperature)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 20.0])
 def test_regression_masked_in_both_student_and_teacher(temperature):
   """(e) A class that is -inf for student *and* teacher is simply absent."""

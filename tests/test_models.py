@@ -164,6 +164,7 @@ def test_logits_bias_shift_changes_logits(student):
       shift[None], rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_cnn_shapes_and_params():
   net = models.CNN()
   params = models.init_params(net, jax.random.key(0), (1, 28, 28))
@@ -240,6 +241,7 @@ def test_project_matches_numpy_reference():
   assert (sq > C).any() and (sq <= C).any()
 
 
+@pytest.mark.integration
 def test_project_inside_columns_exactly_unchanged_and_direction_kept():
   w = _mixed_params(jax.random.key(1))["hidden_0"]["kernel"]
   out = constraints.project_max_norm({"kernel": w}, C)["kernel"]

@@ -67,6 +67,7 @@ def test_divergences_by_name(name, loss):
   assert float(m["finite"]) == 1.0
 
 
+@pytest.mark.integration
 def test_jsd_at_another_beta_and_its_endpoint():
   teacher, student = _models()
   state = train.TrainState.create(student, tx=optax.sgd(0.1),

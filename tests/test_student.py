@@ -469,6 +469,7 @@ def test_global_normalisation_across_devices():
   assert abs(per_device - loss_j) > 1e-3 * abs(loss_j)
 
 
+@pytest.mark.integration
 def test_all_zero_weights_give_zero_loss_and_no_update():
   teacher, student = _token_models()
   batch = _token_batch(2)
@@ -524,6 +525,7 @@ def test_a_users_objective_plugs_in_without_editing_kdjax():
   assert np.isfinite(history[0]["loss"])
 
 
+@pytest.mark.integration
 def test_temperature_and_alpha_schedules_are_used_and_logged():
   temps = optax.linear_schedule(8.0, 2.0, 4)
   alphas = lambda step: 0.1 + 0.2 * step.astype(jnp.float32)

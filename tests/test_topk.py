@@ -191,6 +191,7 @@ def test_renormalize_error_identity_and_bound(k, temperature):
                               atol=V * 16 * EPS32 * temperature)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 @pytest.mark.parametrize("k", [1, 3, 10, 30])
 def test_bucket_is_below_the_full_loss_by_the_tail_kl(k, temperature):

@@ -137,6 +137,7 @@ def test_bf16_inputs_give_float32_losses():
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.integration
 def test_minus_inf_and_masked_logits_stay_finite():
   z, v = _logits()
   v[:, VS:] = -np.inf  # padding masked the usual way
@@ -290,6 +291,7 @@ def _heads(seed=0, n=10, d=4):
   return h_s, w_s, (h_t, w_t, b_t), weights
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("chunk_size", [3, None])
 def test_chunked_drops_the_teacher_projections_padding_columns(chunk_size):
   h_s, w_s, teacher, weights = _heads()
